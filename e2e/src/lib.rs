@@ -1,0 +1,4 @@
+//! Test support for berth's end-to-end tests: a local OCI registry and images built from local material.
+
+pub mod registry;
+pub mod testimages;

@@ -1,0 +1,368 @@
+//! Layer unpacking into a snapshot directory: OCI whiteouts become overlayfs
+//! whiteouts, and no entry may write outside the directory.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::unistd::{Gid, Uid, fchownat};
+
+use crate::error::{ImageError, Result};
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// What an unpacked layer takes on disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    /// Bytes of regular file content.
+    pub bytes: u64,
+    /// Entries created.
+    pub inodes: u64,
+}
+
+/// Wraps a layer stream in the decompressor its first bytes call for (gzip, zstd or plain tar).
+pub fn decompress<'a, R: Read + 'a>(reader: R) -> io::Result<Box<dyn Read + 'a>> {
+    let mut buf = BufReader::with_capacity(256 * 1024, reader);
+    let head = buf.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(buf))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(buf)?)
+    } else {
+        Box::new(buf)
+    })
+}
+
+/// Unpacks the (uncompressed) tar stream `reader` into `dest`. `layer` names the
+/// layer in errors. The stream is read to its end so that a hashing reader below
+/// sees every byte.
+pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<UnpackStats> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    let mut stats = UnpackStats::default();
+    let tar_err = |e: io::Error| ImageError::Unsupported(format!("layer {layer}: reading tar: {e}"));
+    {
+        let entries = archive.entries().map_err(tar_err)?;
+        for entry in entries {
+            let mut entry = entry.map_err(tar_err)?;
+            let raw = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw).into_owned();
+            let unsafe_entry = |reason: &str| ImageError::UnsafeLayerEntry {
+                layer: layer.to_string(),
+                entry: shown.clone(),
+                reason: reason.to_string(),
+            };
+            let Some(rel) = relative_path(&raw).map_err(|r| unsafe_entry(r))? else {
+                continue; // the archive root "./"
+            };
+            check_parents(dest, &rel).map_err(|r| unsafe_entry(&r))?;
+            let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
+            let path = dest.join(&rel);
+            let io_err = |ctx: &'static str, e: io::Error| ImageError::io(ctx, &path, e);
+
+            if name == OPAQUE_MARKER {
+                mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
+                set_xattr(&parent, "trusted.overlay.opaque", b"y").map_err(|e| io_err("marking opaque", e))?;
+                stats.inodes += 1;
+                continue;
+            }
+            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+                if hidden.starts_with(".wh.") {
+                    continue; // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to create
+                }
+                if hidden.is_empty() || hidden == "." || hidden == ".." {
+                    return Err(unsafe_entry("whiteout of an invalid name"));
+                }
+                mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
+                let target = parent.join(hidden);
+                remove_existing(&target).map_err(|e| ImageError::io("replacing", &target, e))?;
+                mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
+                    .map_err(|e| ImageError::io("creating whiteout", &target, e.into()))?;
+                chown(&target, &entry).map_err(|e| ImageError::io("chown", &target, e))?;
+                stats.inodes += 1;
+                continue;
+            }
+
+            mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
+            let kind = entry.header().entry_type();
+            match kind {
+                tar::EntryType::Directory => {
+                    if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+                        remove_existing(&path).map_err(|e| io_err("replacing", e))?;
+                    }
+                    entry.unpack(&path).map_err(|e| io_err("unpacking directory", e))?;
+                }
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse
+                | tar::EntryType::Symlink => {
+                    remove_existing(&path).map_err(|e| io_err("replacing", e))?;
+                    entry.unpack(&path).map_err(|e| io_err("unpacking", e))?;
+                    if kind != tar::EntryType::Symlink {
+                        stats.bytes += entry.size();
+                    }
+                }
+                tar::EntryType::Link => {
+                    let target_raw = entry
+                        .link_name_bytes()
+                        .map(|b| b.into_owned())
+                        .ok_or_else(|| unsafe_entry("hard link without a target"))?;
+                    let target_rel = relative_path(&target_raw)
+                        .map_err(|r| unsafe_entry(&format!("hard link target: {r}")))?
+                        .ok_or_else(|| unsafe_entry("hard link to the layer root"))?;
+                    check_parents(dest, &target_rel)
+                        .map_err(|r| unsafe_entry(&format!("hard link target: {r}")))?;
+                    let target = dest.join(&target_rel);
+                    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                        return Err(unsafe_entry("hard link to a directory"));
+                    }
+                    remove_existing(&path).map_err(|e| io_err("replacing", e))?;
+                    fs::hard_link(&target, &path).map_err(|e| io_err("hard-linking", e))?;
+                }
+                tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                    let h = entry.header();
+                    let (sflag, dev) = match kind {
+                        tar::EntryType::Char => (SFlag::S_IFCHR, device(h)?),
+                        tar::EntryType::Block => (SFlag::S_IFBLK, device(h)?),
+                        _ => (SFlag::S_IFIFO, 0),
+                    };
+                    let mode = h.mode().map_err(tar_err)? & 0o7777;
+                    remove_existing(&path).map_err(|e| io_err("replacing", e))?;
+                    mknod(&path, sflag, Mode::from_bits_truncate(mode), dev)
+                        .map_err(|e| io_err("creating device node", e.into()))?;
+                    chown(&path, &entry).map_err(|e| io_err("chown", e))?;
+                    // mknod applies the umask; the layer's mode wins.
+                    fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                        .map_err(|e| io_err("chmod", e))?;
+                }
+                // PAX and GNU extension headers are folded into entries by the tar crate;
+                // anything else (global headers, unknown types) carries no file.
+                _ => continue,
+            }
+            stats.inodes += 1;
+        }
+    }
+    // Drain the padding after the end-of-archive marker so hashes cover the whole stream.
+    io::copy(&mut archive.into_inner(), &mut io::sink())
+        .map_err(|e| ImageError::Unsupported(format!("layer {layer}: reading tar: {e}")))?;
+    Ok(stats)
+}
+
+/// The entry path as plain relative components. `Ok(None)` is the archive root;
+/// absolute paths and `..` are refused.
+fn relative_path(raw: &[u8]) -> std::result::Result<Option<PathBuf>, &'static str> {
+    if raw.contains(&0) {
+        return Err("path contains a NUL byte");
+    }
+    let p = Path::new(std::ffi::OsStr::from_bytes(raw));
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
+            Component::ParentDir => return Err("path contains '..'"),
+        }
+    }
+    Ok(if out.as_os_str().is_empty() { None } else { Some(out) })
+}
+
+/// Refuses a path whose existing parent components are symlinks (or not directories):
+/// writing through them could land outside the snapshot.
+fn check_parents(dest: &Path, rel: &Path) -> std::result::Result<(), String> {
+    let mut cur = dest.to_path_buf();
+    let parents: Vec<_> = rel.parent().map(|p| p.components().collect()).unwrap_or_default();
+    for c in parents {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!("parent {:?} is a symbolic link", cur.strip_prefix(dest).unwrap_or(&cur)));
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(format!("parent {:?} is not a directory", cur.strip_prefix(dest).unwrap_or(&cur)));
+            }
+            Ok(_) => {}
+            Err(_) => return Ok(()), // created below as a plain directory
+        }
+    }
+    Ok(())
+}
+
+/// Creates missing parent directories of `rel` (mode 0755, as containerd does for implied dirs).
+fn mkdir_parents(dest: &Path, rel: &Path) -> io::Result<()> {
+    let Some(parent) = rel.parent() else { return Ok(()) };
+    let mut cur = dest.to_path_buf();
+    for c in parent.components() {
+        cur.push(c);
+        match fs::create_dir(&cur) {
+            Ok(()) => fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes whatever is at `path` (a later entry replaces an earlier one); never follows symlinks.
+fn remove_existing(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn chown<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> io::Result<()> {
+    let h = entry.header();
+    let uid = h.uid().map_err(io::Error::other)?;
+    let gid = h.gid().map_err(io::Error::other)?;
+    let (uid, gid) = (u32::try_from(uid).map_err(io::Error::other)?, u32::try_from(gid).map_err(io::Error::other)?);
+    fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(io::Error::from)
+}
+
+fn device(h: &tar::Header) -> Result<u64> {
+    let bad = |e: io::Error| ImageError::Unsupported(format!("device numbers: {e}"));
+    let major = h.device_major().map_err(bad)?.unwrap_or(0);
+    let minor = h.device_minor().map_err(bad)?.unwrap_or(0);
+    Ok(makedev(major.into(), minor.into()))
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let n = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: both strings are NUL-terminated and live across the call; value is a valid slice.
+    let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Bytes and inodes under a tree, for a snapshot found on disk without a record.
+pub fn tree_usage(root: &Path) -> io::Result<UnpackStats> {
+    let mut stats = UnpackStats::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for ent in fs::read_dir(&dir)? {
+            let ent = ent?;
+            let m = ent.metadata()?;
+            stats.inodes += 1;
+            if m.is_dir() {
+                stack.push(ent.path());
+            } else if m.is_file() {
+                stats.bytes += m.size();
+            }
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_tar(entries: &[(&[u8], tar::EntryType, &[u8], Option<&[u8]>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_old();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            if let Some(l) = link {
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l);
+            }
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn converts_whiteouts_and_opaque_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = raw_tar(&[
+            (b"data/", tar::EntryType::Directory, b"", None),
+            (b"data/.wh.gone", tar::EntryType::Regular, b"", None),
+            (b"opq/.wh..wh..opq", tar::EntryType::Regular, b"", None),
+            (b"opq/new", tar::EntryType::Regular, b"hi", None),
+            (b"opq/hard", tar::EntryType::Link, b"", Some(b"opq/new")),
+        ]);
+        let stats = unpack_layer(&tar[..], dir.path(), "test").unwrap();
+        let wh = fs::symlink_metadata(dir.path().join("data/gone")).unwrap();
+        assert_eq!(wh.mode() & libc::S_IFMT, libc::S_IFCHR);
+        assert_eq!(wh.rdev(), 0);
+        assert_eq!(fs::read(dir.path().join("opq/hard")).unwrap(), b"hi");
+        assert_eq!(stats.bytes, 2);
+        // trusted.* xattrs need CAP_SYS_ADMIN; only check when we have it.
+        if nix::unistd::geteuid().is_root() {
+            let mut buf = [0u8; 4];
+            let p = CString::new(dir.path().join("opq").as_os_str().as_bytes()).unwrap();
+            let n = CString::new("trusted.overlay.opaque").unwrap();
+            let rc = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), 4) };
+            assert_eq!(rc, 1);
+            assert_eq!(&buf[..1], b"y");
+        }
+    }
+
+    #[test]
+    fn refuses_escapes_by_name() {
+        for (tar, needle) in [
+            (raw_tar(&[(b"../../escape", tar::EntryType::Regular, b"x", None)]), "'..'"),
+            (raw_tar(&[(b"/etc/escape", tar::EntryType::Regular, b"x", None)]), "absolute"),
+            (
+                raw_tar(&[
+                    (b"link", tar::EntryType::Symlink, b"", Some(b"/tmp")),
+                    (b"link/escape", tar::EntryType::Regular, b"x", None),
+                ]),
+                "symbolic link",
+            ),
+            (raw_tar(&[(b"h", tar::EntryType::Link, b"", Some(b"../../etc/passwd"))]), "hard link target"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("fs");
+            fs::create_dir(&dest).unwrap();
+            let err = unpack_layer(&tar[..], &dest, "evil").unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, ImageError::UnsafeLayerEntry { .. }), "{msg}");
+            assert!(msg.contains(needle), "{msg}");
+            assert!(!dir.path().join("escape").exists());
+        }
+    }
+
+    #[test]
+    fn decompress_sniffs_formats() {
+        use std::io::Write;
+        let plain = raw_tar(&[(b"f", tar::EntryType::Regular, b"abc", None)]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain).unwrap();
+        let gz = gz.finish().unwrap();
+        let zs = zstd::encode_all(&plain[..], 1).unwrap();
+        for blob in [plain.clone(), gz, zs] {
+            let mut out = Vec::new();
+            decompress(&blob[..]).unwrap().read_to_end(&mut out).unwrap();
+            assert_eq!(out, plain);
+        }
+    }
+}
