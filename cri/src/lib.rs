@@ -1,0 +1,8 @@
+//! berth's CRI edge: config, request validation, the RuntimeService and ImageService
+//! servers, and the socket they listen on.
+
+pub mod config;
+pub mod image_service;
+pub mod runtime_service;
+pub mod server;
+pub mod status;

@@ -1,4 +1,5 @@
 //! Test support for berth's end-to-end tests: a local OCI registry and images built from local material.
 
+pub mod berthd;
 pub mod registry;
 pub mod testimages;

@@ -77,6 +77,8 @@ impl TestRegistry {
             let config = dir.join("config.yml");
             fs::write(&config, config_yaml(&dir, &addr, htpasswd.is_some()))
                 .with_context(|| format!("writing {}", config.display()))?;
+            // Only this attempt's output decides whether it lost the port race.
+            let log_offset = fs::metadata(&log_path)?.len();
             let child = spawn_registry(&config, &log_path)?;
             let mut reg = TestRegistry {
                 child,
@@ -84,7 +86,7 @@ impl TestRegistry {
                 dir: dir.clone(),
                 credentials: htpasswd.map(|(u, p)| (u.to_string(), p.to_string())),
             };
-            match reg.wait_ready() {
+            match reg.wait_ready(log_offset) {
                 Ok(()) => return Ok(reg),
                 Err(StartError::PortTaken) => {
                     // Another process grabbed the port between our probe and the registry's bind.
@@ -203,14 +205,17 @@ impl TestRegistry {
         }
     }
 
-    fn wait_ready(&mut self) -> std::result::Result<(), StartError> {
+    fn wait_ready(&mut self, log_offset: u64) -> std::result::Result<(), StartError> {
         let want = if self.credentials.is_some() { 401 } else { 200 };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
                     let tail = log_tail(&self.log_path());
-                    if tail.contains("address already in use") {
+                    let this_attempt = fs::read(self.log_path())
+                        .map(|log| log.get(log_offset as usize..).unwrap_or_default().to_vec())
+                        .unwrap_or_default();
+                    if String::from_utf8_lossy(&this_attempt).contains("address already in use") {
                         return Err(StartError::PortTaken);
                     }
                     return Err(StartError::Failed(anyhow::anyhow!(
@@ -220,10 +225,8 @@ impl TestRegistry {
                 Ok(None) => {}
                 Err(e) => return Err(StartError::Failed(e.into())),
             }
-            if let Ok(status) = http_get_status(&self.addr, "/v2/") {
-                if status == want {
-                    return Ok(());
-                }
+            if http_get_status(&self.addr, "/v2/").is_ok_and(|status| status == want) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(StartError::Failed(anyhow::anyhow!(

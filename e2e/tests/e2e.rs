@@ -1,1 +1,1330 @@
-fn main() {}
+//! berth end-to-end tests: a real berthd, a real docker-registry on 127.0.0.1 and
+//! images built from local material (Debian's busybox-static and generated files).
+//! A custom harness (libtest-mimic) starts the registries once, runs every test, and
+//! tears everything down whether tests pass or not.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use berth_e2e::berthd::{Berthd, CriClient};
+use berth_e2e::registry::TestRegistry;
+use berth_e2e::testimages::{
+    Compression, EntryType, ImageBuilder, LayerBuilder, MediaTypes, Platform, PushedImage,
+    PushedIndex, large_layers, push_index,
+};
+use k8s_cri::v1 as cri;
+use libtest_mimic::{Arguments, Failed, Trial};
+use tonic::Code;
+
+/// Everything the tests share: the registries and what was pushed to them.
+struct World {
+    _dir: tempfile::TempDir,
+    reg: TestRegistry,
+    auth_reg: TestRegistry,
+    busybox: PushedImage,
+    hub_busybox: PushedImage,
+    layered: PushedImage,
+    zstd: PushedImage,
+    multiarch: PushedIndex,
+    config: PushedImage,
+    named_user: PushedImage,
+    large: PushedImage,
+    concurrent: PushedImage,
+    crash: PushedImage,
+    traversal: PushedImage,
+    symlink_escape: PushedImage,
+    bad_digest: PushedImage,
+    private: PushedImage,
+    escape_target: PathBuf,
+}
+
+static WORLD: OnceLock<World> = OnceLock::new();
+
+fn world() -> &'static World {
+    WORLD.get().expect("world is built before tests run")
+}
+
+const USER: &str = "berth";
+const PASS: &str = "s3cret-pass";
+
+fn base_layer() -> LayerBuilder {
+    LayerBuilder::new()
+        .dir("bin", 0o755, 0, 0)
+        .add_host_file("bin/busybox", "/bin/busybox", 0o755)
+        .symlink("bin/sh", "busybox")
+        .symlink("bin/ls", "busybox")
+        .dir("etc", 0o755, 0, 0)
+        .file(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+            0o644,
+            0,
+            0,
+        )
+}
+
+fn busybox_image() -> ImageBuilder {
+    ImageBuilder::new()
+        .layer(base_layer(), Compression::Gzip)
+        .cmd(&["/bin/sh"])
+}
+
+fn generated_image(seed: u64, layers: usize, bytes_per_layer: u64) -> ImageBuilder {
+    (0..layers).fold(ImageBuilder::new(), |img, i| {
+        let l = LayerBuilder::new().generated_file(
+            &format!("data/{seed}-{i}.bin"),
+            bytes_per_layer,
+            seed * 100 + i as u64,
+            0o644,
+        );
+        img.layer(l, Compression::Gzip)
+    })
+}
+
+async fn build_world() -> Result<World> {
+    let dir = tempfile::Builder::new()
+        .prefix("berth-e2e-world-")
+        .tempdir()?;
+    std::fs::create_dir_all(dir.path().join("reg"))?;
+    std::fs::create_dir_all(dir.path().join("auth"))?;
+    let reg = TestRegistry::start(&dir.path().join("reg"), None)?;
+    let auth_reg = TestRegistry::start(&dir.path().join("auth"), Some((USER, PASS)))?;
+    let r = reg.addr().to_string();
+    let escape_target = dir.path().join("escape-target");
+    std::fs::create_dir_all(&escape_target)?;
+
+    let busybox = busybox_image().push(&r, "test/busybox", "1", None).await?;
+    let hub_busybox = busybox_image()
+        .push(&r, "library/busybox", "latest", None)
+        .await?;
+    let layered = ImageBuilder::new()
+        .layer(base_layer(), Compression::Gzip)
+        .layer(
+            LayerBuilder::new()
+                .dir("data", 0o755, 0, 0)
+                .file("data/a", "deleted later", 0o644, 0, 0)
+                .file("data/b", "kept", 0o644, 0, 0)
+                .dir("opq", 0o755, 0, 0)
+                .file("opq/x", "hidden by opaque", 0o644, 0, 0)
+                .file_with_xattrs(
+                    "owned",
+                    "owned by 1000",
+                    0o640,
+                    1000,
+                    1001,
+                    &[("user.berth", b"1")],
+                )
+                .hardlink("owned-link", "owned")
+                .symlink("abs-link", "/etc/passwd")
+                .char_device("dev-null", 1, 3, 0o666)
+                .fifo("a-fifo", 0o600)
+                .file("setuid", "s", 0o4755, 0, 0),
+            Compression::Gzip,
+        )
+        .layer(
+            LayerBuilder::new().whiteout("data/a").opaque("opq").file(
+                "opq/y",
+                "new in opaque",
+                0o644,
+                0,
+                0,
+            ),
+            Compression::Zstd,
+        )
+        .layer(
+            LayerBuilder::new().file("top.txt", "uncompressed layer", 0o644, 0, 0),
+            Compression::None,
+        )
+        .push(&r, "test/layered", "1", None)
+        .await?;
+    let zstd = ImageBuilder::new()
+        .layer(base_layer(), Compression::Zstd)
+        .push(&r, "test/zstd", "1", None)
+        .await?;
+    let amd = busybox_image();
+    let arm = ImageBuilder::new().layer(
+        base_layer().file("arch", "arm64", 0o644, 0, 0),
+        Compression::Gzip,
+    );
+    let multiarch = push_index(
+        &r,
+        "test/multiarch",
+        "1",
+        &[
+            (&arm, Platform::new("linux", "arm64", Some("v8"))),
+            (&amd, Platform::new("linux", "amd64", None)),
+        ],
+        None,
+    )
+    .await?;
+    let config = busybox_image()
+        .media_types(MediaTypes::Docker)
+        .user("1234:5678")
+        .entrypoint(&["/bin/sh", "-c"])
+        .cmd(&["echo hello"])
+        .env("GREETING", "hi")
+        .working_dir("/work")
+        .stop_signal("SIGQUIT")
+        .volume("/data")
+        .push(&r, "test/config", "1", None)
+        .await?;
+    let named_user = busybox_image()
+        .user("nobody")
+        .push(&r, "test/named-user", "1", None)
+        .await?;
+    let large = large_layers(120 << 20, 4, 7)
+        .into_iter()
+        .fold(ImageBuilder::new(), |img, l| {
+            img.layer(l, Compression::Gzip)
+        })
+        .push(&r, "test/large", "1", None)
+        .await?;
+    let concurrent = generated_image(11, 3, 2 << 20)
+        .push(&r, "test/concurrent", "1", None)
+        .await?;
+    let crash = large_layers(96 << 20, 3, 13)
+        .into_iter()
+        .fold(ImageBuilder::new(), |img, l| {
+            img.layer(l, Compression::Gzip)
+        })
+        .push(&r, "test/crash", "1", None)
+        .await?;
+    let escape_name = format!(
+        "../../../../../../../../..{}/traversal",
+        escape_target.display()
+    );
+    let traversal = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .file("ok", "fine", 0o644, 0, 0)
+                .raw_entry(
+                    escape_name.as_bytes(),
+                    EntryType::Regular,
+                    b"",
+                    b"pwned".to_vec(),
+                    0o644,
+                ),
+            Compression::Gzip,
+        )
+        .push(&r, "test/traversal", "1", None)
+        .await?;
+    let symlink_escape = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .symlink("esc", &escape_target.display().to_string())
+                .file("esc/via-symlink", "pwned", 0o644, 0, 0),
+            Compression::Gzip,
+        )
+        .push(&r, "test/symlink-escape", "1", None)
+        .await?;
+    let bad_digest = generated_image(21, 1, 1 << 20)
+        .push(&r, "test/bad-digest", "1", None)
+        .await?;
+    // Corrupt the stored blob behind the registry's back: same size, other bytes.
+    let blob = reg.blob_data_path(&bad_digest.layer_digests[0]);
+    let mut data = std::fs::read(&blob)?;
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&blob, data)?;
+    let private = busybox_image()
+        .push(auth_reg.addr(), "private/busybox", "1", Some((USER, PASS)))
+        .await?;
+    Ok(World {
+        _dir: dir,
+        reg,
+        auth_reg,
+        busybox,
+        hub_busybox,
+        layered,
+        zstd,
+        multiarch,
+        config,
+        named_user,
+        large,
+        concurrent,
+        crash,
+        traversal,
+        symlink_escape,
+        bad_digest,
+        private,
+        escape_target,
+    })
+}
+
+// ---------------------------------------------------------------- helpers ----
+
+fn run<F: Future<Output = Result<()>>>(f: impl FnOnce() -> F) -> Result<(), Failed> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(f()).map_err(|e| Failed::from(format!("{e:#}")))
+}
+
+fn spec(image: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
+
+async fn pull(c: &mut CriClient, image: &str) -> Result<String, tonic::Status> {
+    pull_auth(c, image, None).await
+}
+
+async fn pull_auth(
+    c: &mut CriClient,
+    image: &str,
+    auth: Option<cri::AuthConfig>,
+) -> Result<String, tonic::Status> {
+    let req = cri::PullImageRequest {
+        image: spec(image),
+        auth,
+        sandbox_config: None,
+    };
+    Ok(c.image.pull_image(req).await?.into_inner().image_ref)
+}
+
+async fn status(c: &mut CriClient, image: &str, verbose: bool) -> Result<cri::ImageStatusResponse> {
+    Ok(c.image
+        .image_status(cri::ImageStatusRequest {
+            image: spec(image),
+            verbose,
+        })
+        .await?
+        .into_inner())
+}
+
+async fn list(c: &mut CriClient) -> Result<Vec<cri::Image>> {
+    Ok(c.image
+        .list_images(cri::ListImagesRequest { filter: None })
+        .await?
+        .into_inner()
+        .images)
+}
+
+async fn remove(c: &mut CriClient, image: &str) -> Result<(), tonic::Status> {
+    c.image
+        .remove_image(cri::RemoveImageRequest { image: spec(image) })
+        .await
+        .map(|_| ())
+}
+
+async fn fs_used(c: &mut CriClient) -> Result<(u64, u64, String)> {
+    let r = c
+        .image
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await?
+        .into_inner();
+    let fs = r.image_filesystems.first().context("no image filesystem")?;
+    Ok((
+        fs.used_bytes.as_ref().map_or(0, |v| v.value),
+        fs.inodes_used.as_ref().map_or(0, |v| v.value),
+        fs.fs_id
+            .as_ref()
+            .map(|f| f.mountpoint.clone())
+            .unwrap_or_default(),
+    ))
+}
+
+fn expect_code<T: std::fmt::Debug>(
+    r: Result<T, tonic::Status>,
+    code: Code,
+    needle: &str,
+) -> Result<String> {
+    match r {
+        Ok(v) => bail!("expected {code:?} containing {needle:?}, got success {v:?}"),
+        Err(s) if s.code() == code && s.message().contains(needle) => Ok(s.message().to_string()),
+        Err(s) => bail!(
+            "expected {code:?} containing {needle:?}, got {:?}: {}",
+            s.code(),
+            s.message()
+        ),
+    }
+}
+
+fn entries(dir: &Path) -> Result<BTreeSet<String>> {
+    if !dir.exists() {
+        return Ok(BTreeSet::new());
+    }
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect())
+}
+
+fn blobs_on_disk(b: &Berthd) -> Result<BTreeSet<String>> {
+    entries(&b.root.join("content/blobs/sha256"))
+}
+
+fn snapshots_on_disk(b: &Berthd) -> Result<BTreeSet<String>> {
+    entries(&b.root.join("snapshots"))
+}
+
+fn hex(d: &str) -> &str {
+    d.strip_prefix("sha256:").unwrap_or(d)
+}
+
+fn mirror_config() -> String {
+    format!(
+        "[registries.\"docker.io\"]\nmirrors = [\"{}\"]\n",
+        world().reg.url()
+    )
+}
+
+/// Mounts an image's layers read-only as overlayfs would for a container; unmounted on drop.
+struct OverlayMount {
+    dir: tempfile::TempDir,
+}
+
+impl OverlayMount {
+    fn new(layers_bottom_first: &[PathBuf]) -> Result<OverlayMount> {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-e2e-mnt-")
+            .tempdir()?;
+        let lower: Vec<String> = layers_bottom_first
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        let opts = format!("lowerdir={}", lower.join(":"));
+        nix::mount::mount(
+            Some("overlay"),
+            dir.path(),
+            Some("overlay"),
+            nix::mount::MsFlags::MS_RDONLY,
+            Some(opts.as_str()),
+        )
+        .with_context(|| format!("mount overlay {opts}"))?;
+        Ok(OverlayMount { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for OverlayMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn snapshot_paths(info: &cri::ImageStatusResponse) -> Result<Vec<PathBuf>> {
+    let v: serde_json::Value =
+        serde_json::from_str(info.info.get("info").context("verbose info missing")?)?;
+    v["layers"]
+        .as_array()
+        .context("layers missing")?
+        .iter()
+        .map(|l| {
+            l["snapshot"]
+                .as_str()
+                .map(PathBuf::from)
+                .context("snapshot path missing")
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------ tests ----
+
+fn runtime_identity_and_status() -> Result<(), Failed> {
+    run(|| async {
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let v = c
+            .runtime
+            .version(cri::VersionRequest {
+                version: "v1".into(),
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            v.runtime_name == "berth" && v.runtime_api_version == "v1",
+            "{v:?}"
+        );
+        ensure!(v.runtime_version == env!("CARGO_PKG_VERSION"), "{v:?}");
+        let st = c
+            .runtime
+            .status(cri::StatusRequest { verbose: true })
+            .await?
+            .into_inner();
+        let conds = st.status.context("no status")?.conditions;
+        let cond = |t: &str| conds.iter().find(|c| c.r#type == t).cloned();
+        ensure!(cond("RuntimeReady").is_some_and(|c| c.status), "{conds:?}");
+        let net = cond("NetworkReady").context("no NetworkReady")?;
+        ensure!(
+            !net.status && net.reason == "NetworkPluginNotReady" && !net.message.is_empty(),
+            "{net:?}"
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(st.info.get("config").context("verbose config")?)?;
+        ensure!(cfg["root"] == b.root.display().to_string(), "{cfg}");
+        let rc = c
+            .runtime
+            .runtime_config(cri::RuntimeConfigRequest {})
+            .await?
+            .into_inner();
+        ensure!(rc.linux.context("linux")?.cgroup_driver == cri::CgroupDriver::Cgroupfs as i32);
+        let r = c
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+            .await;
+        expect_code(r, Code::Unimplemented, "run_pod_sandbox")?;
+        Ok(())
+    })
+}
+
+fn socket_lifecycle_and_config_errors() -> Result<(), Failed> {
+    run(|| async {
+        let mut b = Berthd::start("")?;
+        let mode = std::fs::metadata(&b.socket)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o660, "socket mode {mode:o}");
+        // A second berthd on the same socket is refused and the first keeps serving.
+        let out = b
+            .command()?
+            .arg("--root")
+            .arg(b.dir().join("other-root"))
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("in use"),
+            "second berthd: {:?} {err}",
+            out.status
+        );
+        b.client()
+            .await?
+            .runtime
+            .version(cri::VersionRequest::default())
+            .await?;
+        // kill -9 leaves a stale socket; a restart replaces it.
+        b.restart()?;
+        b.client()
+            .await?
+            .runtime
+            .version(cri::VersionRequest::default())
+            .await?;
+        // SIGTERM: clean exit 0, socket gone.
+        let st = b.terminate()?;
+        ensure!(st.success(), "berthd exit status after SIGTERM: {st}");
+        ensure!(!b.socket.exists(), "socket left behind after SIGTERM");
+        // Unknown keys and bad values are refused naming the key.
+        for (text, needle) in [
+            ("bogus_key = 1\n", "bogus_key"),
+            (
+                "[registries.\"docker.io\"]\nmirrors = [\"ftp://x\"]\n",
+                "registries.\"docker.io\".mirrors[0]",
+            ),
+            (
+                "[image]\nmax_concurrent_downloads = 0\n",
+                "image.max_concurrent_downloads",
+            ),
+            ("cgroup_driver = \"nope\"\n", "cgroup_driver"),
+        ] {
+            let path = b.dir().join("bad.toml");
+            std::fs::write(&path, text)?;
+            let out = Command::new(berth_e2e::berthd::berthd_binary()?)
+                .arg("--config")
+                .arg(&path)
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            ensure!(
+                !out.status.success() && err.contains(needle),
+                "config {text:?}: {:?} {err}",
+                out.status
+            );
+        }
+        let out = Command::new(berth_e2e::berthd::berthd_binary()?)
+            .arg("--config")
+            .arg(b.dir().join("absent.toml"))
+            .output()?;
+        ensure!(
+            !out.status.success(),
+            "an explicit missing config file must be an error"
+        );
+        Ok(())
+    })
+}
+
+fn pull_status_list_single_layer() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let id = pull(&mut c, &w.busybox.reference).await?;
+        ensure!(
+            id == w.busybox.config_digest,
+            "image_ref {id} != config digest {}",
+            w.busybox.config_digest
+        );
+        let repo = format!("{}/test/busybox", w.reg.addr());
+        let digest_ref = format!("{repo}@{}", w.busybox.manifest_digest);
+        for name in [
+            w.busybox.reference.clone(),
+            id.clone(),
+            hex(&id).to_string(),
+            hex(&id)[..12].to_string(),
+            digest_ref.clone(),
+        ] {
+            let img = status(&mut c, &name, false)
+                .await?
+                .image
+                .with_context(|| format!("ImageStatus({name}) found nothing"))?;
+            ensure!(img.id == id, "{name}: {img:?}");
+            ensure!(
+                img.repo_tags == vec![w.busybox.reference.clone()],
+                "{img:?}"
+            );
+            ensure!(img.repo_digests == vec![digest_ref.clone()], "{img:?}");
+            let layer_sum: u64 = w.busybox.layer_sizes.iter().sum();
+            let cfg_size = serde_json::to_vec(&w.busybox.config_json)?.len() as u64;
+            ensure!(
+                img.size >= layer_sum && img.size <= layer_sum + cfg_size + 4096,
+                "size {} vs layers {layer_sum}",
+                img.size
+            );
+            ensure!(
+                !img.pinned && img.uid.is_none() && img.username.is_empty(),
+                "{img:?}"
+            );
+        }
+        let v = status(&mut c, &w.busybox.reference, true).await?;
+        let info: serde_json::Value =
+            serde_json::from_str(v.info.get("info").context("verbose info")?)?;
+        ensure!(
+            info["imageSpec"]["config"]["Cmd"] == serde_json::json!(["/bin/sh"]),
+            "{info}"
+        );
+        ensure!(
+            info["imageSpec"]["rootfs"]["diff_ids"][0] == w.busybox.diff_ids[0],
+            "{info}"
+        );
+        // Unknown but well-formed: no image, no error.
+        let none = status(&mut c, &format!("{repo}:nope"), false).await?;
+        ensure!(none.image.is_none());
+        let all = list(&mut c).await?;
+        ensure!(all.len() == 1 && all[0].id == id, "{all:?}");
+        let filtered = c
+            .image
+            .list_images(cri::ListImagesRequest {
+                filter: Some(cri::ImageFilter {
+                    image: spec(&w.busybox.reference),
+                }),
+            })
+            .await?
+            .into_inner()
+            .images;
+        ensure!(filtered.len() == 1, "{filtered:?}");
+        let other = c
+            .image
+            .list_images(cri::ListImagesRequest {
+                filter: Some(cri::ImageFilter {
+                    image: spec("other:tag"),
+                }),
+            })
+            .await?
+            .into_inner()
+            .images;
+        ensure!(other.is_empty(), "{other:?}");
+        let (used, inodes, mountpoint) = fs_used(&mut c).await?;
+        ensure!(
+            mountpoint == b.root.join("snapshots").display().to_string(),
+            "{mountpoint}"
+        );
+        let busybox_size = std::fs::metadata("/bin/busybox")?.len();
+        ensure!(
+            used > busybox_size && inodes >= 6,
+            "ImageFsInfo used={used} inodes={inodes}"
+        );
+        Ok(())
+    })
+}
+
+fn docker_hub_names_go_through_mirrors() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start(&mirror_config())?;
+        let mut c = b.client().await?;
+        let id = pull(&mut c, "busybox").await?;
+        ensure!(id == w.hub_busybox.config_digest);
+        let img = status(&mut c, "docker.io/library/busybox:latest", false)
+            .await?
+            .image
+            .context("not found")?;
+        ensure!(
+            img.repo_tags == vec!["docker.io/library/busybox:latest".to_string()],
+            "{img:?}"
+        );
+        ensure!(
+            img.repo_digests
+                == vec![format!(
+                    "docker.io/library/busybox@{}",
+                    w.hub_busybox.manifest_digest
+                )],
+            "{img:?}"
+        );
+        for alias in [
+            "busybox",
+            "busybox:latest",
+            "library/busybox",
+            "index.docker.io/library/busybox:latest",
+        ] {
+            ensure!(
+                status(&mut c, alias, false).await?.image.is_some(),
+                "{alias} does not resolve"
+            );
+        }
+        // Without a mirror, docker.io is unreachable here: a clear Unavailable, not a hang.
+        let b2 = Berthd::start("[image]\npull_timeout_secs = 60\n")?;
+        let mut c2 = b2.client().await?;
+        let msg = expect_code(
+            pull(&mut c2, "busybox").await,
+            Code::Unavailable,
+            "registry-1.docker.io",
+        )?;
+        ensure!(msg.contains("docker.io/library/busybox:latest"), "{msg}");
+        Ok(())
+    })
+}
+
+fn layers_whiteouts_and_file_metadata() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.layered.reference).await?;
+        let v = status(&mut c, &w.layered.reference, true).await?;
+        let layers = snapshot_paths(&v)?;
+        ensure!(layers.len() == 4, "{layers:?}");
+        let m = OverlayMount::new(&layers)?;
+        let p = |s: &str| m.path().join(s);
+        ensure!(!p("data/a").exists(), "whited-out file is visible");
+        ensure!(std::fs::read_to_string(p("data/b"))? == "kept");
+        ensure!(
+            entries(&p("opq"))? == BTreeSet::from(["y".to_string()]),
+            "opaque dir shows {:?}",
+            entries(&p("opq"))?
+        );
+        ensure!(std::fs::read_to_string(p("top.txt"))? == "uncompressed layer");
+        let owned = std::fs::metadata(p("owned"))?;
+        ensure!(
+            owned.uid() == 1000 && owned.gid() == 1001 && owned.mode() & 0o7777 == 0o640,
+            "{owned:?}"
+        );
+        let mut xbuf = [0u8; 8];
+        let cpath = std::ffi::CString::new(p("owned").display().to_string())?;
+        let n = unsafe {
+            libc::getxattr(
+                cpath.as_ptr(),
+                c"user.berth".as_ptr(),
+                xbuf.as_mut_ptr().cast(),
+                xbuf.len(),
+            )
+        };
+        ensure!(n == 1 && xbuf[0] == b'1', "xattr user.berth missing ({n})");
+        ensure!(std::fs::read_to_string(p("owned-link"))? == "owned by 1000");
+        let lower_owned = std::fs::metadata(layers[1].join("owned"))?;
+        ensure!(
+            lower_owned.nlink() == 2,
+            "hard link not kept: nlink {}",
+            lower_owned.nlink()
+        );
+        ensure!(std::fs::read_link(p("abs-link"))? == Path::new("/etc/passwd"));
+        let dev = std::fs::symlink_metadata(p("dev-null"))?;
+        ensure!(
+            dev.file_type().is_char_device() && dev.rdev() == nix::sys::stat::makedev(1, 3),
+            "{dev:?}"
+        );
+        ensure!(
+            std::fs::symlink_metadata(p("a-fifo"))?
+                .file_type()
+                .is_fifo()
+        );
+        ensure!(std::fs::metadata(p("setuid"))?.mode() & 0o7777 == 0o4755);
+        // The tree is a usable root filesystem.
+        let out = Command::new("chroot")
+            .arg(m.path())
+            .args(["/bin/sh", "-c", "busybox cat /data/b; echo; ls /opq"])
+            .output()?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout) == "kept\ny\n",
+            "{out:?}"
+        );
+        Ok(())
+    })
+}
+
+fn index_zstd_and_docker_config_images() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        // Index: the host platform's manifest, named by the index digest.
+        let id = pull(&mut c, &w.multiarch.reference).await?;
+        let amd = w
+            .multiarch
+            .image_for("linux", "amd64")
+            .context("amd64 entry")?;
+        ensure!(
+            id == amd.config_digest,
+            "picked {id}, want amd64 {}",
+            amd.config_digest
+        );
+        let img = status(&mut c, &id, false).await?.image.context("missing")?;
+        let idx_ref = format!(
+            "{}/test/multiarch@{}",
+            w.reg.addr(),
+            w.multiarch.index_digest
+        );
+        ensure!(img.repo_digests == vec![idx_ref.clone()], "{img:?}");
+        ensure!(status(&mut c, &idx_ref, false).await?.image.is_some());
+        // zstd layer with the same content as the gzip busybox layer: one snapshot, two blobs.
+        pull(&mut c, &w.busybox.reference).await?;
+        let snaps = snapshots_on_disk(&b)?.len();
+        pull(&mut c, &w.zstd.reference).await?;
+        ensure!(
+            snapshots_on_disk(&b)?.len() == snaps,
+            "zstd layer of identical content unpacked twice"
+        );
+        ensure!(
+            blobs_on_disk(&b)?.contains(hex(&w.zstd.layer_digests[0])),
+            "zstd blob not stored"
+        );
+        let zv = status(&mut c, &w.zstd.reference, true).await?;
+        let zl = snapshot_paths(&zv)?;
+        ensure!(
+            zl.len() == 1 && zl[0].join("bin/busybox").is_file(),
+            "{zl:?}"
+        );
+        // Docker media types and config fields.
+        pull(&mut c, &w.config.reference).await?;
+        let v = status(&mut c, &w.config.reference, true).await?;
+        let img = v.image.clone().context("missing")?;
+        ensure!(
+            img.uid.map(|u| u.value) == Some(1234) && img.username.is_empty(),
+            "{img:?}"
+        );
+        let info: serde_json::Value = serde_json::from_str(&v.info["info"])?;
+        let cfg = &info["imageSpec"]["config"];
+        ensure!(
+            cfg["Entrypoint"] == serde_json::json!(["/bin/sh", "-c"])
+                && cfg["Cmd"] == serde_json::json!(["echo hello"]),
+            "{cfg}"
+        );
+        ensure!(
+            cfg["WorkingDir"] == "/work" && cfg["StopSignal"] == "SIGQUIT",
+            "{cfg}"
+        );
+        ensure!(
+            cfg["Env"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|x| x == "GREETING=hi")),
+            "{cfg}"
+        );
+        ensure!(cfg["Volumes"].get("/data").is_some(), "{cfg}");
+        pull(&mut c, &w.named_user.reference).await?;
+        let img = status(&mut c, &w.named_user.reference, false)
+            .await?
+            .image
+            .context("missing")?;
+        ensure!(img.uid.is_none() && img.username == "nobody", "{img:?}");
+        Ok(())
+    })
+}
+
+fn large_image_pull() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let (before, _, _) = fs_used(&mut c).await?;
+        pull(&mut c, &w.large.reference).await?;
+        let img = status(&mut c, &w.large.reference, false)
+            .await?
+            .image
+            .context("missing")?;
+        ensure!(
+            img.size >= w.large.compressed_size,
+            "{} < {}",
+            img.size,
+            w.large.compressed_size
+        );
+        let (after, _, _) = fs_used(&mut c).await?;
+        // Content (compressed) plus snapshots (uncompressed) are both counted.
+        ensure!(
+            after - before >= w.large.compressed_size + w.large.uncompressed_size * 9 / 10,
+            "{before} -> {after}"
+        );
+        Ok(())
+    })
+}
+
+fn remove_by_any_name_frees_only_unshared_data() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let only_busybox_blobs = blobs_on_disk(&b)?;
+        let only_busybox_snaps = snapshots_on_disk(&b)?;
+        pull(&mut c, &w.layered.reference).await?;
+        ensure!(
+            snapshots_on_disk(&b)?.len() == only_busybox_snaps.len() + 3,
+            "base layer not shared"
+        );
+        // Remove by tag: the shared base layer stays for busybox.
+        remove(&mut c, &w.layered.reference).await?;
+        ensure!(
+            status(&mut c, &w.layered.reference, false)
+                .await?
+                .image
+                .is_none()
+        );
+        ensure!(
+            blobs_on_disk(&b)? == only_busybox_blobs,
+            "blobs after remove: {:?}",
+            blobs_on_disk(&b)?
+        );
+        ensure!(snapshots_on_disk(&b)? == only_busybox_snaps);
+        ensure!(
+            status(&mut c, &w.busybox.reference, true)
+                .await
+                .map(|s| s.image.is_some())?,
+            "busybox lost"
+        );
+        // Removing something absent is fine; so is removing by id and by digest.
+        remove(&mut c, &w.layered.reference).await?;
+        remove(&mut c, &format!("{}/test/none:1", w.reg.addr())).await?;
+        remove(&mut c, &w.busybox.config_digest).await?;
+        ensure!(list(&mut c).await?.is_empty());
+        pull(&mut c, &w.config.reference).await?;
+        remove(
+            &mut c,
+            &format!("{}/test/config@{}", w.reg.addr(), w.config.manifest_digest),
+        )
+        .await?;
+        ensure!(list(&mut c).await?.is_empty());
+        ensure!(
+            blobs_on_disk(&b)?.is_empty(),
+            "blobs left: {:?}",
+            blobs_on_disk(&b)?
+        );
+        ensure!(
+            snapshots_on_disk(&b)?.is_empty(),
+            "snapshots left: {:?}",
+            snapshots_on_disk(&b)?
+        );
+        let (used, _, _) = fs_used(&mut c).await?;
+        ensure!(used == 0, "ImageFsInfo still reports {used} bytes");
+        // A tag moved to another image leaves the old one untagged but listed by digest.
+        Ok(())
+    })
+}
+
+fn bad_input_gets_clear_errors() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        for bad in [
+            "UPPER/Case:1",
+            "a b",
+            "busybox:",
+            "x@sha256:1234",
+            "-lead/ing",
+        ] {
+            expect_code(pull(&mut c, bad).await, Code::InvalidArgument, bad)?;
+            let s = c
+                .image
+                .image_status(cri::ImageStatusRequest {
+                    image: spec(bad),
+                    verbose: false,
+                })
+                .await;
+            expect_code(s, Code::InvalidArgument, bad)?;
+            expect_code(remove(&mut c, bad).await, Code::InvalidArgument, bad)?;
+        }
+        expect_code(pull(&mut c, "").await, Code::InvalidArgument, "image.image")?;
+        let none = c.image.pull_image(cri::PullImageRequest::default()).await;
+        expect_code(none, Code::InvalidArgument, "image.image")?;
+        expect_code(
+            remove(&mut c, " ").await,
+            Code::InvalidArgument,
+            "image.image",
+        )?;
+        let s = c
+            .image
+            .image_status(cri::ImageStatusRequest {
+                image: None,
+                verbose: false,
+            })
+            .await;
+        expect_code(s, Code::InvalidArgument, "image.image")?;
+        let unknown_tag = format!("{}/test/busybox:no-such-tag", w.reg.addr());
+        expect_code(
+            pull(&mut c, &unknown_tag).await,
+            Code::NotFound,
+            "no-such-tag",
+        )?;
+        let unknown_repo = format!("{}/test/no-such-repo:1", w.reg.addr());
+        expect_code(
+            pull(&mut c, &unknown_repo).await,
+            Code::NotFound,
+            "no-such-repo",
+        )?;
+        let unknown_digest = format!("{}/test/busybox@sha256:{}", w.reg.addr(), "0".repeat(64));
+        expect_code(
+            pull(&mut c, &unknown_digest).await,
+            Code::NotFound,
+            "test/busybox",
+        )?;
+        expect_code(
+            pull(&mut c, "127.0.0.1:1/nothing/here:1").await,
+            Code::Unavailable,
+            "127.0.0.1:1",
+        )?;
+        let auth = cri::AuthConfig {
+            auth: "not base64!".into(),
+            ..Default::default()
+        };
+        expect_code(
+            pull_auth(&mut c, &w.busybox.reference, Some(auth)).await,
+            Code::InvalidArgument,
+            "auth.auth",
+        )?;
+        ensure!(
+            list(&mut c).await?.is_empty()
+                && blobs_on_disk(&b)?.is_empty()
+                && snapshots_on_disk(&b)?.is_empty()
+        );
+        Ok(())
+    })
+}
+
+fn registry_authentication() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let r = &w.private.reference;
+        expect_code(
+            pull(&mut c, r).await,
+            Code::Unauthenticated,
+            "requires authentication",
+        )?;
+        let wrong = cri::AuthConfig {
+            username: USER.into(),
+            password: "wrong".into(),
+            ..Default::default()
+        };
+        let msg = expect_code(
+            pull_auth(&mut c, r, Some(wrong)).await,
+            Code::Unauthenticated,
+            "rejected the credentials",
+        )?;
+        ensure!(
+            !msg.contains("wrong"),
+            "the password leaked into the error: {msg}"
+        );
+        ensure!(list(&mut c).await?.is_empty());
+        let good = cri::AuthConfig {
+            username: USER.into(),
+            password: PASS.into(),
+            ..Default::default()
+        };
+        let id = pull_auth(&mut c, r, Some(good)).await?;
+        ensure!(id == w.private.config_digest);
+        remove(&mut c, r).await?;
+        use base64::Engine as _;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
+        let basic = cri::AuthConfig {
+            auth: encoded,
+            ..Default::default()
+        };
+        ensure!(pull_auth(&mut c, r, Some(basic)).await? == id);
+        ensure!(w.auth_reg.blob_get_count(&w.private.layer_digests[0])? >= 2);
+        Ok(())
+    })
+}
+
+fn corrupt_blob_is_refused_and_nothing_kept() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let r = expect_code(
+            pull(&mut c, &w.bad_digest.reference).await,
+            Code::DataLoss,
+            "digest",
+        )?;
+        ensure!(
+            r.contains(&w.bad_digest.layer_digests[0]) || r.contains("does not match"),
+            "{r}"
+        );
+        ensure!(list(&mut c).await?.is_empty());
+        ensure!(
+            !blobs_on_disk(&b)?.contains(hex(&w.bad_digest.layer_digests[0])),
+            "corrupt blob stored"
+        );
+        ensure!(
+            snapshots_on_disk(&b)?.is_empty(),
+            "snapshot left: {:?}",
+            snapshots_on_disk(&b)?
+        );
+        ensure!(
+            entries(&b.root.join("content/ingest"))?.is_empty(),
+            "ingest not cleaned"
+        );
+        Ok(())
+    })
+}
+
+fn path_traversal_layers_are_refused() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let msg = expect_code(
+            pull(&mut c, &w.traversal.reference).await,
+            Code::InvalidArgument,
+            "..",
+        )?;
+        ensure!(
+            msg.contains("traversal") && msg.contains(&w.traversal.layer_digests[0]),
+            "{msg}"
+        );
+        let msg = expect_code(
+            pull(&mut c, &w.symlink_escape.reference).await,
+            Code::InvalidArgument,
+            "esc/via-symlink",
+        )?;
+        ensure!(msg.contains("symbolic link"), "{msg}");
+        ensure!(
+            entries(&w.escape_target)?.is_empty(),
+            "something was written outside: {:?}",
+            entries(&w.escape_target)?
+        );
+        ensure!(list(&mut c).await?.is_empty());
+        ensure!(
+            snapshots_on_disk(&b)?.is_empty(),
+            "snapshot left: {:?}",
+            snapshots_on_disk(&b)?
+        );
+        ensure!(
+            blobs_on_disk(&b)?.is_empty(),
+            "blobs left: {:?}",
+            blobs_on_disk(&b)?
+        );
+        Ok(())
+    })
+}
+
+fn concurrent_pulls_download_once() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let mut c = b.client().await?;
+            let r = w.concurrent.reference.clone();
+            tasks.push(tokio::spawn(async move { pull(&mut c, &r).await }));
+        }
+        for t in tasks {
+            let id = t.await??;
+            ensure!(id == w.concurrent.config_digest);
+        }
+        for d in &w.concurrent.layer_digests {
+            let n = w.reg.blob_get_count(d)?;
+            ensure!(
+                n == 1,
+                "layer {d} downloaded {n} times by 8 concurrent pulls"
+            );
+        }
+        // Present already: a new pull downloads no blob.
+        let mut c = b.client().await?;
+        pull(&mut c, &w.concurrent.reference).await?;
+        for d in w
+            .concurrent
+            .layer_digests
+            .iter()
+            .chain([&w.concurrent.config_digest])
+        {
+            ensure!(w.reg.blob_get_count(d)? == 1, "{d} downloaded again");
+        }
+        ensure!(list(&mut c).await?.len() == 1);
+        Ok(())
+    })
+}
+
+fn kill9_restart_keeps_images() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let mut b = Berthd::start(&mirror_config())?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        pull(&mut c, "busybox").await?;
+        pull(&mut c, &w.layered.reference).await?;
+        let before = list(&mut c).await?;
+        let blobs = blobs_on_disk(&b)?;
+        let snaps = snapshots_on_disk(&b)?;
+        b.restart()?;
+        let mut c = b.client().await?;
+        let mut after = list(&mut c).await?;
+        let mut before = before;
+        before.sort_by(|a, b| a.id.cmp(&b.id));
+        after.sort_by(|a, b| a.id.cmp(&b.id));
+        ensure!(
+            before == after,
+            "images changed across kill -9:\n{before:?}\n{after:?}"
+        );
+        ensure!(blobs_on_disk(&b)? == blobs && snapshots_on_disk(&b)? == snaps);
+        let v = status(&mut c, &w.layered.reference, true).await?;
+        let m = OverlayMount::new(&snapshot_paths(&v)?)?;
+        ensure!(m.path().join("data/b").is_file());
+        drop(m);
+        remove(&mut c, &w.layered.reference).await?;
+        // Both busybox names share one config: one image with two tags.
+        let left = list(&mut c).await?;
+        ensure!(left.len() == 1 && left[0].repo_tags.len() == 2, "{left:?}");
+        Ok(())
+    })
+}
+
+fn crash_mid_pull_leaves_nothing_half_recorded() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let mut b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let r = w.crash.reference.clone();
+        let puller = tokio::spawn(async move { pull(&mut c, &r).await });
+        // Wait until layer data is flowing, then crash.
+        let ingest = b.root.join("content/ingest");
+        let snapdir = b.root.join("snapshots");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let busy = !entries(&ingest)?.is_empty() && !entries(&snapdir)?.is_empty();
+            if busy {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "pull never started writing"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        b.kill9()?;
+        ensure!(
+            puller.await?.is_err(),
+            "pull succeeded although berthd was killed"
+        );
+        b.restart()?;
+        let mut c = b.client().await?;
+        ensure!(list(&mut c).await?.is_empty(), "half-pulled image listed");
+        ensure!(
+            entries(&ingest)?.is_empty(),
+            "ingest leftovers: {:?}",
+            entries(&ingest)?
+        );
+        ensure!(
+            snapshots_on_disk(&b)?.is_empty(),
+            "snapshot leftovers: {:?}",
+            snapshots_on_disk(&b)?
+        );
+        ensure!(
+            blobs_on_disk(&b)?.is_empty(),
+            "blob leftovers: {:?}",
+            blobs_on_disk(&b)?
+        );
+        let id = pull(&mut c, &w.crash.reference).await?;
+        ensure!(id == w.crash.config_digest);
+        Ok(())
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Arguments::from_args();
+    let tests = vec![
+        Trial::test("runtime_identity_and_status", runtime_identity_and_status),
+        Trial::test(
+            "socket_lifecycle_and_config_errors",
+            socket_lifecycle_and_config_errors,
+        ),
+        Trial::test(
+            "pull_status_list_single_layer",
+            pull_status_list_single_layer,
+        ),
+        Trial::test(
+            "docker_hub_names_go_through_mirrors",
+            docker_hub_names_go_through_mirrors,
+        ),
+        Trial::test(
+            "layers_whiteouts_and_file_metadata",
+            layers_whiteouts_and_file_metadata,
+        ),
+        Trial::test(
+            "index_zstd_and_docker_config_images",
+            index_zstd_and_docker_config_images,
+        ),
+        Trial::test("large_image_pull", large_image_pull),
+        Trial::test(
+            "remove_by_any_name_frees_only_unshared_data",
+            remove_by_any_name_frees_only_unshared_data,
+        ),
+        Trial::test("bad_input_gets_clear_errors", bad_input_gets_clear_errors),
+        Trial::test("registry_authentication", registry_authentication),
+        Trial::test(
+            "corrupt_blob_is_refused_and_nothing_kept",
+            corrupt_blob_is_refused_and_nothing_kept,
+        ),
+        Trial::test(
+            "path_traversal_layers_are_refused",
+            path_traversal_layers_are_refused,
+        ),
+        Trial::test(
+            "concurrent_pulls_download_once",
+            concurrent_pulls_download_once,
+        ),
+        Trial::test("kill9_restart_keeps_images", kill9_restart_keeps_images),
+        Trial::test(
+            "crash_mid_pull_leaves_nothing_half_recorded",
+            crash_mid_pull_leaves_nothing_half_recorded,
+        ),
+    ];
+    if !nix::unistd::geteuid().is_root() {
+        return Err(anyhow!(
+            "the e2e suite needs root (mounts, device nodes, ownership)"
+        ));
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The registries are started from this (main) thread, which lives until the end.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let world = rt
+        .block_on(build_world())
+        .context("building the test registries and images")?;
+    drop(rt);
+    let _ = WORLD.set(world);
+    let conclusion = libtest_mimic::run(&args, tests);
+    // Statics are never dropped: stop the registries explicitly.
+    if let Some(w) = WORLD.get() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(w.reg.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(w.auth_reg.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_dir_all(w._dir.path());
+    }
+    conclusion.exit()
+}

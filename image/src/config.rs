@@ -28,7 +28,11 @@ pub struct ImageConfig {
 
 impl Default for ImageConfig {
     fn default() -> Self {
-        ImageConfig { max_concurrent_downloads: 3, pull_timeout_secs: 600, pinned_images: Vec::new() }
+        ImageConfig {
+            max_concurrent_downloads: 3,
+            pull_timeout_secs: 600,
+            pinned_images: Vec::new(),
+        }
     }
 }
 
@@ -53,11 +57,15 @@ pub(crate) fn parse_endpoint_url(url: &str) -> Result<(bool, String), String> {
     } else if let Some(r) = url.strip_prefix("https://") {
         (false, r)
     } else {
-        return Err(format!("mirror {url:?} must start with http:// or https://"));
+        return Err(format!(
+            "mirror {url:?} must start with http:// or https://"
+        ));
     };
     let host = rest.trim_end_matches('/');
     if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
-        return Err(format!("mirror {url:?} must be scheme://host[:port] without a path"));
+        return Err(format!(
+            "mirror {url:?} must be scheme://host[:port] without a path"
+        ));
     }
     Ok((plain, host.to_string()))
 }

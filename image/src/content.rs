@@ -30,7 +30,11 @@ impl ContentStore {
         for d in [&blobs, &ingest] {
             fs::create_dir_all(d).map_err(|e| ImageError::io("creating", d, e))?;
         }
-        Ok(ContentStore { blobs, ingest, next_ingest: AtomicU64::new(0) })
+        Ok(ContentStore {
+            blobs,
+            ingest,
+            next_ingest: AtomicU64::new(0),
+        })
     }
 
     /// Where the blob with this digest lives (whether or not it exists).
@@ -47,7 +51,9 @@ impl ContentStore {
     pub fn read(&self, d: &Digest) -> Result<Vec<u8>> {
         let p = self.path(d);
         fs::read(&p).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ImageError::NotFound(format!("blob {d} is not in the content store")),
+            io::ErrorKind::NotFound => {
+                ImageError::NotFound(format!("blob {d} is not in the content store"))
+            }
             _ => ImageError::io("reading", &p, e),
         })
     }
@@ -55,7 +61,8 @@ impl ContentStore {
     /// Stores bytes already in memory after checking their digest.
     pub fn put(&self, expected: &Digest, bytes: &[u8]) -> Result<()> {
         let mut w = self.writer(expected.clone())?;
-        w.write_all(bytes).map_err(|e| ImageError::io("writing", &w.tmp, e))?;
+        w.write_all(bytes)
+            .map_err(|e| ImageError::io("writing", &w.tmp, e))?;
         w.commit()
     }
 
@@ -64,7 +71,13 @@ impl ContentStore {
         let n = self.next_ingest.fetch_add(1, Ordering::Relaxed);
         let tmp = self.ingest.join(format!("{}-{n}", expected.hex()));
         let file = File::create(&tmp).map_err(|e| ImageError::io("creating", &tmp, e))?;
-        Ok(BlobWriter { file: Some(file), tmp, dest: self.path(&expected), expected, hasher: Sha256::new() })
+        Ok(BlobWriter {
+            file: Some(file),
+            tmp,
+            dest: self.path(&expected),
+            expected,
+            hasher: Sha256::new(),
+        })
     }
 
     /// Deletes a blob; absent is fine.
@@ -79,13 +92,17 @@ impl ContentStore {
 
     /// Every blob on disk, for garbage collection.
     pub fn list(&self) -> Result<Vec<Digest>> {
-        let rd = fs::read_dir(&self.blobs).map_err(|e| ImageError::io("listing", &self.blobs, e))?;
+        let rd =
+            fs::read_dir(&self.blobs).map_err(|e| ImageError::io("listing", &self.blobs, e))?;
         let mut out = Vec::new();
         for ent in rd {
             let ent = ent.map_err(|e| ImageError::io("listing", &self.blobs, e))?;
             let name = ent.file_name();
             // Anything that is not a digest is not ours to interpret; leave it.
-            if let Some(d) = name.to_str().and_then(|n| Digest::parse(&format!("sha256:{n}")).ok()) {
+            if let Some(d) = name
+                .to_str()
+                .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
+            {
                 out.push(d);
             }
         }
@@ -105,7 +122,10 @@ pub struct BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let f = self.file.as_mut().ok_or_else(|| io::Error::other("blob writer already committed"))?;
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already committed"))?;
         let n = f.write(buf)?;
         self.hasher.update(&buf[..n]);
         Ok(n)
@@ -117,8 +137,12 @@ impl Write for BlobWriter {
 }
 
 impl BlobWriter {
-    /// Verifies the digest, syncs and renames the blob into place.
-    pub fn commit(mut self) -> Result<()> {
+    /// Checks the digest of what was written, then discards it.
+    pub fn verify_only(mut self) -> Result<()> {
+        self.check()
+    }
+
+    fn check(&mut self) -> Result<()> {
         let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if actual != self.expected {
             return Err(ImageError::DigestMismatch(format!(
@@ -126,11 +150,19 @@ impl BlobWriter {
                 self.expected
             )));
         }
+        Ok(())
+    }
+
+    /// Verifies the digest, syncs and renames the blob into place.
+    pub fn commit(mut self) -> Result<()> {
+        self.check()?;
         if let Some(f) = self.file.take() {
             // A blob that is renamed into place must be whole even after a host crash.
-            f.sync_data().map_err(|e| ImageError::io("syncing", &self.tmp, e))?;
+            f.sync_data()
+                .map_err(|e| ImageError::io("syncing", &self.tmp, e))?;
         }
-        fs::rename(&self.tmp, &self.dest).map_err(|e| ImageError::io("renaming into place", &self.dest, e))
+        fs::rename(&self.tmp, &self.dest)
+            .map_err(|e| ImageError::io("renaming into place", &self.dest, e))
     }
 }
 

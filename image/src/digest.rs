@@ -7,7 +7,9 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{ImageError, Result};
 
 /// A validated `sha256:<64 lowercase hex>` digest; safe to use as a file name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
 
@@ -18,9 +20,17 @@ impl Digest {
             reference: s.to_string(),
             reason: reason.to_string(),
         };
-        let hex = s.strip_prefix("sha256:").ok_or_else(|| invalid("only sha256 digests are supported"))?;
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(invalid("digest must be sha256: followed by 64 lowercase hex characters"));
+        let hex = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| invalid("only sha256 digests are supported"))?;
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(invalid(
+                "digest must be sha256: followed by 64 lowercase hex characters",
+            ));
         }
         Ok(Digest(s.to_string()))
     }

@@ -22,7 +22,11 @@ pub enum ImageError {
     DigestMismatch(String),
     /// A layer entry that would escape its snapshot or is otherwise unsafe.
     #[error("layer {layer}: refusing entry {entry:?}: {reason}")]
-    UnsafeLayerEntry { layer: String, entry: String, reason: String },
+    UnsafeLayerEntry {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
     /// The registry answered something berth cannot use (bad manifest, media type, platform).
     #[error("{0}")]
     Unsupported(String),
@@ -34,7 +38,11 @@ pub enum ImageError {
     Timeout { reference: String, secs: u64 },
     /// Local I/O failed on a path.
     #[error("{context} {path}: {source}")]
-    Io { context: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The metadata database failed.
     #[error("image metadata store: {0}")]
     Store(String),
@@ -43,7 +51,11 @@ pub enum ImageError {
 impl ImageError {
     /// An I/O error annotated with what was being done to which path.
     pub fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ImageError::Io { context, path: path.into(), source }
+        ImageError::Io {
+            context,
+            path: path.into(),
+            source,
+        }
     }
 }
 

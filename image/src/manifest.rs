@@ -61,7 +61,10 @@ pub enum Document {
     /// An index / manifest list.
     Index(Vec<Descriptor>),
     /// An image manifest.
-    Manifest { config: Descriptor, layers: Vec<Descriptor> },
+    Manifest {
+        config: Descriptor,
+        layers: Vec<Descriptor>,
+    },
 }
 
 /// Parses a manifest or index; `what` names it in errors.
@@ -69,7 +72,9 @@ pub fn parse_document(bytes: &[u8], what: &str) -> Result<Document> {
     let p: Probe = serde_json::from_slice(bytes)
         .map_err(|e| ImageError::Unsupported(format!("{what}: manifest is not valid JSON: {e}")))?;
     if p.schema_version == Some(1) {
-        return Err(ImageError::Unsupported(format!("{what}: Docker schema 1 manifests are not supported")));
+        return Err(ImageError::Unsupported(format!(
+            "{what}: Docker schema 1 manifests are not supported"
+        )));
     }
     if let Some(m) = p.manifests {
         return Ok(Document::Index(m));
@@ -78,7 +83,8 @@ pub fn parse_document(bytes: &[u8], what: &str) -> Result<Document> {
         (Some(config), Some(layers)) => {
             if !matches!(
                 config.media_type.as_str(),
-                "application/vnd.oci.image.config.v1+json" | "application/vnd.docker.container.image.v1+json"
+                "application/vnd.oci.image.config.v1+json"
+                    | "application/vnd.docker.container.image.v1+json"
             ) {
                 return Err(ImageError::Unsupported(format!(
                     "{what}: config media type {:?} is not a container image (artifact?)",
@@ -132,9 +138,22 @@ pub fn pick_platform<'a>(entries: &'a [Descriptor], what: &str) -> Result<&'a De
         let have: Vec<String> = entries
             .iter()
             .filter_map(|d| d.platform.as_ref())
-            .map(|p| format!("{}/{}{}", p.os, p.architecture, p.variant.as_ref().map(|v| format!("/{v}")).unwrap_or_default()))
+            .map(|p| {
+                format!(
+                    "{}/{}{}",
+                    p.os,
+                    p.architecture,
+                    p.variant
+                        .as_ref()
+                        .map(|v| format!("/{v}"))
+                        .unwrap_or_default()
+                )
+            })
             .collect();
-        ImageError::NotFound(format!("{what}: no manifest for linux/{arch} in the index (has: {})", have.join(", ")))
+        ImageError::NotFound(format!(
+            "{what}: no manifest for linux/{arch} in the index (has: {})",
+            have.join(", ")
+        ))
     })
 }
 

@@ -15,20 +15,33 @@ pub struct ImageRef {
 impl ImageRef {
     /// Parses a reference; a malformed one is an `InvalidReference` naming it.
     pub fn parse(s: &str) -> Result<ImageRef> {
-        let invalid = |reason: String| ImageError::InvalidReference { reference: s.to_string(), reason };
+        let invalid = |reason: String| ImageError::InvalidReference {
+            reference: s.to_string(),
+            reason,
+        };
         if s.is_empty() {
             return Err(invalid("empty image reference".into()));
         }
         if s.len() > 4096 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid("contains whitespace or control characters, or is too long".into()));
+            return Err(invalid(
+                "contains whitespace or control characters, or is too long".into(),
+            ));
         }
         let inner: Reference = s.parse().map_err(|e| invalid(format!("{e}")))?;
-        if let Some(bad) = inner.repository().split('/').find(|c| !valid_path_component(c)) {
+        if let Some(bad) = inner
+            .repository()
+            .split('/')
+            .find(|c| !valid_path_component(c))
+        {
             return Err(invalid(format!(
                 "repository component {bad:?} must be lowercase letters and digits, separated by '.', '_', '__' or '-'"
             )));
         }
-        let digest = inner.digest().map(Digest::parse).transpose().map_err(|e| invalid(e.to_string()))?;
+        let digest = inner
+            .digest()
+            .map(Digest::parse)
+            .transpose()
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(ImageRef { inner, digest })
     }
 
@@ -49,7 +62,11 @@ impl ImageRef {
 
     /// The tag, if the reference has one and no digest (a digest pins the content).
     pub fn tag(&self) -> Option<&str> {
-        if self.digest.is_some() { None } else { self.inner.tag() }
+        if self.digest.is_some() {
+            None
+        } else {
+            self.inner.tag()
+        }
     }
 
     /// The digest, if the reference names one.
@@ -71,7 +88,9 @@ impl ImageRef {
     pub fn canonical(&self) -> String {
         match &self.digest {
             Some(d) => self.digested_name(d),
-            None => self.tagged_name().unwrap_or_else(|| format!("{}:latest", self.name())),
+            None => self
+                .tagged_name()
+                .unwrap_or_else(|| format!("{}:latest", self.name())),
         }
     }
 
@@ -118,7 +137,10 @@ pub fn is_loopback_host(host_port: &str) -> bool {
         None => host_port.rsplit_once(':').map_or(host_port, |(h, _)| h),
     };
     host == "localhost"
-        || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -141,9 +163,20 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "UPPER/case", "a b", "busybox:", "x@sha256:12", "://x", "a/b:tag:tag"] {
+        for bad in [
+            "",
+            "UPPER/case",
+            "a b",
+            "busybox:",
+            "x@sha256:12",
+            "://x",
+            "a/b:tag:tag",
+        ] {
             let e = ImageRef::parse(bad).unwrap_err();
-            assert!(matches!(e, ImageError::InvalidReference { .. }), "{bad}: {e}");
+            assert!(
+                matches!(e, ImageError::InvalidReference { .. }),
+                "{bad}: {e}"
+            );
         }
     }
 

@@ -38,7 +38,9 @@ impl Credentials {
     pub(crate) fn to_oci(&self) -> RegistryAuth {
         match self {
             Credentials::Anonymous => RegistryAuth::Anonymous,
-            Credentials::Basic { username, password } => RegistryAuth::Basic(username.clone(), password.clone()),
+            Credentials::Basic { username, password } => {
+                RegistryAuth::Basic(username.clone(), password.clone())
+            }
             Credentials::Bearer(t) => RegistryAuth::Bearer(t.clone()),
         }
     }
@@ -59,13 +61,22 @@ pub struct Endpoint {
 
 /// The endpoints to try for `r`, in order: configured mirrors, then the registry itself.
 pub fn endpoints(cfg: &ImageServiceConfig, r: &ImageRef) -> Vec<Endpoint> {
-    let host_cfg = cfg.registries.get(r.registry()).cloned().unwrap_or_default();
+    let host_cfg = cfg
+        .registries
+        .get(r.registry())
+        .cloned()
+        .unwrap_or_default();
     let mut out = Vec::new();
     for m in &host_cfg.mirrors {
         // Mirrors were validated when the config was loaded.
         if let Ok((plain, host)) = parse_endpoint_url(m) {
             let insecure = cfg.registries.get(&host).is_some_and(|c| c.insecure);
-            out.push(Endpoint { host, plain_http: plain, skip_verify: insecure, mirror: true });
+            out.push(Endpoint {
+                host,
+                plain_http: plain,
+                skip_verify: insecure,
+                mirror: true,
+            });
         }
     }
     let upstream = match r.registry() {
@@ -73,14 +84,23 @@ pub fn endpoints(cfg: &ImageServiceConfig, r: &ImageRef) -> Vec<Endpoint> {
         h => h.to_string(),
     };
     let plain = host_cfg.insecure || is_loopback_host(&upstream);
-    out.push(Endpoint { host: upstream, plain_http: plain, skip_verify: host_cfg.insecure, mirror: false });
+    out.push(Endpoint {
+        host: upstream,
+        plain_http: plain,
+        skip_verify: host_cfg.insecure,
+        mirror: false,
+    });
     out
 }
 
 /// A fresh client for one endpoint (fresh so credentials never leak between pulls).
 pub fn client_for(ep: &Endpoint, max_concurrent: usize) -> oci_client::Client {
     let cfg = ClientConfig {
-        protocol: if ep.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
+        protocol: if ep.plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
         accept_invalid_certificates: ep.skip_verify,
         platform_resolver: None,
         max_concurrent_download: max_concurrent.max(1),
@@ -102,23 +122,33 @@ pub fn reference_for(ep: &Endpoint, r: &ImageRef) -> oci_client::Reference {
 }
 
 /// Maps an oci-client error to an `ImageError`, naming the image and endpoint.
-pub fn map_error(e: OciDistributionError, image: &str, ep: &Endpoint, creds: &Credentials) -> ImageError {
+pub fn map_error(
+    e: OciDistributionError,
+    image: &str,
+    ep: &Endpoint,
+    creds: &Credentials,
+) -> ImageError {
     let at = &ep.host;
     let unauth = || match creds {
-        Credentials::Anonymous => {
-            ImageError::Unauthenticated(format!("pulling {image} from {at}: the registry requires authentication"))
-        }
+        Credentials::Anonymous => ImageError::Unauthenticated(format!(
+            "pulling {image} from {at}: the registry requires authentication"
+        )),
         _ => ImageError::Unauthenticated(format!(
             "pulling {image} from {at}: the registry rejected the credentials (unauthorized)"
         )),
     };
     match e {
-        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => unauth(),
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => unauth(),
         OciDistributionError::ImageManifestNotFoundError(m) => {
             ImageError::NotFound(format!("pulling {image} from {at}: not found: {m}"))
         }
         OciDistributionError::RegistryError { envelope, .. } => {
-            let msgs: Vec<String> = envelope.errors.iter().map(|e| format!("{:?}: {}", e.code, e.message)).collect();
+            let msgs: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect();
             let text = format!("pulling {image} from {at}: {}", msgs.join("; "));
             match envelope.errors.first().map(|e| &e.code) {
                 Some(
@@ -141,9 +171,9 @@ pub fn map_error(e: OciDistributionError, image: &str, ep: &Endpoint, creds: &Cr
                 _ => ImageError::Registry(text),
             }
         }
-        OciDistributionError::DigestError(d) => {
-            ImageError::DigestMismatch(format!("pulling {image} from {at}: content does not match its digest: {d}"))
-        }
+        OciDistributionError::DigestError(d) => ImageError::DigestMismatch(format!(
+            "pulling {image} from {at}: content does not match its digest: {d}"
+        )),
         OciDistributionError::RequestError(re) => {
             let mut msg = re.to_string();
             let mut src = std::error::Error::source(&re);

@@ -18,7 +18,9 @@ use crate::config::ImageServiceConfig;
 use crate::content::{BlobWriter, ContentStore};
 use crate::digest::{Digest, chain_ids};
 use crate::error::{ImageError, Result};
-use crate::manifest::{ACCEPTED_MANIFEST_TYPES, Descriptor, Document, parse_config, parse_document, pick_platform};
+use crate::manifest::{
+    ACCEPTED_MANIFEST_TYPES, Descriptor, Document, parse_config, parse_document, pick_platform,
+};
 use crate::reference::ImageRef;
 use crate::registry::{Credentials, Endpoint, client_for, endpoints, map_error, reference_for};
 use crate::snapshot::SnapshotStore;
@@ -118,7 +120,11 @@ struct FetchCtx {
 impl ImageService {
     /// Opens the stores under `root` using the shared metadata database, then removes
     /// whatever an interrupted pull left behind.
-    pub fn open(root: &Path, db: Arc<redb::Database>, cfg: ImageServiceConfig) -> Result<Arc<ImageService>> {
+    pub fn open(
+        root: &Path,
+        db: Arc<redb::Database>,
+        cfg: ImageServiceConfig,
+    ) -> Result<Arc<ImageService>> {
         let content = ContentStore::open(&root.join("content"))?;
         let snapshots = SnapshotStore::open(&root.join("snapshots"))?;
         let meta = MetaStore::open(db)?;
@@ -139,7 +145,11 @@ impl ImageService {
         });
         let st = svc.gc_inner(true)?;
         if st.blobs + st.snapshots > 0 {
-            info!(blobs = st.blobs, snapshots = st.snapshots, "removed leftovers of interrupted pulls");
+            info!(
+                blobs = st.blobs,
+                snapshots = st.snapshots,
+                "removed leftovers of interrupted pulls"
+            );
         }
         Ok(svc)
     }
@@ -151,7 +161,10 @@ impl ImageService {
 
     /// Whether an image is pinned by config.
     pub fn is_pinned(&self, rec: &ImageRecord) -> bool {
-        rec.repo_tags.iter().chain(rec.repo_digests.iter()).any(|n| self.pinned.contains(n))
+        rec.repo_tags
+            .iter()
+            .chain(rec.repo_digests.iter())
+            .any(|n| self.pinned.contains(n))
     }
 
     /// All images.
@@ -164,7 +177,10 @@ impl ImageService {
     pub fn resolve(&self, s: &str) -> Result<Option<ImageRecord>> {
         let s = s.trim();
         let bare_hex = s.strip_prefix("sha256:").unwrap_or(s);
-        let is_hex = !bare_hex.is_empty() && bare_hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        let is_hex = !bare_hex.is_empty()
+            && bare_hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
         if is_hex && bare_hex.len() == 64 {
             let id = Digest::parse(&format!("sha256:{bare_hex}"))?;
             if let Some(r) = self.meta.with_images(|m| m.get(&id).cloned()) {
@@ -175,7 +191,9 @@ impl ImageService {
             Ok(r) => {
                 let canon = r.canonical();
                 self.meta.with_images(|m| {
-                    m.values().find(|i| i.repo_tags.contains(&canon) || i.repo_digests.contains(&canon)).cloned()
+                    m.values()
+                        .find(|i| i.repo_tags.contains(&canon) || i.repo_digests.contains(&canon))
+                        .cloned()
                 })
             }
             Err(e) if !is_hex => return Err(e),
@@ -197,7 +215,8 @@ impl ImageService {
     /// The image config JSON of a stored image.
     pub fn config_json(&self, rec: &ImageRecord) -> Result<serde_json::Value> {
         let bytes = self.content.read(&rec.id)?;
-        serde_json::from_slice(&bytes).map_err(|e| ImageError::Store(format!("config {}: {e}", rec.id)))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Store(format!("config {}: {e}", rec.id)))
     }
 
     /// The snapshot directories of an image's layers, bottom first.
@@ -210,7 +229,11 @@ impl ImageService {
     }
 
     /// Pulls an image; an image already present downloads no blob.
-    pub async fn pull(self: &Arc<Self>, reference: &str, creds: Credentials) -> Result<ImageRecord> {
+    pub async fn pull(
+        self: &Arc<Self>,
+        reference: &str,
+        creds: Credentials,
+    ) -> Result<ImageRecord> {
         let r = ImageRef::parse(reference)?;
         let canonical = r.canonical();
         let secs = self.cfg.image.pull_timeout_secs;
@@ -220,7 +243,10 @@ impl ImageService {
         }
         tokio::time::timeout(Duration::from_secs(secs), fut)
             .await
-            .map_err(|_| ImageError::Timeout { reference: canonical, secs })?
+            .map_err(|_| ImageError::Timeout {
+                reference: canonical,
+                secs,
+            })?
     }
 
     async fn pull_locked(self: &Arc<Self>, r: ImageRef, creds: Credentials) -> Result<ImageRecord> {
@@ -236,22 +262,37 @@ impl ImageService {
             match resolve(&client, &oref, &r, &ep, &creds).await {
                 Ok(res) => {
                     debug!(image, endpoint = ep.host, "resolved");
-                    let ctx = Arc::new(FetchCtx { client, oref, ep, creds, image });
+                    let ctx = Arc::new(FetchCtx {
+                        client,
+                        oref,
+                        ep,
+                        creds,
+                        image,
+                    });
                     return self.fetch(&r, ctx, res).await;
                 }
                 Err(e) => {
                     warn!(image, endpoint = ep.host, error = %e, "resolve failed");
                     // Keep the most telling error: a definite answer beats a connection failure.
-                    if best.as_ref().is_none_or(|b| matches!(b, ImageError::Registry(_))) {
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| matches!(b, ImageError::Registry(_)))
+                    {
                         best = Some(e);
                     }
                 }
             }
         }
-        Err(best.unwrap_or_else(|| ImageError::Registry(format!("no endpoint to pull {image} from"))))
+        Err(best
+            .unwrap_or_else(|| ImageError::Registry(format!("no endpoint to pull {image} from"))))
     }
 
-    async fn fetch(self: &Arc<Self>, r: &ImageRef, ctx: Arc<FetchCtx>, res: Resolved) -> Result<ImageRecord> {
+    async fn fetch(
+        self: &Arc<Self>,
+        r: &ImageRef,
+        ctx: Arc<FetchCtx>,
+        res: Resolved,
+    ) -> Result<ImageRecord> {
         let config_bytes = self.small_blob(&ctx, &res.config).await?;
         let summary = parse_config(&config_bytes, &ctx.image)?;
         if summary.diff_ids.len() != res.layers.len() {
@@ -277,18 +318,32 @@ impl ImageService {
             .collect();
         let mut keys: Vec<Digest> = vec![res.config.digest.clone(), res.manifest_digest.clone()];
         keys.extend(res.index.iter().map(|(d, _)| d.clone()));
-        keys.extend(layers.iter().flat_map(|l| [l.digest.clone(), l.chain_id.clone()]));
+        keys.extend(
+            layers
+                .iter()
+                .flat_map(|l| [l.digest.clone(), l.chain_id.clone()]),
+        );
         let _lease = self.lease(keys);
 
         let parallel = self.cfg.image.max_concurrent_downloads.max(1);
-        stream::iter(layers.iter().cloned().map(|l| self.ensure_layer(ctx.clone(), l)))
-            .buffer_unordered(parallel)
-            .try_collect::<Vec<()>>()
-            .await?;
+        stream::iter(
+            layers
+                .iter()
+                .cloned()
+                .map(|l| self.ensure_layer(ctx.clone(), l)),
+        )
+        .buffer_unordered(parallel)
+        .try_collect::<Vec<()>>()
+        .await?;
 
         let svc = self.clone();
-        let (r, res_index, manifest_digest, manifest, config_digest) =
-            (r.clone(), res.index, res.manifest_digest, res.manifest, res.config.digest.clone());
+        let (r, res_index, manifest_digest, manifest, config_digest) = (
+            r.clone(),
+            res.index,
+            res.manifest_digest,
+            res.manifest,
+            res.config.digest.clone(),
+        );
         let user = summary.user;
         let config_size = config_bytes.len() as u64;
         blocking(move || {
@@ -297,7 +352,8 @@ impl ImageService {
             }
             svc.content.put(&manifest_digest, &manifest)?;
             svc.content.put(&config_digest, &config_bytes)?;
-            let repo_digest = r.digested_name(res_index.as_ref().map_or(&manifest_digest, |(d, _)| d));
+            let repo_digest =
+                r.digested_name(res_index.as_ref().map_or(&manifest_digest, |(d, _)| d));
             let rec = ImageRecord {
                 id: config_digest,
                 repo_tags: r.tagged_name().into_iter().collect(),
@@ -331,7 +387,11 @@ impl ImageService {
             size: i64::try_from(layer.size).unwrap_or(i64::MAX),
             ..Default::default()
         };
-        let writer = if have_blob { None } else { Some(self.content.writer(layer.digest.clone())?) };
+        let writer = if have_blob {
+            None
+        } else {
+            Some(self.content.writer(layer.digest.clone())?)
+        };
         let target = if have_snapshot {
             None
         } else {
@@ -342,20 +402,39 @@ impl ImageService {
         let svc = self.clone();
         let name = format!("{} ({})", layer.digest, ctx.image);
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(32);
-        let from_file = if have_blob { Some(self.content.path(&layer.digest)) } else { None };
+        let from_file = if have_blob {
+            Some(self.content.path(&layer.digest))
+        } else {
+            None
+        };
         // All disk work happens on a blocking thread that owns the whole outcome: it
         // records the snapshot on success and removes it on failure, even if this
         // future is dropped (timeout).
         let worker = tokio::task::spawn_blocking(move || -> Result<()> {
-            let outcome = (|| -> Result<Option<UnpackStats>> {
-                let mut src: Box<dyn Read> = match &from_file {
-                    Some(p) => Box::new(std::fs::File::open(p).map_err(|e| ImageError::io("opening", p, e))?),
-                    None => Box::new(ChannelReader { rx, cur: Bytes::new(), tee: writer }),
+            let mut chan = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+                tee: writer,
+                keep: true,
+                commit_error: None,
+            };
+            let mut outcome = (|| -> Result<Option<UnpackStats>> {
+                let mut file;
+                let src: &mut dyn Read = match &from_file {
+                    Some(p) => {
+                        file =
+                            std::fs::File::open(p).map_err(|e| ImageError::io("opening", p, e))?;
+                        &mut file
+                    }
+                    None => &mut chan,
                 };
                 let stats = match &target {
                     Some((_, dir)) => {
-                        let dec = decompress(&mut src).map_err(|e| stream_error(e, &name))?;
-                        let mut hashing = HashingReader { inner: dec, hasher: Sha256::new() };
+                        let dec = decompress(&mut *src).map_err(|e| stream_error(e, &name))?;
+                        let mut hashing = HashingReader {
+                            inner: dec,
+                            hasher: Sha256::new(),
+                        };
                         let stats = unpack_layer(&mut hashing, dir, &name)?;
                         let diff = Digest::from_hasher(hashing.hasher);
                         if diff != layer.diff_id {
@@ -369,21 +448,44 @@ impl ImageService {
                     None => None,
                 };
                 // Read to the end so that the blob is complete and fully hashed.
-                io::copy(&mut src, &mut io::sink()).map_err(|e| stream_error(e, &name))?;
-                drop(src);
+                io::copy(src, &mut io::sink()).map_err(|e| stream_error(e, &name))?;
                 Ok(stats)
             })();
-            // The tee'd writer lives inside the reader; commit happens in ChannelReader::finish.
+            if from_file.is_none() && outcome.is_err() {
+                // A corrupt download usually breaks decompression first; finish reading it so
+                // that the real cause, a blob that does not match its digest, is what we report.
+                // The blob of a failed layer is never kept.
+                chan.keep = false;
+                if let Err(e) = io::copy(&mut chan, &mut io::sink()) {
+                    if let ImageError::DigestMismatch(_) = stream_error(e, &name) {
+                        outcome = Err(stream_error(
+                            io::Error::other("content does not match its digest"),
+                            &name,
+                        ));
+                    }
+                }
+                if let Some(e) = chan.commit_error.take() {
+                    outcome = Err(e);
+                }
+            } else if let Some(e) = chan.commit_error.take() {
+                outcome = Err(e);
+            }
             match (outcome, &target) {
                 (Ok(stats), Some((n, dir))) => {
                     let stats = match stats {
                         Some(s) => s,
                         None => tree_usage(dir).map_err(|e| ImageError::io("measuring", dir, e))?,
                     };
-                    let rec = SnapshotRecord { n: *n, bytes: stats.bytes, inodes: stats.inodes };
-                    svc.meta.put_snapshot(&layer.chain_id, rec).inspect_err(|_| {
-                        let _ = svc.snapshots.remove(*n);
-                    })
+                    let rec = SnapshotRecord {
+                        n: *n,
+                        bytes: stats.bytes,
+                        inodes: stats.inodes,
+                    };
+                    svc.meta
+                        .put_snapshot(&layer.chain_id, rec)
+                        .inspect_err(|_| {
+                            let _ = svc.snapshots.remove(*n);
+                        })
                 }
                 (Ok(_), None) => Ok(()),
                 (Err(e), target) => {
@@ -418,7 +520,9 @@ impl ImageService {
             }
         }
         drop(tx);
-        worker.await.map_err(|e| ImageError::Store(format!("unpack worker failed: {e}")))?
+        worker
+            .await
+            .map_err(|e| ImageError::Store(format!("unpack worker failed: {e}")))?
     }
 
     /// Fetches a manifest-sized blob (from the store if present), verified.
@@ -427,7 +531,10 @@ impl ImageService {
             return Ok(b);
         }
         if d.size > MAX_SMALL_BLOB {
-            return Err(ImageError::Unsupported(format!("{}: config {} is too large ({} bytes)", ctx.image, d.digest, d.size)));
+            return Err(ImageError::Unsupported(format!(
+                "{}: config {} is too large ({} bytes)",
+                ctx.image, d.digest, d.size
+            )));
         }
         let desc = OciDescriptor {
             media_type: d.media_type.clone(),
@@ -441,7 +548,10 @@ impl ImageService {
             .await
             .map_err(|e| map_error(e, &ctx.image, &ctx.ep, &ctx.creds))?;
         if Digest::of(&out) != d.digest {
-            return Err(ImageError::DigestMismatch(format!("{}: config blob does not match {}", ctx.image, d.digest)));
+            return Err(ImageError::DigestMismatch(format!(
+                "{}: config blob does not match {}",
+                ctx.image, d.digest
+            )));
         }
         Ok(out)
     }
@@ -457,7 +567,9 @@ impl ImageService {
     /// Removes an image (by any name or id) with all its names, then garbage-collects.
     /// Returns whether an image was found; absent is not an error.
     pub fn remove(&self, s: &str) -> Result<bool> {
-        let Some(rec) = self.resolve(s)? else { return Ok(false) };
+        let Some(rec) = self.resolve(s)? else {
+            return Ok(false);
+        };
         self.meta.delete_image(&rec.id)?;
         let st = self.gc_inner(false)?;
         info!(id = %rec.id, blobs = st.blobs, snapshots = st.snapshots, "removed image");
@@ -471,11 +583,19 @@ impl ImageService {
 
     fn gc_inner(&self, startup: bool) -> Result<GcStats> {
         let _g = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let leased: BTreeSet<Digest> =
-            self.leases.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let leased: BTreeSet<Digest> = self
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         let (blobs, chains) = self.meta.with_images(|m| {
             let blobs: BTreeSet<Digest> = m.values().flat_map(|i| i.blobs().cloned()).collect();
-            let chains: BTreeSet<Digest> = m.values().flat_map(|i| i.layers.iter().map(|l| l.chain_id.clone())).collect();
+            let chains: BTreeSet<Digest> = m
+                .values()
+                .flat_map(|i| i.layers.iter().map(|l| l.chain_id.clone()))
+                .collect();
             (blobs, chains)
         });
         let mut st = GcStats::default();
@@ -517,7 +637,9 @@ impl ImageService {
             u.used_bytes += s.bytes;
             u.inodes_used += s.inodes + 2; // the snapshot's own two directories
         }
-        let blobs: BTreeSet<Digest> = self.meta.with_images(|m| m.values().flat_map(|i| i.blobs().cloned()).collect());
+        let blobs: BTreeSet<Digest> = self
+            .meta
+            .with_images(|m| m.values().flat_map(|i| i.blobs().cloned()).collect());
         for d in blobs {
             if let Some(sz) = self.content.size(&d) {
                 u.used_bytes += sz;
@@ -545,7 +667,9 @@ async fn resolve(
     let top = Digest::of(&bytes);
     if let Some(want) = r.digest() {
         if *want != top {
-            return Err(ImageError::DigestMismatch(format!("{image}: manifest has digest {top}, expected {want}")));
+            return Err(ImageError::DigestMismatch(format!(
+                "{image}: manifest has digest {top}, expected {want}"
+            )));
         }
     } else if digest != top.as_str() && !digest.is_empty() {
         warn!(image, header = digest, computed = %top, "registry digest header differs; using the computed digest");
@@ -559,15 +683,30 @@ async fn resolve(
                 .await
                 .map_err(|e| map_error(e, &image, ep, creds))?;
             if Digest::of(&mb) != pick.digest {
-                return Err(ImageError::DigestMismatch(format!("{image}: platform manifest does not match {}", pick.digest)));
+                return Err(ImageError::DigestMismatch(format!(
+                    "{image}: platform manifest does not match {}",
+                    pick.digest
+                )));
             }
-            (Some((top, bytes.to_vec())), pick.digest.clone(), mb.to_vec())
+            (
+                Some((top, bytes.to_vec())),
+                pick.digest.clone(),
+                mb.to_vec(),
+            )
         }
         Document::Manifest { .. } => (None, top, bytes.to_vec()),
     };
     match parse_document(&manifest, &image)? {
-        Document::Manifest { config, layers } => Ok(Resolved { index, manifest_digest, manifest, config, layers }),
-        Document::Index(_) => Err(ImageError::Unsupported(format!("{image}: an index inside an index is not supported"))),
+        Document::Manifest { config, layers } => Ok(Resolved {
+            index,
+            manifest_digest,
+            manifest,
+            config,
+            layers,
+        }),
+        Document::Index(_) => Err(ImageError::Unsupported(format!(
+            "{image}: an index inside an index is not supported"
+        ))),
     }
 }
 
@@ -576,6 +715,10 @@ struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
     tee: Option<BlobWriter>,
+    /// Commit the blob at the end (false: only verify it).
+    keep: bool,
+    /// Why the finished blob could not be committed (digest mismatch, I/O).
+    commit_error: Option<ImageError>,
 }
 
 impl Read for ChannelReader {
@@ -592,7 +735,16 @@ impl Read for ChannelReader {
                 None => {
                     // End of download: the blob must now hash to its digest.
                     if let Some(w) = self.tee.take() {
-                        w.commit().map_err(io::Error::other)?;
+                        let done = if self.keep {
+                            w.commit()
+                        } else {
+                            w.verify_only()
+                        };
+                        if let Err(e) = done {
+                            let msg = e.to_string();
+                            self.commit_error = Some(e);
+                            return Err(io::Error::other(msg));
+                        }
                     }
                     return Ok(0);
                 }
@@ -630,10 +782,15 @@ fn stream_error(e: io::Error, layer: &str) -> ImageError {
 }
 
 fn now_nanos() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Runs blocking store work off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ImageError::Store(format!("blocking task failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ImageError::Store(format!("blocking task failed: {e}")))?
 }

@@ -17,7 +17,9 @@ impl SnapshotStore {
     /// Opens (creating) the store under `dir`.
     pub fn open(dir: &Path) -> Result<SnapshotStore> {
         fs::create_dir_all(dir).map_err(|e| ImageError::io("creating", dir, e))?;
-        Ok(SnapshotStore { dir: dir.to_path_buf() })
+        Ok(SnapshotStore {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The store's directory (the image filesystem's mountpoint for CRI).

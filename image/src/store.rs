@@ -110,12 +110,19 @@ impl MetaStore {
             let chain = Digest::parse(k.value())?;
             snapshots.insert(chain, serde_json::from_slice(v.value())?);
         }
-        Ok(MetaStore { db, images: RwLock::new(images), snapshots: RwLock::new(snapshots) })
+        Ok(MetaStore {
+            db,
+            images: RwLock::new(images),
+            snapshots: RwLock::new(snapshots),
+        })
     }
 
     /// All images.
     pub fn images(&self) -> Vec<ImageRecord> {
-        self.images.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.images
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Runs `f` over the images without cloning them.
@@ -128,7 +135,10 @@ impl MetaStore {
 
     /// The snapshot record for a chain id.
     pub fn snapshot(&self, chain: &Digest) -> Option<SnapshotRecord> {
-        self.snapshots.read().ok().and_then(|m| m.get(chain).copied())
+        self.snapshots
+            .read()
+            .ok()
+            .and_then(|m| m.get(chain).copied())
     }
 
     /// All snapshot records.
@@ -155,9 +165,13 @@ impl MetaStore {
     /// Records a completely unpacked snapshot.
     pub fn put_snapshot(&self, chain: &Digest, rec: SnapshotRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
-        tx.open_table(SNAPSHOTS)?.insert(chain.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
+        tx.open_table(SNAPSHOTS)?
+            .insert(chain.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
         tx.commit()?;
-        self.snapshots.write().map_err(poison)?.insert(chain.clone(), rec);
+        self.snapshots
+            .write()
+            .map_err(poison)?
+            .insert(chain.clone(), rec);
         Ok(())
     }
 

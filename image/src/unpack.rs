@@ -49,7 +49,8 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<Unpa
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
     let mut stats = UnpackStats::default();
-    let tar_err = |e: io::Error| ImageError::Unsupported(format!("layer {layer}: reading tar: {e}"));
+    let tar_err =
+        |e: io::Error| ImageError::Unsupported(format!("layer {layer}: reading tar: {e}"));
     {
         let entries = archive.entries().map_err(tar_err)?;
         for entry in entries {
@@ -65,14 +66,18 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<Unpa
                 continue; // the archive root "./"
             };
             check_parents(dest, &rel).map_err(|r| unsafe_entry(&r))?;
-            let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = rel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
             let path = dest.join(&rel);
             let io_err = |ctx: &'static str, e: io::Error| ImageError::io(ctx, &path, e);
 
             if name == OPAQUE_MARKER {
                 mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
-                set_xattr(&parent, "trusted.overlay.opaque", b"y").map_err(|e| io_err("marking opaque", e))?;
+                set_xattr(&parent, "trusted.overlay.opaque", b"y")
+                    .map_err(|e| io_err("marking opaque", e))?;
                 stats.inodes += 1;
                 continue;
             }
@@ -100,7 +105,9 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<Unpa
                     if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
                         remove_existing(&path).map_err(|e| io_err("replacing", e))?;
                     }
-                    entry.unpack(&path).map_err(|e| io_err("unpacking directory", e))?;
+                    entry
+                        .unpack(&path)
+                        .map_err(|e| io_err("unpacking directory", e))?;
                 }
                 tar::EntryType::Regular
                 | tar::EntryType::Continuous
@@ -174,22 +181,35 @@ fn relative_path(raw: &[u8]) -> std::result::Result<Option<PathBuf>, &'static st
             Component::ParentDir => return Err("path contains '..'"),
         }
     }
-    Ok(if out.as_os_str().is_empty() { None } else { Some(out) })
+    Ok(if out.as_os_str().is_empty() {
+        None
+    } else {
+        Some(out)
+    })
 }
 
 /// Refuses a path whose existing parent components are symlinks (or not directories):
 /// writing through them could land outside the snapshot.
 fn check_parents(dest: &Path, rel: &Path) -> std::result::Result<(), String> {
     let mut cur = dest.to_path_buf();
-    let parents: Vec<_> = rel.parent().map(|p| p.components().collect()).unwrap_or_default();
+    let parents: Vec<_> = rel
+        .parent()
+        .map(|p| p.components().collect())
+        .unwrap_or_default();
     for c in parents {
         cur.push(c);
         match fs::symlink_metadata(&cur) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!("parent {:?} is a symbolic link", cur.strip_prefix(dest).unwrap_or(&cur)));
+                return Err(format!(
+                    "parent {:?} is a symbolic link",
+                    cur.strip_prefix(dest).unwrap_or(&cur)
+                ));
             }
             Ok(m) if !m.is_dir() => {
-                return Err(format!("parent {:?} is not a directory", cur.strip_prefix(dest).unwrap_or(&cur)));
+                return Err(format!(
+                    "parent {:?} is not a directory",
+                    cur.strip_prefix(dest).unwrap_or(&cur)
+                ));
             }
             Ok(_) => {}
             Err(_) => return Ok(()), // created below as a plain directory
@@ -200,7 +220,9 @@ fn check_parents(dest: &Path, rel: &Path) -> std::result::Result<(), String> {
 
 /// Creates missing parent directories of `rel` (mode 0755, as containerd does for implied dirs).
 fn mkdir_parents(dest: &Path, rel: &Path) -> io::Result<()> {
-    let Some(parent) = rel.parent() else { return Ok(()) };
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
     let mut cur = dest.to_path_buf();
     for c in parent.components() {
         cur.push(c);
@@ -227,7 +249,10 @@ fn chown<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> io::Result<()> {
     let h = entry.header();
     let uid = h.uid().map_err(io::Error::other)?;
     let gid = h.gid().map_err(io::Error::other)?;
-    let (uid, gid) = (u32::try_from(uid).map_err(io::Error::other)?, u32::try_from(gid).map_err(io::Error::other)?);
+    let (uid, gid) = (
+        u32::try_from(uid).map_err(io::Error::other)?,
+        u32::try_from(gid).map_err(io::Error::other)?,
+    );
     fchownat(
         nix::fcntl::AT_FDCWD,
         path,
@@ -249,8 +274,20 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let n = CString::new(name).map_err(io::Error::other)?;
     // SAFETY: both strings are NUL-terminated and live across the call; value is a valid slice.
-    let rc = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Bytes and inodes under a tree, for a snapshot found on disk without a record.
@@ -329,8 +366,14 @@ mod tests {
     #[test]
     fn refuses_escapes_by_name() {
         for (tar, needle) in [
-            (raw_tar(&[(b"../../escape", tar::EntryType::Regular, b"x", None)]), "'..'"),
-            (raw_tar(&[(b"/etc/escape", tar::EntryType::Regular, b"x", None)]), "absolute"),
+            (
+                raw_tar(&[(b"../../escape", tar::EntryType::Regular, b"x", None)]),
+                "'..'",
+            ),
+            (
+                raw_tar(&[(b"/etc/escape", tar::EntryType::Regular, b"x", None)]),
+                "absolute",
+            ),
             (
                 raw_tar(&[
                     (b"link", tar::EntryType::Symlink, b"", Some(b"/tmp")),
@@ -338,7 +381,10 @@ mod tests {
                 ]),
                 "symbolic link",
             ),
-            (raw_tar(&[(b"h", tar::EntryType::Link, b"", Some(b"../../etc/passwd"))]), "hard link target"),
+            (
+                raw_tar(&[(b"h", tar::EntryType::Link, b"", Some(b"../../etc/passwd"))]),
+                "hard link target",
+            ),
         ] {
             let dir = tempfile::tempdir().unwrap();
             let dest = dir.path().join("fs");
@@ -361,7 +407,10 @@ mod tests {
         let zs = zstd::encode_all(&plain[..], 1).unwrap();
         for blob in [plain.clone(), gz, zs] {
             let mut out = Vec::new();
-            decompress(&blob[..]).unwrap().read_to_end(&mut out).unwrap();
+            decompress(&blob[..])
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
             assert_eq!(out, plain);
         }
     }

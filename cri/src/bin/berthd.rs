@@ -1,1 +1,115 @@
-fn main() {}
+//! berthd: the berth CRI daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use berth_cri::config::{Config, DEFAULT_CONFIG_PATH};
+use clap::Parser;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// berthd serves the Kubernetes CRI v1 API on a unix socket.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Config file (TOML). A missing default file means built-in defaults.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Persistent state directory (overrides `root`).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Runtime state directory (overrides `state`).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// CRI socket path (overrides `listen`).
+    #[arg(long)]
+    listen: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `berth_image=debug` (overrides `log_level` and RUST_LOG).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let missing_ok = args.config == std::path::Path::new(DEFAULT_CONFIG_PATH);
+    let mut config = Config::load(&args.config, missing_ok)?;
+    if let Some(r) = args.root {
+        config.root = r;
+    }
+    if let Some(s) = args.state {
+        config.state = s;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(l) = args.log_level {
+        config.log_level = l;
+    }
+    config.validate(&args.config)?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() && config.log_level == Config::default().log_level => {
+            EnvFilter::try_new(v)?
+        }
+        _ => EnvFilter::try_new(&config.log_level)?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if !args.config.exists() {
+        warn!(path = %args.config.display(), "config file not found; using defaults");
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    for d in [&config.root, &config.state] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let db_path = config.root.join("meta.redb");
+    let db = Arc::new(
+        redb::Database::create(&db_path)
+            .with_context(|| format!("opening metadata store {}", db_path.display()))?,
+    );
+    let images = {
+        let (root, cfg) = (config.root.clone(), config.image_service());
+        tokio::task::spawn_blocking(move || berth_image::ImageService::open(&root, db, cfg))
+            .await??
+    };
+    let listener = berth_cri::server::bind(&config.listen)?;
+    info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving CRI v1");
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM: finishing in-flight calls"),
+                    _ = int.recv() => info!("SIGINT: finishing in-flight calls"),
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    let listen = config.listen.clone();
+    berth_cri::server::serve(listener, config, images, shutdown).await?;
+    let _ = std::fs::remove_file(&listen);
+    info!("berthd stopped");
+    Ok(())
+}

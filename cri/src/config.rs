@@ -1,0 +1,224 @@
+//! berthd's configuration: one typed struct with every default in one place,
+//! read from TOML; unknown keys and bad values are rejected naming the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use berth_image::{ImageConfig, RegistryHostConfig};
+use serde::{Deserialize, Serialize};
+
+/// Default config file path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/config.toml";
+
+/// The whole config file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Persistent state: metadata, content, snapshots.
+    pub root: PathBuf,
+    /// Runtime state, lost on reboot: sockets, shim dirs.
+    pub state: PathBuf,
+    /// The CRI unix socket.
+    pub listen: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG` and `--log-level`.
+    pub log_level: String,
+    /// `cgroupfs` or `systemd`; must match kubelet's `--cgroup-driver`.
+    pub cgroup_driver: CgroupDriver,
+    /// Pull behaviour.
+    pub image: ImageConfig,
+    /// Per-registry settings keyed by host, e.g. `[registries."docker.io"]`.
+    pub registries: BTreeMap<String, RegistryHostConfig>,
+}
+
+/// How cgroup paths are named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    /// Plain cgroupfs paths.
+    Cgroupfs,
+    /// systemd slice/scope names.
+    Systemd,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from("/var/lib/berth"),
+            state: PathBuf::from("/run/berth"),
+            listen: PathBuf::from("/run/berth/berth.sock"),
+            log_level: "info".into(),
+            cgroup_driver: CgroupDriver::Cgroupfs,
+            image: ImageConfig::default(),
+            registries: BTreeMap::new(),
+        }
+    }
+}
+
+/// A config that could not be loaded; the message names the file and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, unknown key or wrong type.
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value of the right type that is not acceptable.
+    #[error("config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path`; a missing file gives the defaults when `missing_ok`.
+    pub fn load(path: &Path, missing_ok: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && missing_ok => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        for (key, p) in [
+            ("root", &self.root),
+            ("state", &self.state),
+            ("listen", &self.listen),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    key.into(),
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        if self.image.max_concurrent_downloads == 0 || self.image.max_concurrent_downloads > 64 {
+            return Err(invalid(
+                "image.max_concurrent_downloads".into(),
+                "must be between 1 and 64".into(),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(invalid("log_level".into(), e.to_string()));
+        }
+        for (i, p) in self.image.pinned_images.iter().enumerate() {
+            if let Err(e) = berth_image::ImageRef::parse(p) {
+                return Err(invalid(format!("image.pinned_images[{i}]"), e.to_string()));
+            }
+        }
+        for (host, reg) in &self.registries {
+            if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("registries.{host:?}"),
+                    "must be a registry host[:port]".into(),
+                ));
+            }
+            for (i, m) in reg.mirrors.iter().enumerate() {
+                if let Err(msg) = berth_image::config::validate_mirror(m) {
+                    return Err(invalid(format!("registries.{host:?}.mirrors[{i}]"), msg));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The image service's part.
+    pub fn image_service(&self) -> berth_image::ImageServiceConfig {
+        berth_image::ImageServiceConfig {
+            image: self.image.clone(),
+            registries: self.registries.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(
+            Config::parse("", Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn reads_the_documented_keys() {
+        let c = Config::parse(
+            r#"
+            root = "/tmp/r"
+            [registries."docker.io"]
+            mirrors = ["http://127.0.0.1:5000"]
+            insecure = false
+            [image]
+            max_concurrent_downloads = 4
+            "#,
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.root, PathBuf::from("/tmp/r"));
+        assert_eq!(
+            c.registries["docker.io"].mirrors,
+            vec!["http://127.0.0.1:5000".to_string()]
+        );
+        assert_eq!(c.image.max_concurrent_downloads, 4);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("bogus = 1", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse("[registries.\"docker.io\"]\nmirors = []", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mirors"), "{e}");
+        let e = Config::parse(
+            "[registries.\"docker.io\"]\nmirrors = [\"ftp://x\"]",
+            Path::new("x"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("registries.\"docker.io\".mirrors[0]"), "{e}");
+        let e = Config::parse("cgroup_driver = \"cgroupv3\"", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cgroup_driver") || e.contains("cgroupv3"), "{e}");
+        let e = Config::parse("root = \"relative\"", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`root`"), "{e}");
+    }
+}

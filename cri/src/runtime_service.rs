@@ -1,0 +1,288 @@
+//! CRI RuntimeService: runtime identity, status and config. Pod and container calls
+//! answer `Unimplemented`, naming the capability, until berth implements them.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::config::{CgroupDriver, Config};
+
+/// The CRI API version berth serves.
+pub const RUNTIME_API_VERSION: &str = "v1";
+
+/// The CRI runtime service.
+pub struct CriRuntimeService {
+    config: Config,
+}
+
+impl CriRuntimeService {
+    /// Serves runtime calls with the effective `config`.
+    pub fn new(config: Config) -> Self {
+        CriRuntimeService { config }
+    }
+}
+
+fn not_yet(rpc: &str, capability: &str) -> Status {
+    Status::unimplemented(format!("{rpc}: berth does not implement {capability} yet"))
+}
+
+fn condition(kind: &str, ok: bool, reason: &str, message: &str) -> cri::RuntimeCondition {
+    cri::RuntimeCondition {
+        r#type: kind.into(),
+        status: ok,
+        reason: reason.into(),
+        message: message.into(),
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for CriRuntimeService {
+    type GetContainerEventsStream = Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = Result<cri::ContainerEventResponse, Status>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    #[instrument(skip_all)]
+    async fn version(
+        &self,
+        _req: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: "berth".into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: RUNTIME_API_VERSION.into(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn status(
+        &self,
+        req: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let conditions = vec![
+            condition("RuntimeReady", true, "", ""),
+            condition(
+                "NetworkReady",
+                false,
+                "NetworkPluginNotReady",
+                "berth: pod networking (CNI) is not implemented yet",
+            ),
+        ];
+        let mut info = HashMap::new();
+        if req.into_inner().verbose {
+            let cfg =
+                serde_json::to_string(&self.config).map_err(|e| Status::internal(e.to_string()))?;
+            info.insert("config".to_string(), cfg);
+        }
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info,
+            ..Default::default()
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn runtime_config(
+        &self,
+        _req: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        let driver = match self.config.cgroup_driver {
+            CgroupDriver::Systemd => cri::CgroupDriver::Systemd,
+            CgroupDriver::Cgroupfs => cri::CgroupDriver::Cgroupfs,
+        };
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: driver as i32,
+            }),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        _req: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        Err(not_yet("run_pod_sandbox", "pod and container lifecycle"))
+    }
+    async fn stop_pod_sandbox(
+        &self,
+        _req: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        Err(not_yet("stop_pod_sandbox", "pod and container lifecycle"))
+    }
+    async fn remove_pod_sandbox(
+        &self,
+        _req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        Err(not_yet("remove_pod_sandbox", "pod and container lifecycle"))
+    }
+    async fn pod_sandbox_status(
+        &self,
+        _req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        Err(not_yet("pod_sandbox_status", "pod and container lifecycle"))
+    }
+    async fn list_pod_sandbox(
+        &self,
+        _req: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        Err(not_yet("list_pod_sandbox", "pod and container lifecycle"))
+    }
+    async fn create_container(
+        &self,
+        _req: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        Err(not_yet("create_container", "pod and container lifecycle"))
+    }
+    async fn start_container(
+        &self,
+        _req: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        Err(not_yet("start_container", "pod and container lifecycle"))
+    }
+    async fn stop_container(
+        &self,
+        _req: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        Err(not_yet("stop_container", "pod and container lifecycle"))
+    }
+    async fn remove_container(
+        &self,
+        _req: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        Err(not_yet("remove_container", "pod and container lifecycle"))
+    }
+    async fn list_containers(
+        &self,
+        _req: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        Err(not_yet("list_containers", "pod and container lifecycle"))
+    }
+    async fn container_status(
+        &self,
+        _req: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        Err(not_yet("container_status", "pod and container lifecycle"))
+    }
+    async fn update_container_resources(
+        &self,
+        _req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(not_yet(
+            "update_container_resources",
+            "cgroup stats and resources",
+        ))
+    }
+    async fn reopen_container_log(
+        &self,
+        _req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        Err(not_yet(
+            "reopen_container_log",
+            "pod and container lifecycle",
+        ))
+    }
+    async fn exec_sync(
+        &self,
+        _req: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        Err(not_yet("exec_sync", "pod and container lifecycle"))
+    }
+    async fn exec(
+        &self,
+        _req: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(not_yet("exec", "streaming"))
+    }
+    async fn attach(
+        &self,
+        _req: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(not_yet("attach", "streaming"))
+    }
+    async fn port_forward(
+        &self,
+        _req: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Err(not_yet("port_forward", "streaming"))
+    }
+    async fn container_stats(
+        &self,
+        _req: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        Err(not_yet("container_stats", "cgroup stats and resources"))
+    }
+    async fn list_container_stats(
+        &self,
+        _req: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        Err(not_yet(
+            "list_container_stats",
+            "cgroup stats and resources",
+        ))
+    }
+    async fn pod_sandbox_stats(
+        &self,
+        _req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        Err(not_yet("pod_sandbox_stats", "cgroup stats and resources"))
+    }
+    async fn list_pod_sandbox_stats(
+        &self,
+        _req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        Err(not_yet(
+            "list_pod_sandbox_stats",
+            "cgroup stats and resources",
+        ))
+    }
+    async fn update_runtime_config(
+        &self,
+        _req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        Err(not_yet("update_runtime_config", "pod networking (CNI)"))
+    }
+    async fn checkpoint_container(
+        &self,
+        _req: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(not_yet(
+            "checkpoint_container",
+            "pod and container lifecycle",
+        ))
+    }
+    async fn get_container_events(
+        &self,
+        _req: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(not_yet(
+            "get_container_events",
+            "pod and container lifecycle",
+        ))
+    }
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Err(not_yet(
+            "list_metric_descriptors",
+            "cgroup stats and resources",
+        ))
+    }
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(not_yet(
+            "list_pod_sandbox_metrics",
+            "cgroup stats and resources",
+        ))
+    }
+}

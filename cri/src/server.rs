@@ -1,0 +1,81 @@
+//! The CRI socket: created safely, served by tonic, shut down gracefully.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::image_service::CriImageService;
+use crate::runtime_service::CriRuntimeService;
+
+/// Largest CRI message accepted or sent (kubelet uses 16 MiB).
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// Errors while setting up the socket or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Another process answers on the socket.
+    #[error("{0} is in use by a running berthd (or another server); refusing to replace it")]
+    InUse(String),
+    /// Socket setup failed.
+    #[error("{context} {path}: {source}")]
+    Io {
+        context: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serving CRI: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds the CRI socket: parent dirs created, a stale socket replaced, a live one refused, mode 0660.
+pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    let shown = path.display().to_string();
+    let io = |context, source| ServeError::Io {
+        context,
+        path: shown.clone(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io("creating the parent of", e))?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse(shown));
+        }
+        std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| io("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| io("chmod", e))?;
+    Ok(listener)
+}
+
+/// Serves CRI on `listener` until `shutdown` resolves, then lets in-flight calls finish.
+pub async fn serve(
+    listener: UnixListener,
+    config: Config,
+    images: Arc<berth_image::ImageService>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let image = ImageServiceServer::new(CriImageService::new(images))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("cri", rpc = %req.uri().path().rsplit('/').next().unwrap_or("")))
+        .add_service(runtime)
+        .add_service(image)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
