@@ -174,6 +174,15 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_is_the_defaults() {
+        let shipped = include_str!("../../deploy/config.toml");
+        assert_eq!(
+            Config::parse(shipped, Path::new("deploy/config.toml")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
     fn reads_the_documented_keys() {
         let c = Config::parse(
             r#"

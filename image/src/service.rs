@@ -401,7 +401,9 @@ impl ImageService {
         };
         let svc = self.clone();
         let name = format!("{} ({})", layer.digest, ctx.image);
-        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(32);
+        // Few chunks in flight: hyper's chunks can reach hundreds of KiB each, and memory
+        // per layer must stay small while several layers stream at once.
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
         let from_file = if have_blob {
             Some(self.content.path(&layer.digest))
         } else {

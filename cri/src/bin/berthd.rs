@@ -34,6 +34,12 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // glibc gives each thread that frees memory its own arena; pull threads would each
+    // keep megabytes. Two arenas cost nothing measurable in throughput.
+    // SAFETY: called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let args = Args::parse();
     let missing_ok = args.config == std::path::Path::new(DEFAULT_CONFIG_PATH);
     let mut config = Config::load(&args.config, missing_ok)?;

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The quick start: installs what berth needs, builds it, writes the default config,
+# CNI conflist and crictl config (only where none exists), and starts berthd on
+# unix:///run/berth/berth.sock — as a systemd service when systemd runs, otherwise
+# as a background process (pid in /run/berth/berthd.pid, log /var/log/berthd.log).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+# shellcheck source=apt-deps.sh
+. "$HERE/apt-deps.sh"
+[[ $EUID -eq 0 ]] || { echo "berth: run as root" >&2; exit 1; }
+
+# shellcheck disable=SC2086
+berth_apt_install $BERTH_BUILD_PACKAGES $BERTH_RUN_PACKAGES
+berth_require_cargo
+echo "berth: building (release)" >&2
+(cd "$REPO" && cargo build --release --locked --quiet --bin berthd)
+install -m 0755 "$REPO/target/release/berthd" /usr/local/bin/berthd
+
+install -d -m 0755 /etc/berth /etc/cni/net.d
+[[ -e /etc/berth/config.toml ]] || install -m 0644 "$HERE/config.toml" /etc/berth/config.toml
+if ! ls /etc/cni/net.d/*.conf /etc/cni/net.d/*.conflist >/dev/null 2>&1; then
+  install -m 0644 "$HERE/cni/10-berth.conflist" /etc/cni/net.d/10-berth.conflist
+fi
+[[ -e /etc/crictl.yaml ]] || install -m 0644 "$HERE/crictl.yaml" /etc/crictl.yaml
+
+if [[ -d /run/systemd/system ]]; then
+  install -m 0644 "$HERE/berth.service" /etc/systemd/system/berth.service
+  systemctl daemon-reload
+  systemctl enable --now berth.service
+  systemctl restart berth.service
+else
+  install -d -m 0711 /run/berth
+  pidfile=/run/berth/berthd.pid
+  if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null &&
+     [[ "$(cat /proc/"$(cat "$pidfile")"/comm 2>/dev/null)" == berthd ]]; then
+    echo "berth: stopping the running berthd (pid $(cat "$pidfile"))" >&2
+    kill -TERM "$(cat "$pidfile")"
+    for _ in $(seq 1 100); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
+  fi
+  setsid /usr/local/bin/berthd >>/var/log/berthd.log 2>&1 </dev/null &
+  echo $! >"$pidfile"
+fi
+for _ in $(seq 1 100); do [[ -S /run/berth/berth.sock ]] && break; sleep 0.1; done
+[[ -S /run/berth/berth.sock ]] || { echo "berth: berthd did not start; see /var/log/berthd.log or journalctl -u berth" >&2; exit 1; }
+echo "berth: berthd is serving CRI on unix:///run/berth/berth.sock"
