@@ -76,10 +76,7 @@ fn credentials(auth: Option<AuthConfig>) -> Result<Credentials, Status> {
         return Ok(Credentials::Bearer(a.registry_token));
     }
     if !a.identity_token.is_empty() {
-        return Err(invalid_field(
-            "auth.identity_token",
-            "OAuth identity tokens are not supported; pass username/password, auth or registry_token",
-        ));
+        return Ok(Credentials::IdentityToken(a.identity_token));
     }
     if !a.username.is_empty() {
         return Ok(Credentials::Basic {

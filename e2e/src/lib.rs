@@ -3,3 +3,4 @@
 pub mod berthd;
 pub mod registry;
 pub mod testimages;
+pub mod tokenauth;

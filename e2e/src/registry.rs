@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::tokenauth::TokenServer;
+
 /// How long to wait for the registry to answer `GET /v2/`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +41,22 @@ pub struct TestRegistry {
     addr: String,
     dir: PathBuf,
     credentials: Option<(String, String)>,
+    /// The token server's realm when the registry runs in token-auth mode.
+    token_realm: Option<String>,
+}
+
+/// How the registry authenticates clients.
+enum AuthConfig {
+    None,
+    /// HTTP basic auth against `<dir>/htpasswd`.
+    Htpasswd,
+    /// Docker token auth: bearer JWTs from a [`TokenServer`].
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        rootcertbundle: PathBuf,
+    },
 }
 
 /// One parsed access-log line of the registry.
@@ -59,14 +77,43 @@ pub struct AccessLogEntry {
 impl TestRegistry {
     /// Starts a registry storing its data under `dir`, optionally requiring HTTP basic auth.
     pub fn start(dir: &Path, htpasswd: Option<(&str, &str)>) -> Result<TestRegistry> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        // Absolute paths, because the config file is read by another process.
-        let dir = dir
-            .canonicalize()
-            .with_context(|| format!("canonicalizing {}", dir.display()))?;
-        if let Some((user, pass)) = htpasswd {
-            write_htpasswd(&dir.join("htpasswd"), user, pass)?;
-        }
+        let dir = prepare_dir(dir)?;
+        let auth = match htpasswd {
+            Some((user, pass)) => {
+                write_htpasswd(&dir.join("htpasswd"), user, pass)?;
+                AuthConfig::Htpasswd
+            }
+            None => AuthConfig::None,
+        };
+        Self::start_in(dir, auth, htpasswd)
+    }
+
+    /// Starts a registry storing its data under `dir` that requires Docker token auth
+    /// (bearer JWTs) issued by `token`.
+    ///
+    /// `GET /v2/` answers 401 with `WWW-Authenticate: Bearer realm="<token.realm()>",...`.
+    /// [`TestRegistry::credentials`] returns the token server's user and password, which
+    /// clients such as oci-client exchange for a token at the realm.
+    pub fn start_with_token(dir: &Path, token: &TokenServer) -> Result<TestRegistry> {
+        let dir = prepare_dir(dir)?;
+        let auth = AuthConfig::Token {
+            realm: token.realm(),
+            service: token.service().to_string(),
+            issuer: token.issuer().to_string(),
+            rootcertbundle: token.cert_path(),
+        };
+        Self::start_in(dir, auth, Some((token.user(), token.password())))
+    }
+
+    fn start_in(
+        dir: PathBuf,
+        auth: AuthConfig,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<TestRegistry> {
+        let token_realm = match &auth {
+            AuthConfig::Token { realm, .. } => Some(realm.clone()),
+            _ => None,
+        };
         let log_path = dir.join("registry.log");
         File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
 
@@ -75,7 +122,7 @@ impl TestRegistry {
             let port = free_port()?;
             let addr = format!("127.0.0.1:{port}");
             let config = dir.join("config.yml");
-            fs::write(&config, config_yaml(&dir, &addr, htpasswd.is_some()))
+            fs::write(&config, config_yaml(&dir, &addr, &auth))
                 .with_context(|| format!("writing {}", config.display()))?;
             // Only this attempt's output decides whether it lost the port race.
             let log_offset = fs::metadata(&log_path)?.len();
@@ -84,7 +131,8 @@ impl TestRegistry {
                 child,
                 addr,
                 dir: dir.clone(),
-                credentials: htpasswd.map(|(u, p)| (u.to_string(), p.to_string())),
+                credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+                token_realm: token_realm.clone(),
             };
             match reg.wait_ready(log_offset) {
                 Ok(()) => return Ok(reg),
@@ -113,11 +161,18 @@ impl TestRegistry {
         format!("http://{}", self.addr)
     }
 
-    /// The basic-auth user and password, when the registry was started with htpasswd.
+    /// The user and password clients should use: the htpasswd account, or in token-auth
+    /// mode the token server's account.
     pub fn credentials(&self) -> Option<(&str, &str)> {
         self.credentials
             .as_ref()
             .map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// The token server's realm, when the registry was started with
+    /// [`TestRegistry::start_with_token`].
+    pub fn token_realm(&self) -> Option<&str> {
+        self.token_realm.as_deref()
     }
 
     /// Process id of the registry.
@@ -189,7 +244,7 @@ impl TestRegistry {
             std::process::id(),
             SYNC_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        http_get_status(&self.addr, &marker).context("log sync request")?;
+        http_get(&self.addr, &marker).context("log sync request")?;
         let needle = format!("\"GET {marker} ");
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -225,18 +280,39 @@ impl TestRegistry {
                 Ok(None) => {}
                 Err(e) => return Err(StartError::Failed(e.into())),
             }
-            if http_get_status(&self.addr, "/v2/").is_ok_and(|status| status == want) {
+            if http_get(&self.addr, "/v2/").is_ok_and(|resp| self.is_ready_answer(&resp, want)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(StartError::Failed(anyhow::anyhow!(
-                    "docker-registry on {} did not answer GET /v2/ with {want} within {:?}; log:\n{}",
+                    "docker-registry on {} did not answer GET /v2/ with {want}{} within {:?}; log:\n{}",
                     self.addr,
+                    if self.token_realm.is_some() {
+                        " and a Bearer challenge"
+                    } else {
+                        ""
+                    },
                     READY_TIMEOUT,
                     log_tail(&self.log_path())
                 )));
             }
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl TestRegistry {
+    /// Whether `GET /v2/` answered as a ready registry in this auth mode does.
+    fn is_ready_answer(&self, resp: &HttpHead, want: u16) -> bool {
+        if resp.status != want {
+            return false;
+        }
+        match &self.token_realm {
+            // Proves the registry really runs in token mode with our realm.
+            Some(realm) => resp
+                .header("www-authenticate")
+                .is_some_and(|h| h.starts_with(&format!("Bearer realm=\"{realm}\""))),
+            None => true,
         }
     }
 }
@@ -271,7 +347,14 @@ fn write_htpasswd(path: &Path, user: &str, pass: &str) -> Result<()> {
     fs::write(path, &out.stdout).with_context(|| format!("writing {}", path.display()))
 }
 
-fn config_yaml(dir: &Path, addr: &str, auth: bool) -> String {
+/// Creates `dir` and returns its absolute path (the config file is read by another process).
+fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    dir.canonicalize()
+        .with_context(|| format!("canonicalizing {}", dir.display()))
+}
+
+fn config_yaml(dir: &Path, addr: &str, auth: &AuthConfig) -> String {
     // A fixed secret avoids a startup warning; it only signs upload-session state.
     let mut cfg = format!(
         "version: 0.1
@@ -288,15 +371,31 @@ http:
 ",
         storage = dir.join("storage").display(),
     );
-    if auth {
-        cfg.push_str(&format!(
+    match auth {
+        AuthConfig::None => {}
+        AuthConfig::Htpasswd => cfg.push_str(&format!(
             "auth:
   htpasswd:
     realm: berth-test
     path: {}
 ",
             dir.join("htpasswd").display()
-        ));
+        )),
+        AuthConfig::Token {
+            realm,
+            service,
+            issuer,
+            rootcertbundle,
+        } => cfg.push_str(&format!(
+            "auth:
+  token:
+    realm: {realm}
+    service: {service}
+    issuer: {issuer}
+    rootcertbundle: {}
+",
+            rootcertbundle.display()
+        )),
     }
     cfg
 }
@@ -355,8 +454,23 @@ fn blob_path(storage: &Path, digest: &str) -> PathBuf {
         .join("data")
 }
 
-/// Sends `GET path` over a fresh connection and returns the response status.
-fn http_get_status(addr: &str, path: &str) -> Result<u16> {
+/// Status and headers of an HTTP response.
+struct HttpHead {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl HttpHead {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `GET path` over a fresh connection and returns the response status and headers.
+fn http_get(addr: &str, path: &str) -> Result<HttpHead> {
     let sock: SocketAddr = addr.parse().with_context(|| format!("parsing {addr}"))?;
     let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -368,15 +482,22 @@ fn http_get_status(addr: &str, path: &str) -> Result<u16> {
     // Read to EOF so the server sees a complete exchange before we return.
     let mut resp = Vec::new();
     stream.read_to_end(&mut resp)?;
-    let head = String::from_utf8_lossy(&resp);
-    let status_line = head.lines().next().unwrap_or("");
+    let text = String::from_utf8_lossy(&resp);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or("");
     let mut parts = status_line.split_whitespace();
-    match (parts.next(), parts.next()) {
+    let status = match (parts.next(), parts.next()) {
         (Some(v), Some(code)) if v.starts_with("HTTP/") => code
             .parse()
-            .with_context(|| format!("bad status line {status_line:?}")),
+            .with_context(|| format!("bad status line {status_line:?}"))?,
         _ => bail!("bad status line {status_line:?}"),
-    }
+    };
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(HttpHead { status, headers })
 }
 
 /// Parses an Apache combined-log line: `host - user [date] "METHOD URI PROTO" status bytes "referer" "ua"`.

@@ -798,17 +798,16 @@ impl ImageBuilder {
     }
 
     fn config_json(&self, diff_ids: &[String]) -> Value {
+        // Docker encodes sets (ports, volumes) as objects with empty values.
+        let set = |items: &BTreeSet<String>| -> Value {
+            Value::Object(items.iter().map(|p| (p.clone(), json!({}))).collect())
+        };
         let mut cfg = serde_json::Map::new();
         if let Some(user) = &self.user {
             cfg.insert("User".into(), json!(user));
         }
         if !self.exposed_ports.is_empty() {
-            let ports: serde_json::Map<String, Value> = self
-                .exposed_ports
-                .iter()
-                .map(|p| (p.clone(), json!({})))
-                .collect();
-            cfg.insert("ExposedPorts".into(), Value::Object(ports));
+            cfg.insert("ExposedPorts".into(), set(&self.exposed_ports));
         }
         if !self.env.is_empty() {
             cfg.insert("Env".into(), json!(self.env));
@@ -820,12 +819,7 @@ impl ImageBuilder {
             cfg.insert("Cmd".into(), json!(cmd));
         }
         if !self.volumes.is_empty() {
-            let vols: serde_json::Map<String, Value> = self
-                .volumes
-                .iter()
-                .map(|v| (v.clone(), json!({})))
-                .collect();
-            cfg.insert("Volumes".into(), Value::Object(vols));
+            cfg.insert("Volumes".into(), set(&self.volumes));
         }
         if let Some(wd) = &self.working_dir {
             cfg.insert("WorkingDir".into(), json!(wd));

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -18,6 +18,7 @@ use berth_e2e::testimages::{
     Compression, EntryType, ImageBuilder, LayerBuilder, MediaTypes, Platform, PushedImage,
     PushedIndex, large_layers, push_index,
 };
+use berth_e2e::tokenauth::{Grant, TokenServer};
 use k8s_cri::v1 as cri;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tonic::Code;
@@ -27,6 +28,9 @@ struct World {
     _dir: tempfile::TempDir,
     reg: TestRegistry,
     auth_reg: TestRegistry,
+    token_server: TokenServer,
+    token_reg: TestRegistry,
+    token_private: PushedImage,
     busybox: PushedImage,
     hub_busybox: PushedImage,
     layered: PushedImage,
@@ -44,14 +48,21 @@ struct World {
     escape_target: PathBuf,
 }
 
-static WORLD: OnceLock<World> = OnceLock::new();
+/// Taken and dropped by `main` after the tests, which stops the registries and the
+/// token server and removes their directories.
+static WORLD: Mutex<Option<Arc<World>>> = Mutex::new(None);
 
-fn world() -> &'static World {
-    WORLD.get().expect("world is built before tests run")
+fn world() -> Arc<World> {
+    WORLD
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .expect("world is built before tests run")
 }
 
 const USER: &str = "berth";
 const PASS: &str = "s3cret-pass";
+const REFRESH_TOKEN: &str = "berth-refresh-token-1";
 
 fn base_layer() -> LayerBuilder {
     LayerBuilder::new()
@@ -93,6 +104,11 @@ async fn build_world() -> Result<World> {
         .tempdir()?;
     std::fs::create_dir_all(dir.path().join("reg"))?;
     std::fs::create_dir_all(dir.path().join("auth"))?;
+    std::fs::create_dir_all(dir.path().join("token-server"))?;
+    std::fs::create_dir_all(dir.path().join("token-reg"))?;
+    let token_server =
+        TokenServer::start(&dir.path().join("token-server"), USER, PASS, REFRESH_TOKEN)?;
+    let token_reg = TestRegistry::start_with_token(&dir.path().join("token-reg"), &token_server)?;
     let reg = TestRegistry::start(&dir.path().join("reg"), None)?;
     let auth_reg = TestRegistry::start(&dir.path().join("auth"), Some((USER, PASS)))?;
     let r = reg.addr().to_string();
@@ -235,10 +251,16 @@ async fn build_world() -> Result<World> {
     let private = busybox_image()
         .push(auth_reg.addr(), "private/busybox", "1", Some((USER, PASS)))
         .await?;
+    let token_private = busybox_image()
+        .push(token_reg.addr(), "private/tokened", "1", Some((USER, PASS)))
+        .await?;
     Ok(World {
         _dir: dir,
         reg,
         auth_reg,
+        token_server,
+        token_reg,
+        token_private,
         busybox,
         hub_busybox,
         layered,
@@ -1054,6 +1076,89 @@ fn registry_authentication() -> Result<(), Failed> {
     })
 }
 
+fn registry_bearer_token_flow() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let r = &w.token_private.reference;
+        let ts = &w.token_server;
+        expect_code(
+            pull(&mut c, r).await,
+            Code::Unauthenticated,
+            "authentication",
+        )?;
+        let wrong = cri::AuthConfig {
+            username: USER.into(),
+            password: "wrong".into(),
+            ..Default::default()
+        };
+        expect_code(
+            pull_auth(&mut c, r, Some(wrong)).await,
+            Code::Unauthenticated,
+            "",
+        )?;
+        // username/password: the token service issues a bearer token for the pull.
+        let issued = ts.tokens_issued();
+        let good = cri::AuthConfig {
+            username: USER.into(),
+            password: PASS.into(),
+            ..Default::default()
+        };
+        ensure!(pull_auth(&mut c, r, Some(good)).await? == w.token_private.config_digest);
+        ensure!(
+            ts.tokens_issued() > issued,
+            "no token was issued for the basic-credential pull"
+        );
+        remove(&mut c, r).await?;
+        // identity_token: exchanged at the realm with the OAuth2 refresh-token grant.
+        let ident = cri::AuthConfig {
+            identity_token: REFRESH_TOKEN.into(),
+            ..Default::default()
+        };
+        ensure!(pull_auth(&mut c, r, Some(ident)).await? == w.token_private.config_digest);
+        let refresh_grants = ts
+            .request_log()
+            .iter()
+            .filter(|q| matches!(q.grant, Grant::RefreshToken) && q.status == 200)
+            .count();
+        ensure!(
+            refresh_grants >= 1,
+            "the identity token was not exchanged: {:?}",
+            ts.request_log()
+        );
+        remove(&mut c, r).await?;
+        let bad_ident = cri::AuthConfig {
+            identity_token: "not-the-token".into(),
+            ..Default::default()
+        };
+        expect_code(
+            pull_auth(&mut c, r, Some(bad_ident)).await,
+            Code::Unauthenticated,
+            "identity token",
+        )?;
+        // registry_token: used as the bearer token directly; an expired one is refused.
+        let token = ts.issue_token("private/tokened", &["pull"])?;
+        let direct = cri::AuthConfig {
+            registry_token: token,
+            ..Default::default()
+        };
+        ensure!(pull_auth(&mut c, r, Some(direct)).await? == w.token_private.config_digest);
+        remove(&mut c, r).await?;
+        let expired = cri::AuthConfig {
+            registry_token: ts.issue_expired_token("private/tokened", &["pull"])?,
+            ..Default::default()
+        };
+        expect_code(
+            pull_auth(&mut c, r, Some(expired)).await,
+            Code::Unauthenticated,
+            "",
+        )?;
+        ensure!(list(&mut c).await?.is_empty() && blobs_on_disk(&b)?.is_empty());
+        Ok(())
+    })
+}
+
 fn corrupt_blob_is_refused_and_nothing_kept() -> Result<(), Failed> {
     run(|| async {
         let w = world();
@@ -1279,6 +1384,7 @@ fn main() -> anyhow::Result<()> {
         ),
         Trial::test("bad_input_gets_clear_errors", bad_input_gets_clear_errors),
         Trial::test("registry_authentication", registry_authentication),
+        Trial::test("registry_bearer_token_flow", registry_bearer_token_flow),
         Trial::test(
             "corrupt_blob_is_refused_and_nothing_kept",
             corrupt_blob_is_refused_and_nothing_kept,
@@ -1312,19 +1418,8 @@ fn main() -> anyhow::Result<()> {
         .block_on(build_world())
         .context("building the test registries and images")?;
     drop(rt);
-    let _ = WORLD.set(world);
+    *WORLD.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(world));
     let conclusion = libtest_mimic::run(&args, tests);
-    // Statics are never dropped: stop the registries explicitly.
-    if let Some(w) = WORLD.get() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(w.reg.pid() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(w.auth_reg.pid() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = std::fs::remove_dir_all(w._dir.path());
-    }
+    drop(WORLD.lock().unwrap_or_else(|p| p.into_inner()).take());
     conclusion.exit()
 }

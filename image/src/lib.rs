@@ -11,6 +11,7 @@ pub mod registry;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod token;
 pub mod unpack;
 
 pub use config::{ImageConfig, ImageServiceConfig, RegistryHostConfig};

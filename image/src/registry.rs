@@ -21,6 +21,8 @@ pub enum Credentials {
     Basic { username: String, password: String },
     /// A registry bearer token used as is.
     Bearer(String),
+    /// An OAuth2 refresh token, exchanged at the registry's token service.
+    IdentityToken(String),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -30,6 +32,7 @@ impl std::fmt::Debug for Credentials {
             Credentials::Anonymous => f.write_str("Anonymous"),
             Credentials::Basic { username, .. } => write!(f, "Basic({username}, ***)"),
             Credentials::Bearer(_) => f.write_str("Bearer(***)"),
+            Credentials::IdentityToken(_) => f.write_str("IdentityToken(***)"),
         }
     }
 }
@@ -42,6 +45,8 @@ impl Credentials {
                 RegistryAuth::Basic(username.clone(), password.clone())
             }
             Credentials::Bearer(t) => RegistryAuth::Bearer(t.clone()),
+            // Exchanged for a bearer token before any registry call (see `token`).
+            Credentials::IdentityToken(_) => RegistryAuth::Anonymous,
         }
     }
 }

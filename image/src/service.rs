@@ -259,7 +259,27 @@ impl ImageService {
         for ep in endpoints(&self.cfg, &r) {
             let client = client_for(&ep, self.cfg.image.max_concurrent_downloads);
             let oref = reference_for(&ep, &r);
-            match resolve(&client, &oref, &r, &ep, &creds).await {
+            let ep_creds = match &creds {
+                Credentials::IdentityToken(t) => {
+                    match crate::token::exchange_identity_token(&ep, r.repository(), t, &image)
+                        .await
+                    {
+                        Ok(access) => Credentials::Bearer(access),
+                        Err(e) => {
+                            warn!(image, endpoint = ep.host, error = %e, "identity token exchange failed");
+                            if best
+                                .as_ref()
+                                .is_none_or(|b| matches!(b, ImageError::Registry(_)))
+                            {
+                                best = Some(e);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                other => other.clone(),
+            };
+            match resolve(&client, &oref, &r, &ep, &ep_creds).await {
                 Ok(res) => {
                     debug!(image, endpoint = ep.host, "resolved");
                     let ctx = Arc::new(FetchCtx {
