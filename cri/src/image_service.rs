@@ -150,7 +150,7 @@ impl ImageService for CriImageService {
             let layers: Vec<_> = rec
                 .layers
                 .iter()
-                .zip(self.images.layer_paths(&rec))
+                .zip(self.images.layer_paths(&rec).map_err(from_image_error)?)
                 .map(|(l, p)| serde_json::json!({"digest": l.digest, "diffID": l.diff_id, "chainID": l.chain_id, "snapshot": p}))
                 .collect();
             let v = serde_json::json!({
@@ -176,10 +176,11 @@ impl ImageService for CriImageService {
         let req = req.into_inner();
         let name = required_image(&req.image, "image.image")?.to_string();
         tracing::Span::current().record("image", name.as_str());
+        let server = req.auth.as_ref().map(|a| a.server_address.clone());
         let creds = credentials(req.auth)?;
         let rec = self
             .images
-            .pull(&name, creds)
+            .pull(&name, creds, server.as_deref())
             .await
             .map_err(from_image_error)?;
         Ok(Response::new(PullImageResponse {

@@ -1076,6 +1076,45 @@ fn registry_authentication() -> Result<(), Failed> {
     })
 }
 
+fn credentials_only_go_to_their_server_address() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        // The htpasswd registry mirrors a registry that does not exist here.
+        let cfg = format!(
+            "[registries.\"registry.invalid\"]\nmirrors = [\"{}\"]\n",
+            w.auth_reg.url()
+        );
+        let b = Berthd::start(&cfg)?;
+        let mut c = b.client().await?;
+        let image = "registry.invalid/private/busybox:1";
+        let for_upstream = cri::AuthConfig {
+            username: USER.into(),
+            password: PASS.into(),
+            server_address: "https://registry.invalid".into(),
+            ..Default::default()
+        };
+        // The mirror gets no credentials meant for registry.invalid, so it refuses.
+        let r = pull_auth(&mut c, image, Some(for_upstream)).await;
+        ensure!(
+            r.is_err(),
+            "credentials for registry.invalid were sent to the mirror: {r:?}"
+        );
+        let for_mirror = cri::AuthConfig {
+            username: USER.into(),
+            password: PASS.into(),
+            server_address: w.auth_reg.addr().into(),
+            ..Default::default()
+        };
+        ensure!(pull_auth(&mut c, image, Some(for_mirror)).await? == w.private.config_digest);
+        let img = status(&mut c, image, false)
+            .await?
+            .image
+            .context("not recorded under its own name")?;
+        ensure!(img.repo_tags == vec![image.to_string()], "{img:?}");
+        Ok(())
+    })
+}
+
 fn registry_bearer_token_flow() -> Result<(), Failed> {
     run(|| async {
         let w = world();
@@ -1385,6 +1424,10 @@ fn main() -> anyhow::Result<()> {
         Trial::test("bad_input_gets_clear_errors", bad_input_gets_clear_errors),
         Trial::test("registry_authentication", registry_authentication),
         Trial::test("registry_bearer_token_flow", registry_bearer_token_flow),
+        Trial::test(
+            "credentials_only_go_to_their_server_address",
+            credentials_only_go_to_their_server_address,
+        ),
         Trial::test(
             "corrupt_blob_is_refused_and_nothing_kept",
             corrupt_blob_is_refused_and_nothing_kept,

@@ -66,6 +66,15 @@ impl ContentStore {
         w.commit()
     }
 
+    /// Stores bytes unless the blob is already present.
+    pub fn put_if_absent(&self, expected: &Digest, bytes: &[u8]) -> Result<()> {
+        if self.size(expected).is_some() {
+            Ok(())
+        } else {
+            self.put(expected, bytes)
+        }
+    }
+
     /// Starts writing a blob that must hash to `expected`.
     pub fn writer(&self, expected: Digest) -> Result<BlobWriter> {
         let n = self.next_ingest.fetch_add(1, Ordering::Relaxed);
@@ -137,6 +146,11 @@ impl Write for BlobWriter {
 }
 
 impl BlobWriter {
+    /// The digest this blob must have.
+    pub fn expected(&self) -> &Digest {
+        &self.expected
+    }
+
     /// Checks the digest of what was written, then discards it.
     pub fn verify_only(mut self) -> Result<()> {
         self.check()
@@ -156,13 +170,22 @@ impl BlobWriter {
     /// Verifies the digest, syncs and renames the blob into place.
     pub fn commit(mut self) -> Result<()> {
         self.check()?;
-        if let Some(f) = self.file.take() {
-            // A blob that is renamed into place must be whole even after a host crash.
-            f.sync_data()
-                .map_err(|e| ImageError::io("syncing", &self.tmp, e))?;
-        }
+        // A blob that is renamed into place must be whole even after a host crash.
+        let synced = match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        };
+        synced.map_err(|e| ImageError::io("syncing", &self.tmp, e))?;
         fs::rename(&self.tmp, &self.dest)
-            .map_err(|e| ImageError::io("renaming into place", &self.dest, e))
+            .map_err(|e| ImageError::io("renaming into place", &self.dest, e))?;
+        self.file = None; // renamed: nothing left for Drop to remove
+        // Make the rename itself durable.
+        if let Some(dir) = self.dest.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| ImageError::io("syncing", dir, e))?;
+        }
+        Ok(())
     }
 }
 

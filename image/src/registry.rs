@@ -37,6 +37,47 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_go_only_to_their_server() {
+        let creds = Credentials::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        let r = ImageRef::parse("busybox").unwrap();
+        let mut cfg = ImageServiceConfig::default();
+        cfg.registries.insert(
+            "docker.io".into(),
+            crate::config::RegistryHostConfig {
+                mirrors: vec!["http://cache:5000".into()],
+                insecure: false,
+            },
+        );
+        let eps = endpoints(&cfg, &r);
+        let (mirror, hub) = (&eps[0], &eps[1]);
+        let is_basic = |c: &Credentials| matches!(c, Credentials::Basic { .. });
+        let server = Some("https://index.docker.io/v1/");
+        assert!(!is_basic(&credentials_for(&creds, server, mirror, &r)));
+        assert!(is_basic(&credentials_for(&creds, server, hub, &r)));
+        assert!(is_basic(&credentials_for(
+            &creds,
+            Some("cache:5000"),
+            mirror,
+            &r
+        )));
+        assert!(is_basic(&credentials_for(&creds, None, mirror, &r)));
+        assert!(!is_basic(&credentials_for(
+            &creds,
+            Some("quay.io"),
+            hub,
+            &r
+        )));
+    }
+}
+
 impl Credentials {
     pub(crate) fn to_oci(&self) -> RegistryAuth {
         match self {
@@ -48,6 +89,39 @@ impl Credentials {
             // Exchanged for a bearer token before any registry call (see `token`).
             Credentials::IdentityToken(_) => RegistryAuth::Anonymous,
         }
+    }
+}
+
+/// The credentials to send to `ep`: a request's credentials belong to the host its
+/// `server_address` names (any host when it is empty, as containerd does), so a
+/// mirror never sees another registry's password.
+pub fn credentials_for(
+    creds: &Credentials,
+    server_address: Option<&str>,
+    ep: &Endpoint,
+    r: &ImageRef,
+) -> Credentials {
+    let Some(server) = server_address.map(str::trim).filter(|s| !s.is_empty()) else {
+        return creds.clone();
+    };
+    let host = server
+        .split("://")
+        .last()
+        .unwrap_or(server)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let canon = |h: &str| -> String {
+        match h {
+            "docker.io" | "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+            other => other.to_ascii_lowercase(),
+        }
+    };
+    let target = canon(host);
+    if target == canon(&ep.host) || (!ep.mirror && target == canon(r.registry())) {
+        creds.clone()
+    } else {
+        Credentials::Anonymous
     }
 }
 

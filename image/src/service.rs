@@ -22,7 +22,9 @@ use crate::manifest::{
     ACCEPTED_MANIFEST_TYPES, Descriptor, Document, parse_config, parse_document, pick_platform,
 };
 use crate::reference::ImageRef;
-use crate::registry::{Credentials, Endpoint, client_for, endpoints, map_error, reference_for};
+use crate::registry::{
+    Credentials, Endpoint, client_for, credentials_for, endpoints, map_error, reference_for,
+};
 use crate::snapshot::SnapshotStore;
 use crate::store::{ImageRecord, LayerRecord, MetaStore, SnapshotRecord};
 use crate::unpack::{UnpackStats, decompress, tree_usage, unpack_layer};
@@ -59,8 +61,14 @@ pub struct ImageService {
     leases: Mutex<HashMap<Digest, usize>>,
     pull_locks: KeyedLocks,
     layer_locks: KeyedLocks,
+    /// Layer workers running at once, across all pulls (each holds a blocking thread).
+    layer_slots: Arc<tokio::sync::Semaphore>,
+    /// Held by GC while it decides what is dead, and by pulls while they take leases.
     gc_lock: Mutex<()>,
 }
+
+/// At most this many layers stream at once over all pulls (berthd allows 64 blocking threads).
+const MAX_LAYER_WORKERS: usize = 24;
 
 /// One async mutex per key, created on demand and freed when unused.
 #[derive(Default)]
@@ -141,6 +149,7 @@ impl ImageService {
             leases: Mutex::new(HashMap::new()),
             pull_locks: KeyedLocks::default(),
             layer_locks: KeyedLocks::default(),
+            layer_slots: Arc::new(tokio::sync::Semaphore::new(MAX_LAYER_WORKERS)),
             gc_lock: Mutex::new(()),
         });
         let st = svc.gc_inner(true)?;
@@ -219,25 +228,36 @@ impl ImageService {
             .map_err(|e| ImageError::Store(format!("config {}: {e}", rec.id)))
     }
 
-    /// The snapshot directories of an image's layers, bottom first.
-    pub fn layer_paths(&self, rec: &ImageRecord) -> Vec<std::path::PathBuf> {
+    /// The snapshot directories of an image's layers, bottom first; an error if any is missing.
+    pub fn layer_paths(&self, rec: &ImageRecord) -> Result<Vec<std::path::PathBuf>> {
         rec.layers
             .iter()
-            .filter_map(|l| self.meta.snapshot(&l.chain_id))
-            .map(|s| self.snapshots.fs_path(s.n))
+            .map(|l| {
+                self.meta
+                    .snapshot(&l.chain_id)
+                    .map(|s| self.snapshots.fs_path(s.n))
+                    .ok_or_else(|| {
+                        ImageError::NotFound(format!(
+                            "image {}: layer {} is not unpacked",
+                            rec.id, l.chain_id
+                        ))
+                    })
+            })
             .collect()
     }
 
-    /// Pulls an image; an image already present downloads no blob.
+    /// Pulls an image; an image already present downloads no blob. `server_address`
+    /// names the host the credentials belong to (CRI `AuthConfig.server_address`).
     pub async fn pull(
         self: &Arc<Self>,
         reference: &str,
         creds: Credentials,
+        server_address: Option<&str>,
     ) -> Result<ImageRecord> {
         let r = ImageRef::parse(reference)?;
         let canonical = r.canonical();
         let secs = self.cfg.image.pull_timeout_secs;
-        let fut = self.pull_locked(r, creds);
+        let fut = self.pull_locked(r, creds, server_address);
         if secs == 0 {
             return fut.await;
         }
@@ -249,35 +269,44 @@ impl ImageService {
             })?
     }
 
-    async fn pull_locked(self: &Arc<Self>, r: ImageRef, creds: Credentials) -> Result<ImageRecord> {
+    async fn pull_locked(
+        self: &Arc<Self>,
+        r: ImageRef,
+        creds: Credentials,
+        server_address: Option<&str>,
+    ) -> Result<ImageRecord> {
         // Concurrent pulls of one reference run one after another: the first downloads,
         // the rest find every blob and snapshot present.
         let lock = self.pull_locks.get(&r.canonical());
         let _guard = lock.lock().await;
         let image = r.canonical();
         let mut best: Option<ImageError> = None;
+        let keep = |best: &mut Option<ImageError>, e: ImageError| {
+            // Keep the most telling error: a definite answer beats a connection failure.
+            if best
+                .as_ref()
+                .is_none_or(|b| matches!(b, ImageError::Registry(_)))
+            {
+                *best = Some(e);
+            }
+        };
         for ep in endpoints(&self.cfg, &r) {
             let client = client_for(&ep, self.cfg.image.max_concurrent_downloads);
             let oref = reference_for(&ep, &r);
-            let ep_creds = match &creds {
+            let ep_creds = match credentials_for(&creds, server_address, &ep, &r) {
                 Credentials::IdentityToken(t) => {
-                    match crate::token::exchange_identity_token(&ep, r.repository(), t, &image)
+                    match crate::token::exchange_identity_token(&ep, r.repository(), &t, &image)
                         .await
                     {
                         Ok(access) => Credentials::Bearer(access),
                         Err(e) => {
                             warn!(image, endpoint = ep.host, error = %e, "identity token exchange failed");
-                            if best
-                                .as_ref()
-                                .is_none_or(|b| matches!(b, ImageError::Registry(_)))
-                            {
-                                best = Some(e);
-                            }
+                            keep(&mut best, e);
                             continue;
                         }
                     }
                 }
-                other => other.clone(),
+                other => other,
             };
             match resolve(&client, &oref, &r, &ep, &ep_creds).await {
                 Ok(res) => {
@@ -286,20 +315,14 @@ impl ImageService {
                         client,
                         oref,
                         ep,
-                        creds,
+                        creds: ep_creds,
                         image,
                     });
                     return self.fetch(&r, ctx, res).await;
                 }
                 Err(e) => {
                     warn!(image, endpoint = ep.host, error = %e, "resolve failed");
-                    // Keep the most telling error: a definite answer beats a connection failure.
-                    if best
-                        .as_ref()
-                        .is_none_or(|b| matches!(b, ImageError::Registry(_)))
-                    {
-                        best = Some(e);
-                    }
+                    keep(&mut best, e);
                 }
             }
         }
@@ -368,10 +391,10 @@ impl ImageService {
         let config_size = config_bytes.len() as u64;
         blocking(move || {
             if let Some((d, bytes)) = &res_index {
-                svc.content.put(d, bytes)?;
+                svc.content.put_if_absent(d, bytes)?;
             }
-            svc.content.put(&manifest_digest, &manifest)?;
-            svc.content.put(&config_digest, &config_bytes)?;
+            svc.content.put_if_absent(&manifest_digest, &manifest)?;
+            svc.content.put_if_absent(&config_digest, &config_bytes)?;
             let repo_digest =
                 r.digested_name(res_index.as_ref().map_or(&manifest_digest, |(d, _)| d));
             let rec = ImageRecord {
@@ -394,13 +417,25 @@ impl ImageService {
 
     /// Makes sure one layer's blob and snapshot exist.
     async fn ensure_layer(self: &Arc<Self>, ctx: Arc<FetchCtx>, layer: LayerRecord) -> Result<()> {
-        let lock = self.layer_locks.get(layer.chain_id.as_str());
-        let _guard = lock.lock().await;
+        // The lock guard moves into the worker: if this future is dropped, the layer
+        // stays locked until the worker has finished or cleaned up.
+        let guard = self
+            .layer_locks
+            .get(layer.chain_id.as_str())
+            .lock_owned()
+            .await;
         let have_snapshot = self.meta.snapshot(&layer.chain_id).is_some();
         let have_blob = self.content.size(&layer.digest).is_some();
         if have_snapshot && have_blob {
             return Ok(());
         }
+        // Bound the blocking threads that pulls hold, whatever the number of pulls.
+        let permit = self
+            .layer_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ImageError::Store("layer worker pool closed".into()))?;
         let desc = OciDescriptor {
             media_type: layer.media_type.clone(),
             digest: layer.digest.to_string(),
@@ -416,8 +451,14 @@ impl ImageService {
             None
         } else {
             let svc = self.clone();
-            let n = blocking(move || svc.meta.next_snapshot_number()).await?;
-            Some((n, self.snapshots.prepare(n)?))
+            Some(
+                blocking(move || {
+                    svc.meta
+                        .next_snapshot_number()
+                        .and_then(|n| Ok((n, svc.snapshots.prepare(n)?)))
+                })
+                .await?,
+            )
         };
         let svc = self.clone();
         let name = format!("{} ({})", layer.digest, ctx.image);
@@ -429,17 +470,14 @@ impl ImageService {
         } else {
             None
         };
+        let declared = layer.size;
         // All disk work happens on a blocking thread that owns the whole outcome: it
         // records the snapshot on success and removes it on failure, even if this
-        // future is dropped (timeout).
+        // future is dropped (timeout, client gone, a sibling layer failed).
         let worker = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut chan = ChannelReader {
-                rx,
-                cur: Bytes::new(),
-                tee: writer,
-                keep: true,
-                commit_error: None,
-            };
+            let _guard = guard;
+            let _permit = permit;
+            let mut chan = ChannelReader::new(rx, writer, declared);
             let mut outcome = (|| -> Result<Option<UnpackStats>> {
                 let mut file;
                 let src: &mut dyn Read = match &from_file {
@@ -473,24 +511,22 @@ impl ImageService {
                 io::copy(src, &mut io::sink()).map_err(|e| stream_error(e, &name))?;
                 Ok(stats)
             })();
-            if from_file.is_none() && outcome.is_err() {
-                // A corrupt download usually breaks decompression first; finish reading it so
-                // that the real cause, a blob that does not match its digest, is what we report.
-                // The blob of a failed layer is never kept.
+            if let Some(e) = chan.failure.take() {
+                // The download itself failed (network, size, digest): that is the cause.
+                outcome = Err(e);
+            } else if from_file.is_none()
+                && matches!(
+                    outcome,
+                    Err(ImageError::Unsupported(_) | ImageError::Registry(_))
+                )
+            {
+                // A corrupt download usually breaks decompression before the digest can be
+                // checked; finish reading it (verify only, never kept) to report the real cause.
                 chan.keep = false;
-                if let Err(e) = io::copy(&mut chan, &mut io::sink()) {
-                    if let ImageError::DigestMismatch(_) = stream_error(e, &name) {
-                        outcome = Err(stream_error(
-                            io::Error::other("content does not match its digest"),
-                            &name,
-                        ));
-                    }
-                }
-                if let Some(e) = chan.commit_error.take() {
+                let _ = io::copy(&mut chan, &mut io::sink());
+                if let Some(e) = chan.failure.take() {
                     outcome = Err(e);
                 }
-            } else if let Some(e) = chan.commit_error.take() {
-                outcome = Err(e);
             }
             match (outcome, &target) {
                 (Ok(stats), Some((n, dir))) => {
@@ -498,16 +534,22 @@ impl ImageService {
                         Some(s) => s,
                         None => tree_usage(dir).map_err(|e| ImageError::io("measuring", dir, e))?,
                     };
+                    // The record must never point at files a power loss could still lose.
+                    sync_filesystem(dir).map_err(|e| ImageError::io("syncing", dir, e))?;
                     let rec = SnapshotRecord {
                         n: *n,
                         bytes: stats.bytes,
                         inodes: stats.inodes,
                     };
-                    svc.meta
-                        .put_snapshot(&layer.chain_id, rec)
-                        .inspect_err(|_| {
+                    match svc.meta.put_snapshot_if_absent(&layer.chain_id, rec) {
+                        Ok(true) => Ok(()),
+                        // Someone recorded this chain meanwhile; ours is redundant.
+                        Ok(false) => svc.snapshots.remove(*n),
+                        Err(e) => {
                             let _ = svc.snapshots.remove(*n);
-                        })
+                            Err(e)
+                        }
+                    }
                 }
                 (Ok(_), None) => Ok(()),
                 (Err(e), target) => {
@@ -565,10 +607,21 @@ impl ImageService {
             ..Default::default()
         };
         let mut out = Vec::with_capacity(d.size as usize);
-        ctx.client
-            .pull_blob(&ctx.oref, &desc, &mut out)
+        let mut body = ctx
+            .client
+            .pull_blob_stream(&ctx.oref, &desc)
             .await
             .map_err(|e| map_error(e, &ctx.image, &ctx.ep, &ctx.creds))?;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| stream_error(e, &ctx.image))?;
+            if out.len() as u64 + chunk.len() as u64 > d.size {
+                return Err(ImageError::DigestMismatch(format!(
+                    "{}: config blob {} is larger than its declared {} bytes",
+                    ctx.image, d.digest, d.size
+                )));
+            }
+            out.extend_from_slice(&chunk);
+        }
         if Digest::of(&out) != d.digest {
             return Err(ImageError::DigestMismatch(format!(
                 "{}: config blob does not match {}",
@@ -579,6 +632,9 @@ impl ImageService {
     }
 
     fn lease(&self, keys: Vec<Digest>) -> Lease<'_> {
+        // Under the GC lock: a collection either sees this lease or has finished deciding,
+        // in which case whatever it removed is seen as absent and fetched again.
+        let _gc = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut m = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         for k in &keys {
             *m.entry(k.clone()).or_default() += 1;
@@ -604,50 +660,57 @@ impl ImageService {
     }
 
     fn gc_inner(&self, startup: bool) -> Result<GcStats> {
-        let _g = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let leased: BTreeSet<Digest> = self
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        let (blobs, chains) = self.meta.with_images(|m| {
-            let blobs: BTreeSet<Digest> = m.values().flat_map(|i| i.blobs().cloned()).collect();
-            let chains: BTreeSet<Digest> = m
-                .values()
-                .flat_map(|i| i.layers.iter().map(|l| l.chain_id.clone()))
-                .collect();
-            (blobs, chains)
-        });
         let mut st = GcStats::default();
-        let dead: Vec<(Digest, SnapshotRecord)> = self
-            .meta
-            .snapshots()
-            .into_iter()
-            .filter(|(c, _)| !chains.contains(c) && !leased.contains(c))
-            .collect();
-        let dead_chains: Vec<Digest> = dead.iter().map(|(c, _)| c.clone()).collect();
-        self.meta.delete_snapshots(&dead_chains)?;
-        for (_, s) in &dead {
-            self.snapshots.remove(s.n)?;
-            st.snapshots += 1;
-        }
-        if startup {
-            // Directories without a record were being unpacked when berthd stopped.
-            let live: BTreeSet<u64> = self.meta.snapshots().iter().map(|(_, s)| s.n).collect();
-            for n in self.snapshots.list()? {
-                if !live.contains(&n) {
-                    self.snapshots.remove(n)?;
-                    st.snapshots += 1;
+        let mut trash: Vec<std::path::PathBuf> = Vec::new();
+        {
+            // Decide and detach under the lock (renames only); delete after releasing it.
+            let _g = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let leased: BTreeSet<Digest> = self
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            let (blobs, chains) = self.meta.with_images(|m| {
+                let blobs: BTreeSet<Digest> = m.values().flat_map(|i| i.blobs().cloned()).collect();
+                let chains: BTreeSet<Digest> = m
+                    .values()
+                    .flat_map(|i| i.layers.iter().map(|l| l.chain_id.clone()))
+                    .collect();
+                (blobs, chains)
+            });
+            let dead: Vec<(Digest, SnapshotRecord)> = self
+                .meta
+                .snapshots()
+                .into_iter()
+                .filter(|(c, _)| !chains.contains(c) && !leased.contains(c))
+                .collect();
+            let dead_chains: Vec<Digest> = dead.iter().map(|(c, _)| c.clone()).collect();
+            self.meta.delete_snapshots(&dead_chains)?;
+            for (_, s) in &dead {
+                trash.extend(self.snapshots.detach(s.n)?);
+                st.snapshots += 1;
+            }
+            if startup {
+                // Directories without a record were being unpacked when berthd stopped.
+                let live: BTreeSet<u64> = self.meta.snapshots().iter().map(|(_, s)| s.n).collect();
+                for n in self.snapshots.list()? {
+                    if !live.contains(&n) {
+                        trash.extend(self.snapshots.detach(n)?);
+                        st.snapshots += 1;
+                    }
+                }
+            }
+            for d in self.content.list()? {
+                if !blobs.contains(&d) && !leased.contains(&d) {
+                    self.content.delete(&d)?;
+                    st.blobs += 1;
                 }
             }
         }
-        for d in self.content.list()? {
-            if !blobs.contains(&d) && !leased.contains(&d) {
-                self.content.delete(&d)?;
-                st.blobs += 1;
-            }
+        for t in trash {
+            std::fs::remove_dir_all(&t).map_err(|e| ImageError::io("removing", &t, e))?;
         }
         Ok(st)
     }
@@ -733,27 +796,78 @@ async fn resolve(
 }
 
 /// Reads the chunks a download sends, writing each into the blob file as it passes.
+/// It enforces the declared size and, at the end, the digest.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
     tee: Option<BlobWriter>,
     /// Commit the blob at the end (false: only verify it).
     keep: bool,
-    /// Why the finished blob could not be committed (digest mismatch, I/O).
-    commit_error: Option<ImageError>,
+    declared: u64,
+    received: u64,
+    /// Why the download failed, as opposed to what reading its content found.
+    failure: Option<ImageError>,
+}
+
+impl ChannelReader {
+    fn new(
+        rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+        tee: Option<BlobWriter>,
+        declared: u64,
+    ) -> Self {
+        ChannelReader {
+            rx,
+            cur: Bytes::new(),
+            tee,
+            keep: true,
+            declared,
+            received: 0,
+            failure: None,
+        }
+    }
+
+    fn fail(&mut self, e: ImageError) -> io::Error {
+        let err = io::Error::other(e.to_string());
+        self.tee = None; // drops the temp blob
+        self.failure.get_or_insert(e);
+        err
+    }
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.failure.is_some() {
+            return Err(io::Error::other("download failed"));
+        }
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => {
+                    self.received += b.len() as u64;
+                    if self.received > self.declared {
+                        let what = self
+                            .tee
+                            .as_ref()
+                            .map(|w| w.expected().to_string())
+                            .unwrap_or_default();
+                        return Err(self.fail(ImageError::DigestMismatch(format!(
+                            "blob {what} is larger than the {} bytes its descriptor declares",
+                            self.declared
+                        ))));
+                    }
                     if let Some(w) = self.tee.as_mut() {
                         io::Write::write_all(w, &b)?;
                     }
                     self.cur = b;
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => {
+                    let msg = e.to_string();
+                    let err = if msg.contains("digest") || msg.contains("Digest") {
+                        ImageError::DigestMismatch(format!("download: {msg}"))
+                    } else {
+                        ImageError::Registry(format!("download interrupted: {msg}"))
+                    };
+                    return Err(self.fail(err));
+                }
                 None => {
                     // End of download: the blob must now hash to its digest.
                     if let Some(w) = self.tee.take() {
@@ -763,9 +877,7 @@ impl Read for ChannelReader {
                             w.verify_only()
                         };
                         if let Err(e) = done {
-                            let msg = e.to_string();
-                            self.commit_error = Some(e);
-                            return Err(io::Error::other(msg));
+                            return Err(self.fail(e));
                         }
                     }
                     return Ok(0);
@@ -777,6 +889,13 @@ impl Read for ChannelReader {
         self.cur = self.cur.slice(n..);
         Ok(n)
     }
+}
+
+/// Flushes the filesystem holding `path` (syncfs), so records written after it
+/// never point at data a power loss could take back.
+fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    nix::unistd::syncfs(&f).map_err(io::Error::from)
 }
 
 /// Hashes what passes through (the uncompressed layer, for its diff id).

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, Result};
 
+/// Name prefix of snapshot dirs being deleted.
+const TRASH_PREFIX: &str = ".trash-";
+
 /// The directories that hold unpacked layers.
 #[derive(Debug)]
 pub struct SnapshotStore {
@@ -14,12 +17,30 @@ pub struct SnapshotStore {
 }
 
 impl SnapshotStore {
-    /// Opens (creating) the store under `dir`.
+    /// Opens (creating) the store under `dir`; trash left by an interrupted removal is deleted.
     pub fn open(dir: &Path) -> Result<SnapshotStore> {
         fs::create_dir_all(dir).map_err(|e| ImageError::io("creating", dir, e))?;
+        let rd = fs::read_dir(dir).map_err(|e| ImageError::io("listing", dir, e))?;
+        for ent in rd.flatten() {
+            if ent.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
+                let p = ent.path();
+                fs::remove_dir_all(&p).map_err(|e| ImageError::io("removing", &p, e))?;
+            }
+        }
         Ok(SnapshotStore {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Renames snapshot `n` out of the way (fast, atomic) and returns the path to delete.
+    pub fn detach(&self, n: u64) -> Result<Option<PathBuf>> {
+        let from = self.dir.join(n.to_string());
+        let to = self.dir.join(format!("{TRASH_PREFIX}{n}"));
+        match fs::rename(&from, &to) {
+            Ok(()) => Ok(Some(to)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ImageError::io("detaching", &from, e)),
+        }
     }
 
     /// The store's directory (the image filesystem's mountpoint for CRI).

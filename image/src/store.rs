@@ -57,7 +57,9 @@ pub struct ImageRecord {
 impl ImageRecord {
     /// Size as CRI reports it: the blobs (config + compressed layers).
     pub fn size(&self) -> u64 {
-        self.config_size + self.layers.iter().map(|l| l.size).sum::<u64>()
+        self.layers
+            .iter()
+            .fold(self.config_size, |acc, l| acc.saturating_add(l.size))
     }
 
     /// Every blob this image keeps alive.
@@ -162,17 +164,19 @@ impl MetaStore {
         Ok(n)
     }
 
-    /// Records a completely unpacked snapshot.
-    pub fn put_snapshot(&self, chain: &Digest, rec: SnapshotRecord) -> Result<()> {
+    /// Records a completely unpacked snapshot unless the chain already has one;
+    /// returns whether `rec` was stored.
+    pub fn put_snapshot_if_absent(&self, chain: &Digest, rec: SnapshotRecord) -> Result<bool> {
+        let mut snaps = self.snapshots.write().map_err(poison)?;
+        if snaps.contains_key(chain) {
+            return Ok(false);
+        }
         let tx = self.db.begin_write()?;
         tx.open_table(SNAPSHOTS)?
             .insert(chain.as_str(), serde_json::to_vec(&rec)?.as_slice())?;
         tx.commit()?;
-        self.snapshots
-            .write()
-            .map_err(poison)?
-            .insert(chain.clone(), rec);
-        Ok(())
+        snaps.insert(chain.clone(), rec);
+        Ok(true)
     }
 
     /// Stores `image`, merging names with an existing record of the same id and

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -26,16 +26,145 @@ pub struct UnpackStats {
 }
 
 /// Wraps a layer stream in the decompressor its first bytes call for (gzip, zstd or plain tar).
-pub fn decompress<'a, R: Read + 'a>(reader: R) -> io::Result<Box<dyn Read + 'a>> {
-    let mut buf = BufReader::with_capacity(256 * 1024, reader);
-    let head = buf.fill_buf()?;
+pub fn decompress<'a, R: Read + 'a>(mut reader: R) -> io::Result<Box<dyn Read + 'a>> {
+    // A single read may return fewer bytes than the magic numbers; read until 4 or EOF.
+    let mut head = [0u8; 4];
+    let mut n = 0;
+    while n < head.len() {
+        match reader.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let head = &head[..n];
+    let buf = BufReader::with_capacity(256 * 1024, io::Cursor::new(head.to_vec()).chain(reader));
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(buf))
+        Box::new(TarGuard::new(flate2::bufread::MultiGzDecoder::new(buf)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(buf)?)
+        Box::new(TarGuard::new(zstd::stream::read::Decoder::with_buffer(
+            buf,
+        )?))
     } else {
-        Box::new(buf)
+        Box::new(TarGuard::new(buf))
     })
+}
+
+/// Largest PAX or GNU long-name/long-link header body accepted (Go's archive/tar limit).
+const MAX_META_ENTRY: u64 = 1 << 20;
+
+/// Follows the tar block structure of a stream as it passes and refuses metadata
+/// entries (PAX `x`/`g`, GNU `L`/`K`) larger than 1 MiB: the tar crate reads those
+/// whole into memory, so a small compressed layer could otherwise exhaust it.
+pub struct TarGuard<R> {
+    inner: R,
+    /// Bytes left in the current 512-byte block.
+    in_block: usize,
+    /// The header block being collected.
+    header: Vec<u8>,
+    /// Whole data blocks left before the next header.
+    data_blocks: u64,
+    /// Sparse extension header blocks left.
+    sparse_ext: bool,
+}
+
+impl<R: Read> TarGuard<R> {
+    /// Guards `inner`.
+    pub fn new(inner: R) -> Self {
+        TarGuard {
+            inner,
+            in_block: 0,
+            header: Vec::with_capacity(512),
+            data_blocks: 0,
+            sparse_ext: false,
+        }
+    }
+
+    fn observe(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            if self.data_blocks > 0 || self.in_block > 0 {
+                // Inside data: skip whole blocks quickly.
+                if self.in_block == 0 {
+                    self.in_block = 512;
+                    self.data_blocks -= 1;
+                }
+                let k = self.in_block.min(bytes.len());
+                self.in_block -= k;
+                bytes = &bytes[k..];
+                continue;
+            }
+            let k = (512 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..k]);
+            bytes = &bytes[k..];
+            if self.header.len() == 512 {
+                self.on_header()?;
+                self.header.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn on_header(&mut self) -> io::Result<()> {
+        let h = &self.header;
+        if self.sparse_ext {
+            // GNU sparse extension block: its own "isextended" flag at 504.
+            self.sparse_ext = h[504] != 0;
+            return Ok(());
+        }
+        if h.iter().all(|&b| b == 0) {
+            return Ok(()); // end-of-archive blocks
+        }
+        let size = parse_tar_number(&h[124..136]).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "tar header with an invalid size field",
+            )
+        })?;
+        let kind = h[156];
+        if matches!(kind, b'x' | b'g' | b'L' | b'K') && size > MAX_META_ENTRY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "tar metadata entry of type '{}' is {size} bytes (limit {MAX_META_ENTRY})",
+                    kind as char
+                ),
+            ));
+        }
+        if kind == b'S' {
+            self.sparse_ext = h[482] != 0;
+        }
+        // Directories, links and devices carry no data whatever their size field says.
+        let has_data = !matches!(kind, b'1' | b'2' | b'3' | b'4' | b'5' | b'6');
+        self.data_blocks = if has_data { size.div_ceil(512) } else { 0 };
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for TarGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.observe(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// A tar numeric field: octal text, or base-256 when the high bit is set.
+fn parse_tar_number(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        let mut v: u64 = u64::from(field[0] & 0x7f);
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let text = std::str::from_utf8(field).ok()?;
+    let t = text.trim_matches(|c: char| c == '\0' || c == ' ');
+    if t.is_empty() {
+        Some(0)
+    } else {
+        u64::from_str_radix(t, 8).ok()
+    }
 }
 
 /// Unpacks the (uncompressed) tar stream `reader` into `dest`. `layer` names the
@@ -68,28 +197,29 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<Unpa
             check_parents(dest, &rel).map_err(|r| unsafe_entry(&r))?;
             let name = rel
                 .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
+                .map(|n| n.as_bytes().to_vec())
                 .unwrap_or_default();
+            let name = name.as_slice();
             let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
             let path = dest.join(&rel);
             let io_err = |ctx: &'static str, e: io::Error| ImageError::io(ctx, &path, e);
 
-            if name == OPAQUE_MARKER {
+            if name == OPAQUE_MARKER.as_bytes() {
                 mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
                 set_xattr(&parent, "trusted.overlay.opaque", b"y")
                     .map_err(|e| io_err("marking opaque", e))?;
                 stats.inodes += 1;
                 continue;
             }
-            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-                if hidden.starts_with(".wh.") {
+            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+                if hidden.starts_with(WHITEOUT_PREFIX.as_bytes()) {
                     continue; // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to create
                 }
-                if hidden.is_empty() || hidden == "." || hidden == ".." {
+                if hidden.is_empty() || hidden == b"." || hidden == b".." {
                     return Err(unsafe_entry("whiteout of an invalid name"));
                 }
                 mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
-                let target = parent.join(hidden);
+                let target = parent.join(std::ffi::OsStr::from_bytes(hidden));
                 remove_existing(&target).map_err(|e| ImageError::io("replacing", &target, e))?;
                 mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
                     .map_err(|e| ImageError::io("creating whiteout", &target, e.into()))?;
@@ -395,6 +525,40 @@ mod tests {
             assert!(msg.contains(needle), "{msg}");
             assert!(!dir.path().join("escape").exists());
         }
+    }
+
+    #[test]
+    fn huge_pax_headers_are_refused_without_reading_them() {
+        let mut h = tar::Header::new_ustar();
+        h.set_path("PaxHeaders/x").unwrap();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(64 << 20);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.extend(std::iter::repeat_n(b'a', 2 << 20)); // the rest would follow
+        let dir = tempfile::tempdir().unwrap();
+        let err = unpack_layer(decompress(&t[..]).unwrap(), dir.path(), "bomb").unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn guard_follows_real_archives() {
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("{}/file", "d".repeat(150));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let stats = unpack_layer(decompress(&data[..]).unwrap(), dir.path(), "long").unwrap();
+        assert_eq!(stats.bytes, 3);
+        assert_eq!(fs::read(dir.path().join(&long)).unwrap(), b"abc");
     }
 
     #[test]
