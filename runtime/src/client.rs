@@ -1,0 +1,315 @@
+//! berthd's side of the shim protocol: an async client that multiplexes calls over one
+//! connection by request id and fans pushed events out to subscribers.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use berth_proto::frame::{Frame, HEADER_LEN, Kind};
+use berth_proto::shim as pb;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::shim::ShimConfig;
+
+/// A failed shim call.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    /// The socket failed.
+    #[error("shim connection: {0}")]
+    Io(#[from] io::Error),
+    /// The shim went away (killed, crashed or shut down).
+    #[error("the shim closed the connection")]
+    Closed,
+    /// The shim answered with an error (`code` is gRPC-style, see `shim::code`).
+    #[error("{message}")]
+    Remote { code: u32, message: String },
+    /// The answer could not be decoded.
+    #[error("shim answer: {0}")]
+    Decode(String),
+    /// The shim could not be started.
+    #[error("starting shim: {0}")]
+    Start(String),
+}
+
+struct Inner {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Mutex<HashMap<u32, oneshot::Sender<Frame>>>,
+    next_id: AtomicU32,
+    events: broadcast::Sender<pb::Event>,
+    closed: AtomicBool,
+}
+
+/// A connection to one shim.
+#[derive(Clone)]
+pub struct ShimClient {
+    inner: Arc<Inner>,
+}
+
+impl ShimClient {
+    /// Connects to a shim socket and starts reading its answers and events.
+    pub async fn connect(socket: &Path) -> Result<ShimClient, ShimError> {
+        let stream = UnixStream::connect(socket).await?;
+        let (mut rd, wr) = stream.into_split();
+        let (events, _) = broadcast::channel(256);
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(wr),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            events,
+            closed: AtomicBool::new(false),
+        });
+        let reader = inner.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut h = [0u8; HEADER_LEN];
+                if rd.read_exact(&mut h).await.is_err() {
+                    break;
+                }
+                let Ok((len, kind, method, id)) = Frame::parse_header(&h) else {
+                    break;
+                };
+                let mut payload = vec![0u8; len];
+                if rd.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                let frame = Frame {
+                    kind,
+                    method,
+                    id,
+                    payload,
+                };
+                match kind {
+                    Kind::Event => {
+                        if let Ok(ev) = pb::Event::decode(&frame.payload[..]) {
+                            let _ = reader.events.send(ev);
+                        }
+                    }
+                    Kind::Response | Kind::Error => {
+                        let tx = reader
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id);
+                        if let Some(tx) = tx {
+                            let _ = tx.send(frame);
+                        }
+                    }
+                    Kind::Request => {}
+                }
+            }
+            reader.closed.store(true, Ordering::SeqCst);
+            // Dropping the senders wakes every caller with `Closed`.
+            reader
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        });
+        Ok(ShimClient { inner })
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Pushed events (after `subscribe`).
+    pub fn events(&self) -> broadcast::Receiver<pb::Event> {
+        self.inner.events.subscribe()
+    }
+
+    async fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        method: pb::Method,
+        req: &Req,
+    ) -> Result<Resp, ShimError> {
+        if self.is_closed() {
+            return Err(ShimError::Closed);
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let frame = Frame {
+            kind: Kind::Request,
+            method: method as u16,
+            id,
+            payload: req.encode_to_vec(),
+        };
+        let bytes = frame
+            .encode()
+            .map_err(|e| ShimError::Decode(e.to_string()))?;
+        {
+            let mut w = self.inner.writer.lock().await;
+            if let Err(e) = w.write_all(&bytes).await {
+                self.inner
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return Err(e.into());
+            }
+        }
+        let answer = rx.await.map_err(|_| ShimError::Closed)?;
+        match answer.kind {
+            Kind::Response => {
+                Resp::decode(&answer.payload[..]).map_err(|e| ShimError::Decode(e.to_string()))
+            }
+            _ => {
+                let e = pb::Error::decode(&answer.payload[..])
+                    .map_err(|e| ShimError::Decode(e.to_string()))?;
+                Err(ShimError::Remote {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+        }
+    }
+
+    /// The shim's pid and every task it holds.
+    pub async fn connect_info(&self) -> Result<pb::ConnectResponse, ShimError> {
+        self.call(pb::Method::Connect, &pb::Empty {}).await
+    }
+
+    /// Starts receiving events on this connection.
+    pub async fn subscribe(&self) -> Result<(), ShimError> {
+        self.call::<_, pb::Empty>(pb::Method::Subscribe, &pb::Empty {})
+            .await
+            .map(|_| ())
+    }
+
+    /// Creates a task from a bundle; returns its init pid.
+    pub async fn create(&self, req: pb::CreateRequest) -> Result<u32, ShimError> {
+        self.call::<_, pb::PidResponse>(pb::Method::Create, &req)
+            .await
+            .map(|r| r.pid)
+    }
+
+    fn task(id: &str) -> pb::TaskRef {
+        pb::TaskRef {
+            id: id.to_string(),
+            exec_id: String::new(),
+        }
+    }
+
+    /// Starts a created task.
+    pub async fn start(&self, id: &str) -> Result<u32, ShimError> {
+        self.call::<_, pb::PidResponse>(pb::Method::Start, &Self::task(id))
+            .await
+            .map(|r| r.pid)
+    }
+
+    /// Signals a task's init (or all its processes).
+    pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), ShimError> {
+        let req = pb::KillRequest {
+            id: id.to_string(),
+            exec_id: String::new(),
+            signal,
+            all,
+        };
+        self.call::<_, pb::Empty>(pb::Method::Kill, &req)
+            .await
+            .map(|_| ())
+    }
+
+    /// Waits for a task to exit.
+    pub async fn wait(&self, id: &str) -> Result<pb::ExitStatus, ShimError> {
+        self.call(pb::Method::Wait, &Self::task(id)).await
+    }
+
+    /// Deletes an exited task; returns its exit.
+    pub async fn delete(&self, id: &str) -> Result<pb::ExitStatus, ShimError> {
+        self.call(pb::Method::Delete, &Self::task(id)).await
+    }
+
+    /// A task's state.
+    pub async fn state(&self, id: &str) -> Result<pb::StateResponse, ShimError> {
+        self.call(pb::Method::State, &Self::task(id)).await
+    }
+
+    /// The pids in a task's container.
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>, ShimError> {
+        self.call::<_, pb::PidsResponse>(pb::Method::Pids, &Self::task(id))
+            .await
+            .map(|r| r.pids)
+    }
+
+    /// Closes a task's stdin.
+    pub async fn close_io(&self, id: &str) -> Result<(), ShimError> {
+        self.call::<_, pb::Empty>(pb::Method::CloseIo, &Self::task(id))
+            .await
+            .map(|_| ())
+    }
+
+    /// Reopens a task's log file (after rotation).
+    pub async fn reopen_log(&self, id: &str) -> Result<(), ShimError> {
+        self.call::<_, pb::Empty>(pb::Method::ReopenLog, &Self::task(id))
+            .await
+            .map(|_| ())
+    }
+
+    /// Freezes or thaws a task.
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<(), ShimError> {
+        let m = if pause {
+            pb::Method::Pause
+        } else {
+            pb::Method::Resume
+        };
+        self.call::<_, pb::Empty>(m, &Self::task(id))
+            .await
+            .map(|_| ())
+    }
+
+    /// Asks the shim to exit (refused while tasks run).
+    pub async fn shutdown(&self) -> Result<(), ShimError> {
+        self.call::<_, pb::Empty>(pb::Method::Shutdown, &pb::Empty {})
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Starts a detached shim and returns once it serves on its socket. Its stderr goes
+/// to `<state dir>/shim.log`, whose tail explains a failed start.
+pub fn spawn_shim(binary: &Path, cfg: &ShimConfig) -> Result<(), ShimError> {
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    let log_path = cfg.state_dir.join("shim.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("--socket")
+        .arg(&cfg.socket)
+        .arg("--state-dir")
+        .arg(&cfg.state_dir)
+        .arg("--runtime")
+        .arg(&cfg.runtime)
+        .arg("--runtime-root")
+        .arg(&cfg.runtime_root);
+    for a in &cfg.runtime_args {
+        cmd.arg("--runtime-arg").arg(a);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    let status = cmd
+        .status()
+        .map_err(|e| ShimError::Start(format!("running {}: {e}", binary.display())))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let tail = text.lines().last().unwrap_or("").to_string();
+    Err(ShimError::Start(format!(
+        "{} exited with {status}: {tail}",
+        binary.display()
+    )))
+}

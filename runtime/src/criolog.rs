@@ -1,0 +1,177 @@
+//! The CRI container log format: `<RFC3339Nano> <stdout|stderr> <P|F> <text>\n`.
+//! Lines longer than the buffer limit are split into `P` (partial) records; the last
+//! piece of a line is `F` (full).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::timefmt::{now_unix_nanos, rfc3339_nano};
+
+/// Longest record body before a line is split (kubelet's reader copes with any size;
+/// containerd uses 16 KiB).
+pub const MAX_RECORD: usize = 16 * 1024;
+
+/// Which output a record came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// The process's standard output.
+    Stdout,
+    /// The process's standard error.
+    Stderr,
+}
+
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Writes one container's CRI log file, buffering partial lines per stream.
+pub struct CriLogWriter {
+    path: PathBuf,
+    file: File,
+    pending: [Vec<u8>; 2],
+}
+
+impl CriLogWriter {
+    /// Opens (appending, creating) the log file.
+    pub fn open(path: &Path) -> io::Result<CriLogWriter> {
+        let file = open_append(path)?;
+        Ok(CriLogWriter {
+            path: path.to_path_buf(),
+            file,
+            pending: [Vec::new(), Vec::new()],
+        })
+    }
+
+    /// Reopens the file at the same path (after kubelet rotated it).
+    pub fn reopen(&mut self) -> io::Result<()> {
+        self.file = open_append(&self.path)?;
+        Ok(())
+    }
+
+    /// Takes output bytes of one stream; writes every complete line and splits long ones.
+    pub fn write(&mut self, stream: Stream, mut data: &[u8]) -> io::Result<()> {
+        let idx = stream as usize;
+        while !data.is_empty() {
+            match data.iter().position(|&b| b == b'\n') {
+                Some(nl) => {
+                    self.pending[idx].extend_from_slice(&data[..nl]);
+                    data = &data[nl + 1..];
+                    self.emit_line(stream)?;
+                }
+                None => {
+                    self.pending[idx].extend_from_slice(data);
+                    data = &[];
+                }
+            }
+            while self.pending[idx].len() >= MAX_RECORD {
+                let rest = self.pending[idx].split_off(MAX_RECORD);
+                let chunk = std::mem::replace(&mut self.pending[idx], rest);
+                self.record(stream, 'P', &chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream ended: a trailing unterminated line is written as a full record.
+    pub fn close_stream(&mut self, stream: Stream) -> io::Result<()> {
+        if !self.pending[stream as usize].is_empty() {
+            self.emit_line(stream)?;
+        }
+        Ok(())
+    }
+
+    fn emit_line(&mut self, stream: Stream) -> io::Result<()> {
+        let line = std::mem::take(&mut self.pending[stream as usize]);
+        self.record(stream, 'F', &line)
+    }
+
+    fn record(&mut self, stream: Stream, tag: char, body: &[u8]) -> io::Result<()> {
+        let mut rec = Vec::with_capacity(body.len() + 48);
+        rec.extend_from_slice(rfc3339_nano(now_unix_nanos()).as_bytes());
+        rec.push(b' ');
+        rec.extend_from_slice(stream.name().as_bytes());
+        rec.push(b' ');
+        rec.push(tag as u8);
+        rec.push(b' ');
+        rec.extend_from_slice(body);
+        rec.push(b'\n');
+        self.file.write_all(&rec)
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(path: &Path) -> Vec<(String, String, String)> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut it = l.splitn(4, ' ');
+                let ts = it.next().unwrap();
+                assert!(ts.ends_with('Z') && ts.len() == 30, "{ts}");
+                (
+                    it.next().unwrap().into(),
+                    it.next().unwrap().into(),
+                    it.next().unwrap_or("").into(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn splits_lines_and_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c/0.log");
+        let mut w = CriLogWriter::open(&p).unwrap();
+        w.write(Stream::Stdout, b"hello\nwor").unwrap();
+        w.write(Stream::Stderr, b"oops\n").unwrap();
+        w.write(Stream::Stdout, b"ld\n\n").unwrap();
+        w.write(Stream::Stdout, b"tail").unwrap();
+        w.close_stream(Stream::Stdout).unwrap();
+        let r = records(&p);
+        let want = [
+            ("stdout", "F", "hello"),
+            ("stderr", "F", "oops"),
+            ("stdout", "F", "world"),
+            ("stdout", "F", ""),
+            ("stdout", "F", "tail"),
+        ];
+        assert_eq!(r.len(), want.len(), "{r:?}");
+        for (got, want) in r.iter().zip(want) {
+            assert_eq!((got.0.as_str(), got.1.as_str(), got.2.as_str()), want);
+        }
+    }
+
+    #[test]
+    fn long_lines_become_partials_and_reopen_follows_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("0.log");
+        let mut w = CriLogWriter::open(&p).unwrap();
+        let long = vec![b'x'; MAX_RECORD * 2 + 10];
+        w.write(Stream::Stdout, &long).unwrap();
+        w.write(Stream::Stdout, b"\n").unwrap();
+        let r = records(&p);
+        let tags: Vec<&str> = r.iter().map(|x| x.1.as_str()).collect();
+        assert_eq!(tags, ["P", "P", "F"]);
+        assert_eq!(r.iter().map(|x| x.2.len()).sum::<usize>(), long.len());
+        std::fs::rename(&p, dir.path().join("0.log.1")).unwrap();
+        w.reopen().unwrap();
+        w.write(Stream::Stdout, b"after\n").unwrap();
+        assert_eq!(records(&p)[0].2, "after");
+    }
+}

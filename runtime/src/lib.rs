@@ -1,0 +1,10 @@
+//! berth's task model: the per-pod shim (`berth-shim`) that drives the OCI runtime
+//! CLI, owns container stdio, writes CRI logs and records exits; and `ShimClient`,
+//! berthd's async side of the shim protocol.
+
+pub mod client;
+pub mod criolog;
+pub mod exits;
+pub mod runc;
+pub mod shim;
+pub mod timefmt;

@@ -1,0 +1,252 @@
+//! The OCI runtime CLI (runc, or a compatible one such as crun): one method per
+//! command. Errors carry the runtime's own message, read from its JSON log.
+//!
+//! Commands run synchronously; inside the shim this is safe because the shim is
+//! single-threaded and reaps other children only between commands.
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+/// A failed runtime command.
+#[derive(Debug, thiserror::Error)]
+pub enum RuncError {
+    /// The binary could not be run at all.
+    #[error("running {binary}: {source}")]
+    Spawn { binary: String, source: io::Error },
+    /// The command ran and failed; `message` is the runtime's own error.
+    #[error("{binary} {command} {id}: {message}")]
+    Failed {
+        binary: String,
+        command: &'static str,
+        id: String,
+        message: String,
+    },
+    /// The runtime's output could not be understood.
+    #[error("{binary} {command} {id}: unexpected output: {detail}")]
+    Output {
+        binary: String,
+        command: &'static str,
+        id: String,
+        detail: String,
+    },
+}
+
+impl RuncError {
+    /// Whether the runtime said the container does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RuncError::Failed { message, .. } if message.contains("does not exist") || message.contains("not found"))
+    }
+}
+
+/// Standard streams handed to the container's process (no terminal).
+pub struct ProcessIo {
+    /// stdin, or /dev/null.
+    pub stdin: Option<OwnedFd>,
+    /// stdout, or /dev/null.
+    pub stdout: Option<OwnedFd>,
+    /// stderr, or /dev/null.
+    pub stderr: Option<OwnedFd>,
+}
+
+/// `runc state` output (the fields berth uses).
+#[derive(Debug, Deserialize)]
+pub struct RuncState {
+    /// Container id.
+    pub id: String,
+    /// Init process pid.
+    pub pid: u32,
+    /// created, running, paused, stopped.
+    pub status: String,
+}
+
+/// One OCI runtime binary with its state root.
+#[derive(Clone, Debug)]
+pub struct Runc {
+    binary: PathBuf,
+    root: PathBuf,
+    log: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl Runc {
+    /// A runtime `binary` keeping container state under `root`, logging to `log`.
+    pub fn new(binary: &Path, root: &Path, log: &Path, extra_args: Vec<String>) -> Runc {
+        Runc {
+            binary: binary.to_path_buf(),
+            root: root.to_path_buf(),
+            log: log.to_path_buf(),
+            extra_args,
+        }
+    }
+
+    fn base(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&self.log)
+            .arg("--log-format")
+            .arg("json");
+        c.args(&self.extra_args);
+        c
+    }
+
+    fn name(&self) -> String {
+        self.binary.display().to_string()
+    }
+
+    /// Runs a command whose stdio the caller has set; maps failure to the runtime's message.
+    fn run(&self, mut cmd: Command, command: &'static str, id: &str) -> Result<Vec<u8>, RuncError> {
+        let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let out = cmd.output().map_err(|source| RuncError::Spawn {
+            binary: self.name(),
+            source,
+        })?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        let mut message = last_log_error(&self.log, log_len);
+        if message.is_empty() {
+            message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        }
+        if message.is_empty() {
+            message = format!("exited with {}", out.status);
+        }
+        Err(RuncError::Failed {
+            binary: self.name(),
+            command,
+            id: id.to_string(),
+            message,
+        })
+    }
+
+    /// `create`: sets up the container with its init process stopped before exec.
+    pub fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        io: ProcessIo,
+    ) -> Result<(), RuncError> {
+        let mut c = self.base();
+        c.arg("create")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id);
+        c.stdin(io.stdin.map_or_else(Stdio::null, Stdio::from));
+        c.stdout(io.stdout.map_or_else(Stdio::null, Stdio::from));
+        c.stderr(io.stderr.map_or_else(Stdio::null, Stdio::from));
+        // output() would replace the stdio we set; run() uses output(), so spawn here.
+        let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let status = c.status().map_err(|source| RuncError::Spawn {
+            binary: self.name(),
+            source,
+        })?;
+        if status.success() {
+            return Ok(());
+        }
+        let mut message = last_log_error(&self.log, log_len);
+        if message.is_empty() {
+            message = format!("exited with {status}");
+        }
+        Err(RuncError::Failed {
+            binary: self.name(),
+            command: "create",
+            id: id.to_string(),
+            message,
+        })
+    }
+
+    /// `start`: lets the created init process exec.
+    pub fn start(&self, id: &str) -> Result<(), RuncError> {
+        let mut c = self.base();
+        c.arg("start").arg(id);
+        self.run(c, "start", id).map(|_| ())
+    }
+
+    /// `kill`: signals the init process, or every process with `all`.
+    pub fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), RuncError> {
+        let mut c = self.base();
+        c.arg("kill");
+        if all {
+            c.arg("--all");
+        }
+        c.arg(id).arg(signal.to_string());
+        self.run(c, "kill", id).map(|_| ())
+    }
+
+    /// `delete`: removes the container's runtime state (`force` kills it first).
+    pub fn delete(&self, id: &str, force: bool) -> Result<(), RuncError> {
+        let mut c = self.base();
+        c.arg("delete");
+        if force {
+            c.arg("--force");
+        }
+        c.arg(id);
+        self.run(c, "delete", id).map(|_| ())
+    }
+
+    /// `state`.
+    pub fn state(&self, id: &str) -> Result<RuncState, RuncError> {
+        let mut c = self.base();
+        c.arg("state").arg(id);
+        let out = self.run(c, "state", id)?;
+        serde_json::from_slice(&out).map_err(|e| RuncError::Output {
+            binary: self.name(),
+            command: "state",
+            id: id.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// `ps --format json`: the container's pids.
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, RuncError> {
+        let mut c = self.base();
+        c.arg("ps").arg("--format").arg("json").arg(id);
+        let out = self.run(c, "ps", id)?;
+        serde_json::from_slice(&out).map_err(|e| RuncError::Output {
+            binary: self.name(),
+            command: "ps",
+            id: id.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// `pause` / `resume`.
+    pub fn pause(&self, id: &str, pause: bool) -> Result<(), RuncError> {
+        let mut c = self.base();
+        let command = if pause { "pause" } else { "resume" };
+        c.arg(command).arg(id);
+        self.run(c, command, id).map(|_| ())
+    }
+}
+
+#[derive(Deserialize)]
+struct LogLine {
+    #[serde(default)]
+    level: String,
+    #[serde(default)]
+    msg: String,
+}
+
+/// The error messages runc logged after `from` bytes of its log, joined.
+fn last_log_error(log: &Path, from: u64) -> String {
+    let Ok(text) = fs::read(log) else {
+        return String::new();
+    };
+    let tail = text.get(from as usize..).unwrap_or(&[]);
+    let msgs: Vec<String> = String::from_utf8_lossy(tail)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<LogLine>(l).ok())
+        .filter(|l| l.level == "error" || l.level == "fatal")
+        .map(|l| l.msg)
+        .collect();
+    msgs.join("; ")
+}

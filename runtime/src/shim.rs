@@ -1,0 +1,737 @@
+//! The shim server: one per pod, single-threaded, driven by `poll` over its socket,
+//! a SIGCHLD signalfd, client connections and the containers' output pipes.
+//!
+//! It is the child subreaper of every container it creates, so all exits come to
+//! its one `waitpid` loop; runtime commands run synchronously between polls, so they
+//! never race with that loop. Each exit is written to disk before it is reported.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use berth_proto::frame::{Frame, FrameBuffer, Kind};
+use berth_proto::shim as pb;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use prost::Message;
+
+use crate::criolog::{CriLogWriter, Stream};
+use crate::exits::{ExitRecord, ExitStore, exit_status_of};
+use crate::runc::{ProcessIo, Runc};
+use crate::timefmt::now_unix_nanos;
+
+/// gRPC-style codes carried in `pb::Error`.
+pub mod code {
+    /// Bad request field.
+    pub const INVALID_ARGUMENT: u32 = 3;
+    /// No such task.
+    pub const NOT_FOUND: u32 = 5;
+    /// Task id taken.
+    pub const ALREADY_EXISTS: u32 = 6;
+    /// Wrong state for the call.
+    pub const FAILED_PRECONDITION: u32 = 9;
+    /// Not implemented by this shim.
+    pub const UNIMPLEMENTED: u32 = 12;
+    /// Runtime or system failure.
+    pub const INTERNAL: u32 = 13;
+}
+
+/// How the shim is set up.
+#[derive(Clone, Debug)]
+pub struct ShimConfig {
+    /// Socket to serve on.
+    pub socket: PathBuf,
+    /// Directory for exit records, pid files and the runtime's log.
+    pub state_dir: PathBuf,
+    /// OCI runtime binary.
+    pub runtime: PathBuf,
+    /// The runtime's state root.
+    pub runtime_root: PathBuf,
+    /// Extra global arguments for the runtime.
+    pub runtime_args: Vec<String>,
+}
+
+type Reply = Result<Vec<u8>, (u32, String)>;
+
+struct Task {
+    pid: u32,
+    status: pb::TaskStatus,
+    log: Option<CriLogWriter>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
+    exit: Option<ExitRecord>,
+    waiters: Vec<(u64, u32)>,
+}
+
+struct Conn {
+    stream: UnixStream,
+    inbuf: FrameBuffer,
+    out: Vec<u8>,
+    subscribed: bool,
+    closed: bool,
+}
+
+/// The running shim.
+pub struct Shim {
+    runc: Runc,
+    exits: ExitStore,
+    state_dir: PathBuf,
+    listener: UnixListener,
+    sigfd: SignalFd,
+    tasks: BTreeMap<String, Task>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    shutdown: bool,
+}
+
+/// A task id the shim accepts: it names files in the state dir.
+pub fn valid_task_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+impl Shim {
+    /// Binds the socket and prepares state; SIGCHLD must not be blocked by a caller thread
+    /// other than this one (the shim is single-threaded).
+    pub fn bind(cfg: &ShimConfig) -> io::Result<Shim> {
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        let exits = ExitStore::open(&cfg.state_dir.join("exits"))?;
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        mask.thread_block().map_err(io::Error::from)?;
+        let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(io::Error::from)?;
+        let _ = std::fs::remove_file(&cfg.socket);
+        let listener = UnixListener::bind(&cfg.socket)?;
+        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let runc = Runc::new(
+            &cfg.runtime,
+            &cfg.runtime_root,
+            &cfg.state_dir.join("runtime.log"),
+            cfg.runtime_args.clone(),
+        );
+        Ok(Shim {
+            runc,
+            exits,
+            state_dir: cfg.state_dir.clone(),
+            listener,
+            sigfd,
+            tasks: BTreeMap::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            shutdown: false,
+        })
+    }
+
+    /// Serves until a `Shutdown` call succeeds.
+    pub fn run(mut self) -> io::Result<()> {
+        // Children that exited before the loop started still need reaping.
+        self.reap();
+        while !self.shutdown || self.conns.values().any(|c| !c.out.is_empty()) {
+            self.poll_once()?;
+        }
+        Ok(())
+    }
+
+    fn poll_once(&mut self) -> io::Result<()> {
+        // Which fd each poll slot watches.
+        enum Slot {
+            Listener,
+            Signal,
+            Conn(u64),
+            Pipe(String, Stream),
+        }
+        let mut slots = Vec::new();
+        let mut fds: Vec<PollFd<'_>> = Vec::new();
+        fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+        slots.push(Slot::Listener);
+        fds.push(PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN));
+        slots.push(Slot::Signal);
+        for (id, c) in &self.conns {
+            let mut fl = PollFlags::POLLIN;
+            if !c.out.is_empty() {
+                fl |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(c.stream.as_fd(), fl));
+            slots.push(Slot::Conn(*id));
+        }
+        for (id, t) in &self.tasks {
+            for (fd, s) in [(&t.stdout, Stream::Stdout), (&t.stderr, Stream::Stderr)] {
+                if let Some(fd) = fd {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    slots.push(Slot::Pipe(id.clone(), s));
+                }
+            }
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<(usize, PollFlags)> = fds
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.revents().filter(|r| !r.is_empty()).map(|r| (i, r)))
+            .collect();
+        drop(fds);
+        for (i, rev) in ready {
+            match &slots[i] {
+                Slot::Listener => self.accept(),
+                Slot::Signal => {
+                    while let Ok(Some(_)) = self.sigfd.read_signal() {}
+                    self.reap();
+                }
+                Slot::Conn(id) => {
+                    if rev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                        self.read_conn(*id);
+                    }
+                    if rev.contains(PollFlags::POLLOUT) {
+                        self.flush_conn(*id);
+                    }
+                }
+                Slot::Pipe(id, s) => self.drain_pipe(id, *s, false),
+            }
+        }
+        self.conns.retain(|_, c| !(c.closed && c.out.is_empty()));
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let id = self.next_conn;
+            self.next_conn += 1;
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    inbuf: FrameBuffer::default(),
+                    out: Vec::new(),
+                    subscribed: false,
+                    closed: false,
+                },
+            );
+        }
+    }
+
+    fn read_conn(&mut self, id: u64) {
+        let mut frames = Vec::new();
+        if let Some(c) = self.conns.get_mut(&id) {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        c.closed = true;
+                        break;
+                    }
+                    Ok(n) => c.inbuf.extend(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        c.closed = true;
+                        break;
+                    }
+                }
+            }
+            loop {
+                match c.inbuf.next_frame() {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(_) => {
+                        c.closed = true; // a client that breaks framing is dropped
+                        break;
+                    }
+                }
+            }
+        }
+        for f in frames {
+            if f.kind == Kind::Request {
+                if let Some(reply) = self.handle(id, &f) {
+                    self.respond(id, f.method, f.id, reply);
+                }
+            }
+        }
+    }
+
+    fn flush_conn(&mut self, id: u64) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            while !c.out.is_empty() {
+                match c.stream.write(&c.out) {
+                    Ok(0) => {
+                        c.closed = true;
+                        c.out.clear();
+                    }
+                    Ok(n) => {
+                        c.out.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        c.closed = true;
+                        c.out.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, conn: u64, frame: Frame) {
+        if let (Some(c), Ok(bytes)) = (self.conns.get_mut(&conn), frame.encode()) {
+            c.out.extend_from_slice(&bytes);
+        }
+        self.flush_conn(conn);
+    }
+
+    fn respond(&mut self, conn: u64, method: u16, id: u32, reply: Reply) {
+        let frame = match reply {
+            Ok(payload) => Frame {
+                kind: Kind::Response,
+                method,
+                id,
+                payload,
+            },
+            Err((code, message)) => Frame {
+                kind: Kind::Error,
+                method,
+                id,
+                payload: pb::Error { code, message }.encode_to_vec(),
+            },
+        };
+        self.send(conn, frame);
+    }
+
+    fn publish(&mut self, ev: pb::Event) {
+        let payload = ev.encode_to_vec();
+        let subs: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.subscribed)
+            .map(|(k, _)| *k)
+            .collect();
+        for s in subs {
+            self.send(
+                s,
+                Frame {
+                    kind: Kind::Event,
+                    method: 0,
+                    id: 0,
+                    payload: payload.clone(),
+                },
+            );
+        }
+    }
+
+    /// Reads what a container wrote into its log; at EOF closes the pipe.
+    fn drain_pipe(&mut self, id: &str, s: Stream, until_eof_or_empty: bool) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        let slot = match s {
+            Stream::Stdout => &mut t.stdout,
+            Stream::Stderr => &mut t.stderr,
+        };
+        let Some(fd) = slot.as_ref() else { return };
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(0) => {
+                    *slot = None;
+                    if let Some(l) = t.log.as_mut() {
+                        let _ = l.close_stream(s);
+                    }
+                    return;
+                }
+                Ok(n) => {
+                    if let Some(l) = t.log.as_mut() {
+                        let _ = l.write(s, &buf[..n]);
+                    }
+                    if !until_eof_or_empty {
+                        return; // one read per poll round keeps other work moving
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => {
+                    *slot = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reaps every exited child; container exits are recorded, then reported.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(st) => {
+                    if let Some((pid, status)) = exit_status_of(st) {
+                        self.on_exit(pid, status);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: u32, exit_status: u32) {
+        let Some(id) = self
+            .tasks
+            .iter()
+            .find(|(_, t)| t.pid == pid && t.exit.is_none())
+            .map(|(k, _)| k.clone())
+        else {
+            return; // an orphan reparented to us, or a runtime helper
+        };
+        // Whatever the process wrote before exiting belongs before its exit.
+        self.drain_pipe(&id, Stream::Stdout, true);
+        self.drain_pipe(&id, Stream::Stderr, true);
+        let rec = ExitRecord {
+            pid,
+            exit_status,
+            exited_at_unix_nanos: now_unix_nanos(),
+        };
+        if let Err(e) = self.exits.record(&id, &rec) {
+            eprintln!("berth-shim: recording exit of {id}: {e}");
+        }
+        let waiters = match self.tasks.get_mut(&id) {
+            Some(t) => {
+                t.exit = Some(rec);
+                t.status = pb::TaskStatus::Stopped;
+                t.stdin = None;
+                std::mem::take(&mut t.waiters)
+            }
+            None => Vec::new(),
+        };
+        let payload = pb::ExitStatus {
+            exit_status,
+            exited_at_unix_nanos: rec.exited_at_unix_nanos,
+        }
+        .encode_to_vec();
+        for (conn, req) in waiters {
+            self.respond(conn, pb::Method::Wait as u16, req, Ok(payload.clone()));
+        }
+        self.publish(pb::Event {
+            event: Some(pb::event::Event::Exit(pb::TaskExit {
+                id,
+                exec_id: String::new(),
+                pid,
+                exit_status,
+                exited_at_unix_nanos: rec.exited_at_unix_nanos,
+            })),
+        });
+    }
+
+    fn state_of(&self, id: &str, t: &Task) -> pb::StateResponse {
+        pb::StateResponse {
+            id: id.to_string(),
+            exec_id: String::new(),
+            pid: t.pid,
+            status: t.status as i32,
+            exit_status: t.exit.map_or(0, |e| e.exit_status),
+            exited_at_unix_nanos: t.exit.map_or(0, |e| e.exited_at_unix_nanos),
+        }
+    }
+
+    /// Handles one request; `None` defers the answer (Wait on a running task).
+    fn handle(&mut self, conn: u64, f: &Frame) -> Option<Reply> {
+        let method = pb::Method::try_from(i32::from(f.method)).unwrap_or(pb::Method::Unspecified);
+        let bad =
+            |e: prost::DecodeError| (code::INVALID_ARGUMENT, format!("decoding request: {e}"));
+        Some(match method {
+            pb::Method::Connect => {
+                let tasks = self
+                    .tasks
+                    .iter()
+                    .map(|(k, t)| self.state_of(k, t))
+                    .collect();
+                Ok(pb::ConnectResponse {
+                    shim_pid: std::process::id(),
+                    tasks,
+                }
+                .encode_to_vec())
+            }
+            pb::Method::Subscribe => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.subscribed = true;
+                }
+                Ok(pb::Empty {}.encode_to_vec())
+            }
+            pb::Method::Create => match pb::CreateRequest::decode(&f.payload[..]) {
+                Ok(r) => self.create(r),
+                Err(e) => Err(bad(e)),
+            },
+            pb::Method::Start
+            | pb::Method::Delete
+            | pb::Method::State
+            | pb::Method::Wait
+            | pb::Method::Pids
+            | pb::Method::CloseIo
+            | pb::Method::Pause
+            | pb::Method::Resume
+            | pb::Method::ReopenLog => {
+                let r = match pb::TaskRef::decode(&f.payload[..]) {
+                    Ok(r) => r,
+                    Err(e) => return Some(Err(bad(e))),
+                };
+                if !r.exec_id.is_empty() {
+                    return Some(Err((
+                        code::UNIMPLEMENTED,
+                        "exec processes are not supported by this shim yet".into(),
+                    )));
+                }
+                if !self.tasks.contains_key(&r.id) {
+                    return Some(Err((code::NOT_FOUND, format!("task {:?} not found", r.id))));
+                }
+                if method == pb::Method::Wait {
+                    let t = self.tasks.get_mut(&r.id)?;
+                    return match t.exit {
+                        Some(e) => Some(Ok(pb::ExitStatus {
+                            exit_status: e.exit_status,
+                            exited_at_unix_nanos: e.exited_at_unix_nanos,
+                        }
+                        .encode_to_vec())),
+                        None => {
+                            t.waiters.push((conn, f.id));
+                            None
+                        }
+                    };
+                }
+                self.task_call(method, &r.id)
+            }
+            pb::Method::Kill => match pb::KillRequest::decode(&f.payload[..]) {
+                Ok(r) => self.kill(r),
+                Err(e) => Err(bad(e)),
+            },
+            pb::Method::Shutdown => {
+                if self.tasks.values().any(|t| t.exit.is_none()) {
+                    Err((code::FAILED_PRECONDITION, "tasks are still running".into()))
+                } else {
+                    self.shutdown = true;
+                    Ok(pb::Empty {}.encode_to_vec())
+                }
+            }
+            other => Err((
+                code::UNIMPLEMENTED,
+                format!("{other:?} is not implemented by this shim yet"),
+            )),
+        })
+    }
+
+    fn create(&mut self, r: pb::CreateRequest) -> Reply {
+        if !valid_task_id(&r.id) {
+            return Err((
+                code::INVALID_ARGUMENT,
+                format!("id {:?}: must be 1-128 of [A-Za-z0-9_.-]", r.id),
+            ));
+        }
+        if self.tasks.contains_key(&r.id) {
+            return Err((
+                code::ALREADY_EXISTS,
+                format!("task {} already exists", r.id),
+            ));
+        }
+        if r.terminal {
+            return Err((
+                code::UNIMPLEMENTED,
+                "terminal (tty) tasks are not supported by this shim yet".into(),
+            ));
+        }
+        let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
+        let log = if r.log_path.is_empty() {
+            None
+        } else {
+            Some(
+                CriLogWriter::open(Path::new(&r.log_path))
+                    .map_err(|e| internal("opening log", e))?,
+            )
+        };
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e.into()))
+        };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (stdin_keep, stdin_child) = if r.stdin {
+            let (rd, wr) = pipe()?;
+            (Some(wr), Some(rd))
+        } else {
+            (None, None)
+        };
+        for fd in [&out_r, &err_r] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .map_err(|e| internal("fcntl", e.into()))?;
+        }
+        let pid_file = self.state_dir.join(format!("{}.pid", r.id));
+        let io = ProcessIo {
+            stdin: stdin_child,
+            stdout: Some(out_w),
+            stderr: Some(err_w),
+        };
+        if let Err(e) = self.runc.create(&r.id, Path::new(&r.bundle), &pid_file, io) {
+            // Leave nothing of a half-created container.
+            let _ = self.runc.delete(&r.id, true);
+            let _ = std::fs::remove_file(&pid_file);
+            return Err((code::INTERNAL, e.to_string()));
+        }
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        let _ = std::fs::remove_file(&pid_file);
+        let Some(pid) = pid else {
+            let _ = self.runc.delete(&r.id, true);
+            return Err((code::INTERNAL, "the runtime wrote no pid file".into()));
+        };
+        let _ = self.exits.remove(&r.id);
+        self.tasks.insert(
+            r.id,
+            Task {
+                pid,
+                status: pb::TaskStatus::Created,
+                log,
+                stdout: Some(out_r),
+                stderr: Some(err_r),
+                stdin: stdin_keep,
+                exit: None,
+                waiters: Vec::new(),
+            },
+        );
+        Ok(pb::PidResponse { pid }.encode_to_vec())
+    }
+
+    fn task_call(&mut self, method: pb::Method, id: &str) -> Reply {
+        let runtime_err = |e: crate::runc::RuncError| (code::INTERNAL, e.to_string());
+        match method {
+            pb::Method::Start => {
+                let t = &self.tasks[id];
+                if t.status != pb::TaskStatus::Created {
+                    return Err((
+                        code::FAILED_PRECONDITION,
+                        format!("task {id} is not in the created state"),
+                    ));
+                }
+                self.runc.start(id).map_err(runtime_err)?;
+                let pid = {
+                    let t = self
+                        .tasks
+                        .get_mut(id)
+                        .ok_or((code::NOT_FOUND, id.to_string()))?;
+                    if t.exit.is_none() {
+                        t.status = pb::TaskStatus::Running;
+                    }
+                    t.pid
+                };
+                Ok(pb::PidResponse { pid }.encode_to_vec())
+            }
+            pb::Method::Delete => {
+                let t = &self.tasks[id];
+                let Some(exit) = t.exit else {
+                    return Err((
+                        code::FAILED_PRECONDITION,
+                        format!("task {id} is still running; kill it first"),
+                    ));
+                };
+                if let Err(e) = self.runc.delete(id, true) {
+                    if !e.is_not_found() {
+                        return Err(runtime_err(e));
+                    }
+                }
+                let _ = self.exits.remove(id);
+                self.tasks.remove(id);
+                Ok(pb::ExitStatus {
+                    exit_status: exit.exit_status,
+                    exited_at_unix_nanos: exit.exited_at_unix_nanos,
+                }
+                .encode_to_vec())
+            }
+            pb::Method::State => Ok(self.state_of(id, &self.tasks[id]).encode_to_vec()),
+            pb::Method::Pids => {
+                if self.tasks[id].exit.is_some() {
+                    return Ok(pb::PidsResponse { pids: vec![] }.encode_to_vec());
+                }
+                let pids = self.runc.pids(id).map_err(runtime_err)?;
+                Ok(pb::PidsResponse { pids }.encode_to_vec())
+            }
+            pb::Method::CloseIo => {
+                if let Some(t) = self.tasks.get_mut(id) {
+                    t.stdin = None;
+                }
+                Ok(pb::Empty {}.encode_to_vec())
+            }
+            pb::Method::Pause | pb::Method::Resume => {
+                let pause = method == pb::Method::Pause;
+                self.runc.pause(id, pause).map_err(runtime_err)?;
+                if let Some(t) = self.tasks.get_mut(id) {
+                    if t.exit.is_none() {
+                        t.status = if pause {
+                            pb::TaskStatus::Paused
+                        } else {
+                            pb::TaskStatus::Running
+                        };
+                    }
+                }
+                Ok(pb::Empty {}.encode_to_vec())
+            }
+            pb::Method::ReopenLog => {
+                if let Some(l) = self.tasks.get_mut(id).and_then(|t| t.log.as_mut()) {
+                    l.reopen()
+                        .map_err(|e| (code::INTERNAL, format!("reopening log: {e}")))?;
+                }
+                Ok(pb::Empty {}.encode_to_vec())
+            }
+            other => Err((code::UNIMPLEMENTED, format!("{other:?}"))),
+        }
+    }
+
+    fn kill(&mut self, r: pb::KillRequest) -> Reply {
+        if !r.exec_id.is_empty() {
+            return Err((
+                code::UNIMPLEMENTED,
+                "exec processes are not supported by this shim yet".into(),
+            ));
+        }
+        let Some(t) = self.tasks.get(&r.id) else {
+            return Err((code::NOT_FOUND, format!("task {:?} not found", r.id)));
+        };
+        if r.signal == 0 || r.signal > 64 {
+            return Err((
+                code::INVALID_ARGUMENT,
+                format!("signal {} is not a valid signal", r.signal),
+            ));
+        }
+        if t.exit.is_some() && !r.all {
+            return Ok(pb::Empty {}.encode_to_vec()); // already gone: killing is done
+        }
+        match self.runc.kill(&r.id, r.signal, r.all) {
+            Ok(()) => Ok(pb::Empty {}.encode_to_vec()),
+            // The process may exit between our check and the runtime's.
+            Err(_) if self.tasks.get(&r.id).is_some_and(|t| t.exit.is_some()) => {
+                Ok(pb::Empty {}.encode_to_vec())
+            }
+            Err(e) => {
+                let gone = e.to_string().contains("not running")
+                    || e.to_string().contains("process already finished");
+                if gone {
+                    Ok(pb::Empty {}.encode_to_vec())
+                } else {
+                    Err((code::INTERNAL, e.to_string()))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The real berth-shim driving the real runc with a busybox bundle (needs root,
+//! runc and Debian's busybox-static). It covers exit codes, CRI logs, kill, events,
+//! reconnecting after the client (berthd) goes away, errors that leave nothing behind,
+//! and shutdown.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_proto::shim as pb;
+use berth_runtime::client::{ShimClient, ShimError, spawn_shim};
+use berth_runtime::shim::ShimConfig;
+
+struct Env {
+    dir: tempfile::TempDir,
+    cfg: ShimConfig,
+}
+
+/// The cgroup parent of this run's containers; runc removes only the leaves.
+fn cgroup_parent() -> String {
+    format!("/berth-shim-test-{}", std::process::id())
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Remove this run's (empty) parent cgroup in every hierarchy, by its path.
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(cgroup_parent().trim_start_matches('/')));
+            }
+        }
+        let _ = std::fs::remove_dir(
+            Path::new("/sys/fs/cgroup").join(cgroup_parent().trim_start_matches('/')),
+        );
+    }
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-shim-test-")
+            .tempdir()
+            .unwrap();
+        let cfg = ShimConfig {
+            socket: dir.path().join("shim.sock"),
+            state_dir: dir.path().join("state"),
+            runtime: PathBuf::from(which("runc")),
+            runtime_root: dir.path().join("runc-root"),
+            runtime_args: vec![],
+        };
+        Env { dir, cfg }
+    }
+
+    /// A bundle whose process runs `sh -c script`.
+    fn bundle(&self, name: &str, script: &str) -> PathBuf {
+        let b = self.dir.path().join(name);
+        let rootfs = b.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        for d in ["proc", "dev", "sys", "tmp"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+        let out = std::process::Command::new(&self.cfg.runtime)
+            .arg("spec")
+            .current_dir(&b)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "runc spec: {out:?}");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
+        spec["root"]["readonly"] = true.into();
+        spec["linux"]["cgroupsPath"] = format!("{}/{name}", cgroup_parent()).into();
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+        b
+    }
+
+    fn create_req(&self, id: &str, bundle: &Path, log: &Path) -> pb::CreateRequest {
+        pb::CreateRequest {
+            id: id.into(),
+            bundle: bundle.display().to_string(),
+            log_path: log.display().to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn runc_list(&self) -> String {
+        let out = std::process::Command::new(&self.cfg.runtime)
+            .arg("--root")
+            .arg(&self.cfg.runtime_root)
+            .args(["list", "-q"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+fn which(bin: &str) -> String {
+    for d in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"] {
+        let p = Path::new(d).join(bin);
+        if p.is_file() {
+            return p.display().to_string();
+        }
+    }
+    panic!("{bin} not found")
+}
+
+fn shim_binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_berth-shim"))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+fn log_records(path: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            let _ts = it.next();
+            (
+                it.next().unwrap_or("").to_string(),
+                it.next().unwrap_or("").to_string(),
+                it.next().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shim_runs_containers_with_runc() {
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+    let env = Env::new();
+    spawn_shim(shim_binary(), &env.cfg).unwrap();
+    let client = ShimClient::connect(&env.cfg.socket).await.unwrap();
+    let info = client.connect_info().await.unwrap();
+    let shim_pid = info.shim_pid;
+    assert!(info.tasks.is_empty());
+    // The shim is detached: not our child, own session.
+    let ppid = std::fs::read_to_string(format!("/proc/{shim_pid}/stat")).unwrap();
+    let fields: Vec<&str> = ppid
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_ne!(
+        fields[1].parse::<u32>().unwrap(),
+        std::process::id(),
+        "shim is still our child"
+    );
+    client.subscribe().await.unwrap();
+    let mut events = client.events();
+
+    // A container that writes to both streams and exits 3.
+    let log = env.dir.path().join("logs/c1.log");
+    let b1 = env.bundle(
+        "b1",
+        "echo hello; echo oops >&2; printf 'no newline'; exit 3",
+    );
+    let pid = client
+        .create(env.create_req("c1", &b1, &log))
+        .await
+        .unwrap();
+    assert!(pid > 0);
+    assert_eq!(
+        client.state("c1").await.unwrap().status,
+        pb::TaskStatus::Created as i32
+    );
+    client.start("c1").await.unwrap();
+    let exit = client.wait("c1").await.unwrap();
+    assert_eq!(exit.exit_status, 3);
+    assert!(exit.exited_at_unix_nanos > 0);
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match ev.event {
+        Some(pb::event::Event::Exit(e)) => {
+            assert_eq!((e.id.as_str(), e.exit_status, e.pid), ("c1", 3, pid))
+        }
+        other => panic!("unexpected event {other:?}"),
+    }
+    let recs = log_records(&log);
+    let want = [
+        ("stdout", "F", "hello"),
+        ("stderr", "F", "oops"),
+        ("stdout", "F", "no newline"),
+    ];
+    for w in want {
+        assert!(
+            recs.iter()
+                .any(|r| (r.0.as_str(), r.1.as_str(), r.2.as_str()) == w),
+            "{w:?} missing in {recs:?}"
+        );
+    }
+    let st = client.state("c1").await.unwrap();
+    assert_eq!(
+        (st.status, st.exit_status),
+        (pb::TaskStatus::Stopped as i32, 3)
+    );
+    let del = client.delete("c1").await.unwrap();
+    assert_eq!(del.exit_status, 3);
+    assert!(matches!(
+        client.state("c1").await,
+        Err(ShimError::Remote { code: 5, .. })
+    ));
+
+    // A long-running container: kill, then its exit is 128 + 9.
+    let b2 = env.bundle("b2", "exec sleep 1000");
+    client
+        .create(env.create_req("c2", &b2, &env.dir.path().join("logs/c2.log")))
+        .await
+        .unwrap();
+    client.start("c2").await.unwrap();
+    assert_eq!(client.pids("c2").await.unwrap().len(), 1);
+    assert!(matches!(
+        client.delete("c2").await,
+        Err(ShimError::Remote { code: 9, .. })
+    ));
+    client.kill("c2", 9, false).await.unwrap();
+    assert_eq!(client.wait("c2").await.unwrap().exit_status, 137);
+    client.kill("c2", 15, false).await.unwrap(); // killing an exited task is not an error
+    client.delete("c2").await.unwrap();
+
+    // berthd goes away while a container runs and exits: the exit is kept for the next client.
+    let b3 = env.bundle("b3", "sleep 0.3; exit 7");
+    client
+        .create(env.create_req("c3", &b3, &env.dir.path().join("logs/c3.log")))
+        .await
+        .unwrap();
+    client.start("c3").await.unwrap();
+    drop(events);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let exit_file = env.cfg.state_dir.join("exits/c3.json");
+    assert!(exit_file.is_file(), "exit not recorded on disk");
+    let client = ShimClient::connect(&env.cfg.socket).await.unwrap();
+    let info = client.connect_info().await.unwrap();
+    assert_eq!(info.shim_pid, shim_pid);
+    let c3 = info
+        .tasks
+        .iter()
+        .find(|t| t.id == "c3")
+        .expect("c3 listed after reconnect");
+    assert_eq!(
+        (c3.status, c3.exit_status),
+        (pb::TaskStatus::Stopped as i32, 7)
+    );
+    assert_eq!(client.wait("c3").await.unwrap().exit_status, 7);
+    client.delete("c3").await.unwrap();
+    assert!(!exit_file.exists(), "exit record kept after delete");
+
+    // A bad bundle: the runtime's message comes back and nothing is left behind.
+    let bad = env.bundle("bad", "true");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bad.join("config.json")).unwrap()).unwrap();
+    spec["process"]["args"] = serde_json::json!(["/no/such/binary"]);
+    std::fs::write(bad.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    let err = client
+        .create(env.create_req("bad", &bad, &env.dir.path().join("logs/bad.log")))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("/no/such/binary") || err.to_string().contains("no such file"),
+        "{err}"
+    );
+    assert!(matches!(
+        client.state("bad").await,
+        Err(ShimError::Remote { code: 5, .. })
+    ));
+    assert_eq!(env.runc_list(), "", "runtime state left behind");
+    // Bad ids are refused before they touch a path.
+    let err = client
+        .create(env.create_req("../x", &b1, &log))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ShimError::Remote { code: 3, .. }), "{err}");
+
+    // Shutdown: the shim exits.
+    client.shutdown().await.unwrap();
+    for _ in 0..100 {
+        if !pid_alive(shim_pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pid_alive(shim_pid), "shim still running after shutdown");
+    assert!(client.state("c1").await.is_err());
+}
