@@ -202,6 +202,13 @@ impl ShimClient {
         }
     }
 
+    /// Starts the pod's infra process; returns its pid.
+    pub async fn start_infra(&self, req: pb::InfraRequest) -> Result<u32, ShimError> {
+        self.call::<_, pb::PidResponse>(pb::Method::StartInfra, &req)
+            .await
+            .map(|r| r.pid)
+    }
+
     /// Starts a created task.
     pub async fn start(&self, id: &str) -> Result<u32, ShimError> {
         self.call::<_, pb::PidResponse>(pb::Method::Start, &Self::task(id))

@@ -5,6 +5,8 @@
 pub mod client;
 pub mod criolog;
 pub mod exits;
+pub mod infra;
+pub mod netns;
 pub mod runc;
 pub mod shim;
 pub mod timefmt;

@@ -61,6 +61,8 @@ type Reply = Result<Vec<u8>, (u32, String)>;
 
 struct Task {
     pid: u32,
+    /// The pod's infra process (signalled directly; not an OCI runtime container).
+    infra: bool,
     status: pb::TaskStatus,
     log: Option<CriLogWriter>,
     stdout: Option<OwnedFd>,
@@ -512,6 +514,10 @@ impl Shim {
                 }
                 self.task_call(method, &r.id)
             }
+            pb::Method::StartInfra => match pb::InfraRequest::decode(&f.payload[..]) {
+                Ok(r) => self.start_infra(r),
+                Err(e) => Err(bad(e)),
+            },
             pb::Method::Kill => match pb::KillRequest::decode(&f.payload[..]) {
                 Ok(r) => self.kill(r),
                 Err(e) => Err(bad(e)),
@@ -602,11 +608,54 @@ impl Shim {
             r.id,
             Task {
                 pid,
+                infra: false,
                 status: pb::TaskStatus::Created,
                 log,
                 stdout: Some(out_r),
                 stderr: Some(err_r),
                 stdin: stdin_keep,
+                exit: None,
+                waiters: Vec::new(),
+            },
+        );
+        Ok(pb::PidResponse { pid }.encode_to_vec())
+    }
+
+    fn start_infra(&mut self, r: pb::InfraRequest) -> Reply {
+        if !valid_task_id(&r.id) {
+            return Err((
+                code::INVALID_ARGUMENT,
+                format!("id {:?}: must be 1-128 of [A-Za-z0-9_.-]", r.id),
+            ));
+        }
+        if self.tasks.contains_key(&r.id) {
+            return Err((
+                code::ALREADY_EXISTS,
+                format!("task {} already exists", r.id),
+            ));
+        }
+        let netns = (!r.netns_path.is_empty()).then(|| PathBuf::from(&r.netns_path));
+        let spec = crate::infra::InfraSpec {
+            netns: netns.as_deref(),
+            hostname: (!r.hostname.is_empty()).then_some(r.hostname.as_str()),
+            host_ipc: r.host_ipc,
+            host_pid: r.host_pid,
+            cgroup_dirs: &r.cgroup_dirs,
+            oom_score_adj: r.oom_score_adj,
+            empty_root: &self.state_dir.join("infra-root"),
+        };
+        let pid = crate::infra::start_infra(&spec).map_err(|e| (code::INTERNAL, e.to_string()))?;
+        let _ = self.exits.remove(&r.id);
+        self.tasks.insert(
+            r.id,
+            Task {
+                pid,
+                infra: true,
+                status: pb::TaskStatus::Running,
+                log: None,
+                stdout: None,
+                stderr: None,
+                stdin: None,
                 exit: None,
                 waiters: Vec::new(),
             },
@@ -664,6 +713,12 @@ impl Shim {
                 if self.tasks[id].exit.is_some() {
                     return Ok(pb::PidsResponse { pids: vec![] }.encode_to_vec());
                 }
+                if self.tasks[id].infra {
+                    return Ok(pb::PidsResponse {
+                        pids: vec![self.tasks[id].pid],
+                    }
+                    .encode_to_vec());
+                }
                 let pids = self.runc.pids(id).map_err(runtime_err)?;
                 Ok(pb::PidsResponse { pids }.encode_to_vec())
             }
@@ -716,6 +771,15 @@ impl Shim {
         }
         if t.exit.is_some() && !r.all {
             return Ok(pb::Empty {}.encode_to_vec()); // already gone: killing is done
+        }
+        if t.infra {
+            let sig = nix::sys::signal::Signal::try_from(r.signal as i32)
+                .map_err(|e| (code::INVALID_ARGUMENT, format!("signal {}: {e}", r.signal)))?;
+            // The pid is ours (a child we have not reaped), so it cannot have been reused.
+            return match nix::sys::signal::kill(Pid::from_raw(t.pid as i32), sig) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(pb::Empty {}.encode_to_vec()),
+                Err(e) => Err((code::INTERNAL, format!("signalling infra process: {e}"))),
+            };
         }
         match self.runc.kill(&r.id, r.signal, r.all) {
             Ok(()) => Ok(pb::Empty {}.encode_to_vec()),

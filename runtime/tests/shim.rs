@@ -291,3 +291,82 @@ async fn shim_runs_containers_with_runc() {
     assert!(!pid_alive(shim_pid), "shim still running after shutdown");
     assert!(client.state("c1").await.is_err());
 }
+
+fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l[key.len()..].trim().to_string())
+        .unwrap_or_default()
+}
+
+fn ns_inode(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shim_starts_a_locked_down_infra_process() {
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+    let env = Env::new();
+    let netns = env.dir.path().join("netns/pod1");
+    berth_runtime::netns::create_pinned(&netns).unwrap();
+    spawn_shim(shim_binary(), &env.cfg).unwrap();
+    let client = ShimClient::connect(&env.cfg.socket).await.unwrap();
+    let shim_pid = client.connect_info().await.unwrap().shim_pid;
+    let req = pb::InfraRequest {
+        id: "pod1".into(),
+        netns_path: netns.display().to_string(),
+        hostname: "pod-host".into(),
+        ..Default::default()
+    };
+    let pid = client.start_infra(req).await.unwrap();
+    // In the pinned netns, its own UTS, IPC and PID namespaces, as PID 1 there.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        ns_inode(&format!("/proc/{pid}/ns/net")),
+        std::fs::metadata(&netns).unwrap().ino()
+    );
+    for ns in ["uts", "ipc", "pid"] {
+        assert_ne!(
+            ns_inode(&format!("/proc/{pid}/ns/{ns}")),
+            ns_inode(&format!("/proc/self/ns/{ns}")),
+            "{ns}"
+        );
+    }
+    assert!(
+        status_field(pid, "NSpid:").ends_with("\t1") || status_field(pid, "NSpid:").ends_with(" 1")
+    );
+    let out = std::process::Command::new("nsenter")
+        .args(["--uts", "-t", &pid.to_string(), "hostname"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod-host");
+    // No capabilities, no way to regain them, an empty root, no inherited descriptors.
+    assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd:"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+    assert_eq!(root, env.cfg.state_dir.join("infra-root"));
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // Its parent is the shim (subreaper), and it stops cleanly on SIGTERM.
+    assert_eq!(status_field(pid, "PPid:"), shim_pid.to_string());
+    assert_eq!(client.pids("pod1").await.unwrap(), vec![pid]);
+    client.kill("pod1", 15, false).await.unwrap();
+    assert_eq!(client.wait("pod1").await.unwrap().exit_status, 0);
+    client.delete("pod1").await.unwrap();
+    client.shutdown().await.unwrap();
+    berth_runtime::netns::remove_pinned(&netns).unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&netns.display().to_string()),
+        "netns still mounted"
+    );
+}

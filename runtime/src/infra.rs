@@ -1,0 +1,252 @@
+//! The pod's infra process, forked by the shim (no exec, no image, no OCI runtime):
+//! it enters the pod's namespaces, joins the pod cgroup, locks itself into an empty
+//! read-only root without any capability, and reaps zombies until told to stop.
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::sched::CloneFlags;
+use nix::unistd::{ForkResult, Pid, fork};
+
+/// What the infra process is asked to set up.
+pub struct InfraSpec<'a> {
+    /// Pinned netns to join, or None for the host's.
+    pub netns: Option<&'a Path>,
+    /// New UTS namespace with this hostname, or None for the host's.
+    pub hostname: Option<&'a str>,
+    /// Stay in the host IPC namespace.
+    pub host_ipc: bool,
+    /// Stay in the host PID namespace.
+    pub host_pid: bool,
+    /// cgroup directories to join.
+    pub cgroup_dirs: &'a [String],
+    /// oom_score_adj to set.
+    pub oom_score_adj: i32,
+    /// Empty directory used as its root.
+    pub empty_root: &'a Path,
+}
+
+/// Starts the infra process; returns its pid as seen by the caller. Must be called from
+/// a single-threaded process (the shim), since it forks.
+pub fn start_infra(spec: &InfraSpec<'_>) -> io::Result<u32> {
+    std::fs::create_dir_all(spec.empty_root)?;
+    std::fs::set_permissions(
+        spec.empty_root,
+        std::os::unix::fs::PermissionsExt::from_mode(0o555),
+    )?;
+    let netns = spec.netns.map(std::fs::File::open).transpose()?;
+    let root =
+        CString::new(spec.empty_root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let cgroups: Vec<CString> = spec
+        .cgroup_dirs
+        .iter()
+        .map(|d| CString::new(format!("{d}/cgroup.procs")).map_err(io::Error::other))
+        .collect::<io::Result<_>>()?;
+    let hostname = spec.hostname.map(|h| h.as_bytes().to_vec());
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the caller is single-threaded; the child only makes syscalls and exits.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(rd);
+            let code = match setup_namespaces(spec, netns.as_ref()) {
+                Ok(()) => match unsafe { fork() } {
+                    Ok(ForkResult::Child) => {
+                        // The pod's PID 1 (unless host PID): finish and pause.
+                        let err = infra_main(
+                            &wr,
+                            hostname.as_deref(),
+                            &cgroups,
+                            spec.oom_score_adj,
+                            &root,
+                        );
+                        report(&wr, &format!("E{err}"));
+                        unsafe { libc::_exit(1) }
+                    }
+                    Ok(ForkResult::Parent { child }) => {
+                        report(&wr, &format!("P{}", child.as_raw()));
+                        0
+                    }
+                    Err(e) => {
+                        report(&wr, &format!("Efork: {e}"));
+                        1
+                    }
+                },
+                Err(e) => {
+                    report(&wr, &format!("E{e}"));
+                    1
+                }
+            };
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(wr);
+            let _ = nix::sys::wait::waitpid(child, None);
+            let mut msg = String::new();
+            std::fs::File::from(rd).read_to_string(&mut msg)?;
+            // "P<pid>" from the middle process, then maybe "E<error>" from the infra itself.
+            let mut pid = None;
+            for part in msg.split('\0').filter(|p| !p.is_empty()) {
+                match part.split_at(1) {
+                    ("P", p) => pid = p.parse::<u32>().ok(),
+                    ("E", e) => {
+                        if let Some(p) = pid {
+                            let _ = nix::sys::signal::kill(
+                                Pid::from_raw(p as i32),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                        return Err(io::Error::other(format!("infra process: {e}")));
+                    }
+                    _ => {}
+                }
+            }
+            pid.ok_or_else(|| io::Error::other("infra process did not start"))
+        }
+    }
+}
+
+fn report(w: &OwnedFd, msg: &str) {
+    let mut f = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(w.as_raw_fd())
+    });
+    let _ = f.write_all(msg.as_bytes());
+    let _ = f.write_all(b"\0");
+}
+
+fn setup_namespaces(spec: &InfraSpec<'_>, netns: Option<&std::fs::File>) -> io::Result<()> {
+    if let Some(ns) = netns {
+        nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)?;
+    }
+    let mut flags = CloneFlags::empty();
+    if spec.hostname.is_some() {
+        flags |= CloneFlags::CLONE_NEWUTS;
+    }
+    if !spec.host_ipc {
+        flags |= CloneFlags::CLONE_NEWIPC;
+    }
+    if !spec.host_pid {
+        flags |= CloneFlags::CLONE_NEWPID;
+    }
+    nix::sched::unshare(flags)?;
+    Ok(())
+}
+
+/// Runs in the infra process; returns only on a setup error.
+fn infra_main(
+    ready: &OwnedFd,
+    hostname: Option<&[u8]>,
+    cgroups: &[CString],
+    oom: i32,
+    root: &CString,
+) -> io::Error {
+    let step = || -> io::Result<()> {
+        if let Some(h) = hostname {
+            nix::unistd::sethostname(std::ffi::OsStr::from_bytes_compat(h))?;
+        }
+        for c in cgroups {
+            let path = Path::new(std::ffi::OsStr::from_bytes_compat(c.as_bytes()));
+            std::fs::write(path, b"0")?;
+        }
+        // A negative value needs CAP_SYS_RESOURCE; the caller clamps it beforehand.
+        std::fs::write("/proc/self/oom_score_adj", oom.to_string())?;
+        // SAFETY: plain syscalls with valid NUL-terminated strings.
+        unsafe {
+            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for cap in 0..=63 {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            }
+        }
+        drop_all_capabilities()?;
+        Ok(())
+    };
+    if let Err(e) = step() {
+        return e;
+    }
+    let _ = ready;
+    // Hold none of the shim's descriptors (socket, pipes, signalfd). Closing the report
+    // pipe's write end here is also how the shim learns that setup succeeded.
+    // SAFETY: closes file descriptors only; nothing in this process uses them again.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+            for fd in 0..4096 {
+                libc::close(fd);
+            }
+        }
+    }
+    pause_and_reap()
+}
+
+trait FromBytesCompat {
+    fn from_bytes_compat(b: &[u8]) -> &Self;
+}
+impl FromBytesCompat for std::ffi::OsStr {
+    fn from_bytes_compat(b: &[u8]) -> &Self {
+        std::os::unix::ffi::OsStrExt::from_bytes(b)
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn drop_all_capabilities() -> io::Result<()> {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset with a v3 header and two zeroed data structs.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits for signals forever: reaps children (zombies of a shared PID namespace) and
+/// exits on SIGTERM/SIGINT. As PID 1 it would otherwise ignore those signals.
+fn pause_and_reap() -> ! {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGCHLD,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        set.add(s);
+    }
+    let _ = set.thread_block();
+    loop {
+        match set.wait() {
+            Ok(nix::sys::signal::Signal::SIGCHLD) => {
+                while let Ok(st) = nix::sys::wait::waitpid(
+                    Pid::from_raw(-1),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                ) {
+                    if st == nix::sys::wait::WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+            Ok(_) => unsafe { libc::_exit(0) },
+            Err(_) => {}
+        }
+    }
+}
