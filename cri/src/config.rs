@@ -28,6 +28,34 @@ pub struct Config {
     pub image: ImageConfig,
     /// Per-registry settings keyed by host, e.g. `[registries."docker.io"]`.
     pub registries: BTreeMap<String, RegistryHostConfig>,
+    /// The handler used when a pod names none.
+    pub default_runtime: String,
+    /// OCI runtime handlers by CRI `runtime_handler` name.
+    pub runtimes: BTreeMap<String, RuntimeHandler>,
+    /// The shim binary; empty = `berth-shim` next to berthd, else on PATH.
+    pub shim: PathBuf,
+}
+
+/// `[runtimes.<name>]`: one OCI runtime CLI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeHandler {
+    /// Binary name (searched on PATH) or absolute path.
+    pub path: PathBuf,
+    /// Its state root; empty = `<state>/runtimes/<name>`.
+    pub root: PathBuf,
+    /// Extra global arguments.
+    pub args: Vec<String>,
+}
+
+impl Default for RuntimeHandler {
+    fn default() -> Self {
+        RuntimeHandler {
+            path: PathBuf::from("runc"),
+            root: PathBuf::new(),
+            args: Vec::new(),
+        }
+    }
 }
 
 /// How cgroup paths are named.
@@ -50,6 +78,9 @@ impl Default for Config {
             cgroup_driver: CgroupDriver::Cgroupfs,
             image: ImageConfig::default(),
             registries: BTreeMap::new(),
+            default_runtime: "runc".into(),
+            runtimes: BTreeMap::from([("runc".to_string(), RuntimeHandler::default())]),
+            shim: PathBuf::new(),
         }
     }
 }
@@ -134,6 +165,39 @@ impl Config {
         for (i, p) in self.image.pinned_images.iter().enumerate() {
             if let Err(e) = berth_image::ImageRef::parse(p) {
                 return Err(invalid(format!("image.pinned_images[{i}]"), e.to_string()));
+            }
+        }
+        if !self.runtimes.contains_key(&self.default_runtime) {
+            return Err(invalid(
+                "default_runtime".into(),
+                format!(
+                    "{:?} is not a [runtimes.<name>] table",
+                    self.default_runtime
+                ),
+            ));
+        }
+        for (name, h) in &self.runtimes {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !ok {
+                return Err(invalid(
+                    format!("runtimes.{name:?}"),
+                    "names are [A-Za-z0-9._-]+".into(),
+                ));
+            }
+            if h.path.as_os_str().is_empty() {
+                return Err(invalid(
+                    format!("runtimes.{name}.path"),
+                    "must name a binary".into(),
+                ));
+            }
+            if !h.root.as_os_str().is_empty() && !h.root.is_absolute() {
+                return Err(invalid(
+                    format!("runtimes.{name}.root"),
+                    "must be an absolute path".into(),
+                ));
             }
         }
         for (host, reg) in &self.registries {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod image_service;
+pub mod pods;
 pub mod runtime_service;
 pub mod server;
 pub mod status;

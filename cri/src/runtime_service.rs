@@ -9,7 +9,10 @@ use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use std::sync::Arc;
+
 use crate::config::{CgroupDriver, Config};
+use crate::pods::PodManager;
 
 /// The CRI API version berth serves.
 pub const RUNTIME_API_VERSION: &str = "v1";
@@ -17,12 +20,13 @@ pub const RUNTIME_API_VERSION: &str = "v1";
 /// The CRI runtime service.
 pub struct CriRuntimeService {
     config: Config,
+    pods: Arc<PodManager>,
 }
 
 impl CriRuntimeService {
     /// Serves runtime calls with the effective `config`.
-    pub fn new(config: Config) -> Self {
-        CriRuntimeService { config }
+    pub fn new(config: Config, pods: Arc<PodManager>) -> Self {
+        CriRuntimeService { config, pods }
     }
 }
 
@@ -105,35 +109,51 @@ impl RuntimeService for CriRuntimeService {
         }))
     }
 
+    #[instrument(skip_all)]
     async fn run_pod_sandbox(
         &self,
-        _req: Request<cri::RunPodSandboxRequest>,
+        req: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        Err(not_yet("run_pod_sandbox", "pod and container lifecycle"))
+        let id = self.pods.run(req.into_inner()).await?;
+        tracing::info!(sandbox = %id, "RunPodSandbox");
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
     }
+    #[instrument(skip_all)]
     async fn stop_pod_sandbox(
         &self,
-        _req: Request<cri::StopPodSandboxRequest>,
+        req: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        Err(not_yet("stop_pod_sandbox", "pod and container lifecycle"))
+        self.pods.stop(&req.into_inner().pod_sandbox_id).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
+    #[instrument(skip_all)]
     async fn remove_pod_sandbox(
         &self,
-        _req: Request<cri::RemovePodSandboxRequest>,
+        req: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        Err(not_yet("remove_pod_sandbox", "pod and container lifecycle"))
+        self.pods.remove(&req.into_inner().pod_sandbox_id).await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
+    #[instrument(skip_all)]
     async fn pod_sandbox_status(
         &self,
-        _req: Request<cri::PodSandboxStatusRequest>,
+        req: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
-        Err(not_yet("pod_sandbox_status", "pod and container lifecycle"))
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.pods.status(&r.pod_sandbox_id, r.verbose)?,
+        ))
     }
+    #[instrument(skip_all)]
     async fn list_pod_sandbox(
         &self,
-        _req: Request<cri::ListPodSandboxRequest>,
+        req: Request<cri::ListPodSandboxRequest>,
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
-        Err(not_yet("list_pod_sandbox", "pod and container lifecycle"))
+        Ok(Response::new(cri::ListPodSandboxResponse {
+            items: self.pods.list(req.into_inner().filter),
+        }))
     }
     async fn create_container(
         &self,

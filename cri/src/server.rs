@@ -63,9 +63,10 @@ pub async fn serve(
     listener: UnixListener,
     config: Config,
     images: Arc<berth_image::ImageService>,
+    pods: Arc<crate::pods::PodManager>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config))
+    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config, pods))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let image = ImageServiceServer::new(CriImageService::new(images))

@@ -219,5 +219,42 @@ impl Berthd {
 impl Drop for Berthd {
     fn drop(&mut self) {
         let _ = self.kill9();
+        // A test that failed may have left pods: their shims and infra processes name
+        // this directory on their command line, and their mounts live below it.
+        sweep_leftovers(self.dir.path());
+    }
+}
+
+/// Kills every process whose command line names `dir` (by pid), then lazily unmounts
+/// every mount below `dir`, deepest first.
+pub fn sweep_leftovers(dir: &Path) {
+    let needle = dir.display().to_string();
+    let me = std::process::id();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for p in rd.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid as u32 == me {
+                continue;
+            }
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut below: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&needle))
+        .collect();
+    below.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in below {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
     }
 }

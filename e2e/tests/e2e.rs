@@ -497,9 +497,9 @@ fn runtime_identity_and_status() -> Result<(), Failed> {
         ensure!(rc.linux.context("linux")?.cgroup_driver == cri::CgroupDriver::Cgroupfs as i32);
         let r = c
             .runtime
-            .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+            .create_container(cri::CreateContainerRequest::default())
             .await;
-        expect_code(r, Code::Unimplemented, "run_pod_sandbox")?;
+        expect_code(r, Code::Unimplemented, "create_container")?;
         Ok(())
     })
 }
@@ -1392,6 +1392,545 @@ fn crash_mid_pull_leaves_nothing_half_recorded() -> Result<(), Failed> {
     })
 }
 
+// ------------------------------------------------------------------- pods ----
+
+/// This run's cgroup scope for one test: `/berth-e2e-<pid>/<test>`.
+fn cgroup_scope(test: &str) -> String {
+    format!("/berth-e2e-{}/{test}", std::process::id())
+}
+
+fn pod_config(name: &str, uid: &str) -> cri::PodSandboxConfig {
+    pod_config_in(name, uid, "shared")
+}
+
+fn pod_config_in(name: &str, uid: &str, test: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-host"),
+        labels: [
+            ("app".to_string(), name.to_string()),
+            ("tier".to_string(), "test".to_string()),
+        ]
+        .into(),
+        annotations: [("note".to_string(), "berth e2e".to_string())].into(),
+        dns_config: Some(cri::DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["e2e.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: format!("{}/pod{uid}", cgroup_scope(test)),
+            sysctls: [(
+                "net.ipv4.ping_group_range".to_string(),
+                "0 2147483647".to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(
+    c: &mut CriClient,
+    config: cri::PodSandboxConfig,
+) -> Result<String, tonic::Status> {
+    let r = c
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await?;
+    Ok(r.into_inner().pod_sandbox_id)
+}
+
+async fn pod_status(
+    c: &mut CriClient,
+    id: &str,
+) -> Result<(cri::PodSandboxStatus, serde_json::Value), tonic::Status> {
+    let r = c
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    let info = r
+        .info
+        .get("info")
+        .and_then(|i| serde_json::from_str(i).ok())
+        .unwrap_or_default();
+    Ok((r.status.unwrap_or_default(), info))
+}
+
+async fn stop_pod(c: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
+    c.runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn remove_pod(c: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+fn ns_ino(path: &str) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| path.to_string())?
+        .ino())
+}
+
+fn nsenter(pid: u64, ns: &str, cmd: &[&str]) -> Result<String> {
+    let out = Command::new("nsenter")
+        .arg(ns)
+        .arg("-t")
+        .arg(pid.to_string())
+        .args(cmd)
+        .output()?;
+    ensure!(out.status.success(), "nsenter {ns} {cmd:?}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A live process (a zombie waiting for its parent to reap it is not).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                .map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Nothing of this berthd's pods is left: no mounts under its dirs, no shim, no pod
+/// cgroup in the test's scope.
+fn assert_no_pod_leftovers(b: &Berthd, test: &str) -> Result<()> {
+    let dir = b.dir().display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&dir)).collect();
+    ensure!(left.is_empty(), "mounts left: {left:?}");
+    for p in std::fs::read_dir("/proc")?.flatten() {
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        ensure!(
+            !(cmd.contains("berth-shim") && cmd.contains(&dir)),
+            "shim left: {cmd}"
+        );
+    }
+    let cg = cgroup_scope(test);
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let d = h.path().join(cg.trim_start_matches('/'));
+        if d.exists() {
+            let kids = entries(&d)?
+                .into_iter()
+                .filter(|e| e.starts_with("pod"))
+                .collect::<Vec<_>>();
+            ensure!(
+                kids.is_empty(),
+                "pod cgroups left in {}: {kids:?}",
+                d.display()
+            );
+        }
+    }
+    ensure!(
+        entries(&b.state.join("netns"))?.is_empty(),
+        "netns files left"
+    );
+    ensure!(entries(&b.state.join("s"))?.is_empty(), "shim sockets left");
+    ensure!(
+        entries(&b.state.join("sandboxes"))?.is_empty(),
+        "sandbox state dirs left"
+    );
+    ensure!(
+        entries(&b.root.join("sandboxes"))?.is_empty(),
+        "sandbox dirs left"
+    );
+    Ok(())
+}
+
+/// Removes this test run's parent cgroup (berth removes only what it created below it).
+struct CgroupParentGuard;
+impl Drop for CgroupParentGuard {
+    fn drop(&mut self) {
+        let cg = format!("berth-e2e-{}", std::process::id());
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                // Deepest first: pod cgroups a failed test left, then scopes, then the parent.
+                let parent = h.path().join(&cg);
+                let mut dirs = vec![parent.clone()];
+                let mut i = 0;
+                while i < dirs.len() {
+                    let kids: Vec<PathBuf> = std::fs::read_dir(&dirs[i])
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect();
+                    dirs.extend(kids);
+                    i += 1;
+                }
+                for d in dirs.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+        }
+    }
+}
+
+fn pod_sandbox_lifecycle() -> Result<(), Failed> {
+    run(|| async {
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let id = run_pod(&mut c, pod_config_in("web", "u-1", "lifecycle")).await?;
+        ensure!(
+            id.len() == 64 && id.bytes().all(|x| x.is_ascii_hexdigit()),
+            "{id}"
+        );
+        let (st, info) = pod_status(&mut c, &id[..12]).await?;
+        ensure!(
+            st.id == id && st.state == cri::PodSandboxState::SandboxReady as i32,
+            "{st:?}"
+        );
+        ensure!(
+            st.metadata
+                .as_ref()
+                .is_some_and(|m| m.name == "web" && m.uid == "u-1"),
+            "{st:?}"
+        );
+        ensure!(
+            st.labels.get("app").map(String::as_str) == Some("web")
+                && st.annotations.contains_key("note"),
+            "{st:?}"
+        );
+        ensure!(st.created_at > 0 && st.runtime_handler == "runc", "{st:?}");
+        let pid = info["pid"].as_u64().context("verbose pid")?;
+        ensure!(alive(pid), "infra process {pid} not running");
+        // The infra holds the pinned netns, its own UTS (with the hostname), IPC and PID namespaces.
+        let netns = b.state.join("netns").join(&id);
+        ensure!(
+            ns_ino(&format!("/proc/{pid}/ns/net"))? == std::fs::metadata(&netns)?.ino(),
+            "infra not in the pinned netns"
+        );
+        for ns in ["uts", "ipc", "pid"] {
+            ensure!(
+                ns_ino(&format!("/proc/{pid}/ns/{ns}"))? != ns_ino(&format!("/proc/self/ns/{ns}"))?,
+                "{ns} shared with host"
+            );
+        }
+        ensure!(nsenter(pid, "--uts", &["hostname"])? == "web-host");
+        ensure!(
+            nsenter(
+                pid,
+                "--net",
+                &["cat", "/proc/sys/net/ipv4/ping_group_range"]
+            )?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+                == ["0", "2147483647"]
+        );
+        ensure!(nsenter(pid, "--net", &["cat", "/sys/class/net/lo/operstate"]).is_ok());
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        ensure!(
+            cgroup.contains(&format!("{}/podu-1", cgroup_scope("lifecycle"))),
+            "infra not in the pod cgroup:\n{cgroup}"
+        );
+        ensure!(
+            std::fs::read_to_string(format!("/proc/{pid}/status"))?
+                .lines()
+                .any(|l| l == "CapEff:\t0000000000000000")
+        );
+        let resolv =
+            std::fs::read_to_string(b.root.join("sandboxes").join(&id).join("resolv.conf"))?;
+        ensure!(
+            resolv == "search e2e.svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n",
+            "{resolv}"
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+        ensure!(
+            mounts.contains(
+                &b.state
+                    .join("sandboxes")
+                    .join(&id)
+                    .join("shm")
+                    .display()
+                    .to_string()
+            ),
+            "no /dev/shm mount"
+        );
+        // Names are unique per pod; a second attempt number is a different pod.
+        let dup = run_pod(&mut c, pod_config_in("web", "u-1", "lifecycle")).await;
+        expect_code(dup, Code::AlreadyExists, &id)?;
+        let other = run_pod(&mut c, pod_config_in("db", "u-2", "lifecycle")).await?;
+        // List filters: id prefix, state, labels.
+        let lc = c.clone();
+        let list = |f: cri::PodSandboxFilter| {
+            let mut c = lc.clone();
+            async move {
+                Ok::<_, anyhow::Error>(
+                    c.runtime
+                        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(f) })
+                        .await?
+                        .into_inner()
+                        .items,
+                )
+            }
+        };
+        ensure!(list(cri::PodSandboxFilter::default()).await?.len() == 2);
+        ensure!(
+            list(cri::PodSandboxFilter {
+                id: id[..8].into(),
+                ..Default::default()
+            })
+            .await?
+            .len()
+                == 1
+        );
+        let sel = [("app".to_string(), "db".to_string())].into();
+        let by_label = list(cri::PodSandboxFilter {
+            label_selector: sel,
+            ..Default::default()
+        })
+        .await?;
+        ensure!(by_label.len() == 1 && by_label[0].id == other);
+        // Stop: NotReady, infra gone, netns and shm released; idempotent.
+        stop_pod(&mut c, &id).await?;
+        stop_pod(&mut c, &id).await?;
+        let (st, _) = pod_status(&mut c, &id).await?;
+        ensure!(st.state == cri::PodSandboxState::SandboxNotready as i32);
+        ensure!(!alive(pid), "infra still running after stop");
+        ensure!(!netns.exists(), "netns left after stop");
+        let ready = cri::PodSandboxStateValue {
+            state: cri::PodSandboxState::SandboxReady as i32,
+        };
+        let only_ready = list(cri::PodSandboxFilter {
+            state: Some(ready),
+            ..Default::default()
+        })
+        .await?;
+        ensure!(
+            only_ready.len() == 1 && only_ready[0].id == other,
+            "{only_ready:?}"
+        );
+        // Remove: gone for good; idempotent.
+        remove_pod(&mut c, &id).await?;
+        remove_pod(&mut c, &id).await?;
+        remove_pod(&mut c, &other).await?; // removes a running pod too
+        expect_code(pod_status(&mut c, &id).await, Code::NotFound, "not found")?;
+        stop_pod(&mut c, &id).await?;
+        assert_no_pod_leftovers(&b, "lifecycle")?;
+        Ok(())
+    })
+}
+
+fn pod_sandbox_bad_input() -> Result<(), Failed> {
+    run(|| async {
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let mut no_meta = pod_config("x", "u-x");
+        no_meta.metadata = None;
+        expect_code(
+            run_pod(&mut c, no_meta).await,
+            Code::InvalidArgument,
+            "config.metadata",
+        )?;
+        let mut no_name = pod_config("", "u-x");
+        no_name.hostname = "h".into();
+        expect_code(
+            run_pod(&mut c, no_name).await,
+            Code::InvalidArgument,
+            "config.metadata.name",
+        )?;
+        let r = c
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod_config("x", "u-x")),
+                runtime_handler: "nope".into(),
+            })
+            .await;
+        expect_code(r, Code::InvalidArgument, "runtime_handler")?;
+        let mut bad_sysctl = pod_config("x", "u-x");
+        bad_sysctl.linux.as_mut().context("linux")?.sysctls =
+            [("kernel.panic".to_string(), "1".to_string())].into();
+        expect_code(
+            run_pod(&mut c, bad_sysctl).await,
+            Code::InvalidArgument,
+            "kernel.panic",
+        )?;
+        let mut bad_host = pod_config("x", "u-x");
+        bad_host.hostname = "bad_host!".into();
+        expect_code(
+            run_pod(&mut c, bad_host).await,
+            Code::InvalidArgument,
+            "config.hostname",
+        )?;
+        let mut bad_cg = pod_config("x", "u-x");
+        bad_cg.linux.as_mut().context("linux")?.cgroup_parent = "/a/../../etc".into();
+        expect_code(
+            run_pod(&mut c, bad_cg).await,
+            Code::InvalidArgument,
+            "cgroup_parent",
+        )?;
+        expect_code(
+            pod_status(&mut c, &"ab".repeat(32)).await,
+            Code::NotFound,
+            "not found",
+        )?;
+        expect_code(
+            pod_status(&mut c, "../../etc").await,
+            Code::InvalidArgument,
+            "pod_sandbox_id",
+        )?;
+        expect_code(
+            stop_pod(&mut c, "").await,
+            Code::InvalidArgument,
+            "pod_sandbox_id",
+        )?;
+        ensure!(
+            c.runtime
+                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+                .await?
+                .into_inner()
+                .items
+                .is_empty()
+        );
+        assert_no_pod_leftovers(&b, "shared")?;
+        Ok(())
+    })
+}
+
+fn pods_survive_berthd_kill9_and_shim_death() -> Result<(), Failed> {
+    run(|| async {
+        let mut b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(
+                run_pod(
+                    &mut c,
+                    pod_config_in(&format!("p{i}"), &format!("u-r{i}"), "restart"),
+                )
+                .await?,
+            );
+        }
+        stop_pod(&mut c, &ids[2]).await?;
+        let pid0 = pod_status(&mut c, &ids[0]).await?.1["pid"]
+            .as_u64()
+            .context("pid")?;
+        b.restart()?;
+        let mut c = b.client().await?;
+        let states: Vec<i32> = {
+            let mut v = Vec::new();
+            for id in &ids {
+                v.push(pod_status(&mut c, id).await?.0.state);
+            }
+            v
+        };
+        let (r, n) = (
+            cri::PodSandboxState::SandboxReady as i32,
+            cri::PodSandboxState::SandboxNotready as i32,
+        );
+        ensure!(states == [r, r, n], "states after kill -9: {states:?}");
+        let (_, info) = pod_status(&mut c, &ids[0]).await?;
+        ensure!(
+            info["pid"].as_u64() == Some(pid0) && alive(pid0),
+            "infra restarted or gone"
+        );
+        // A shim killed with -9: its pod turns NotReady within seconds, naming the cause.
+        // The shim is the infra process's parent (it is the pod's subreaper).
+        let infra1 = pod_status(&mut c, &ids[1]).await?.1["pid"]
+            .as_u64()
+            .context("pid")?;
+        ensure!(std::fs::read_to_string(format!("/proc/{infra1}/comm"))?.trim() == "berth-pause");
+        let shim_pid: i32 = std::fs::read_to_string(format!("/proc/{infra1}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("PPid")?;
+        ensure!(std::fs::read_to_string(format!("/proc/{shim_pid}/comm"))?.trim() == "berth-shim");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let mut reason = String::new();
+        for _ in 0..100 {
+            let (st, info) = pod_status(&mut c, &ids[1]).await?;
+            if st.state == n {
+                reason = info["reason"].as_str().unwrap_or_default().to_string();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ensure!(
+            reason.contains("shim"),
+            "pod of a killed shim: reason {reason:?}"
+        );
+        // The orphaned infra process is still stopped and cleaned up by Stop/Remove.
+        ensure!(alive(infra1), "infra died with its shim");
+        for id in &ids {
+            stop_pod(&mut c, id).await?;
+            remove_pod(&mut c, id).await?;
+        }
+        ensure!(!alive(pid0) && !alive(infra1), "infra processes left");
+        assert_no_pod_leftovers(&b, "restart")?;
+        Ok(())
+    })
+}
+
+fn host_network_pod() -> Result<(), Failed> {
+    run(|| async {
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let mut cfg = pod_config_in("hostnet", "u-h", "hostnet");
+        let linux = cfg.linux.as_mut().context("linux")?;
+        linux.sysctls.clear();
+        linux.security_context = Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = run_pod(&mut c, cfg).await?;
+        let (st, info) = pod_status(&mut c, &id).await?;
+        let pid = info["pid"].as_u64().context("pid")?;
+        ensure!(
+            ns_ino(&format!("/proc/{pid}/ns/net"))? == ns_ino("/proc/self/ns/net")?,
+            "hostNetwork pod has its own netns"
+        );
+        ensure!(
+            ns_ino(&format!("/proc/{pid}/ns/uts"))? == ns_ino("/proc/self/ns/uts")?,
+            "hostNetwork pod has its own UTS"
+        );
+        ensure!(info["netns"].is_null(), "{info}");
+        let ns = st
+            .linux
+            .and_then(|l| l.namespaces)
+            .and_then(|n| n.options)
+            .context("ns options")?;
+        ensure!(ns.network == cri::NamespaceMode::Node as i32);
+        remove_pod(&mut c, &id).await?;
+        assert_no_pod_leftovers(&b, "hostnet")?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -1441,6 +1980,13 @@ fn main() -> anyhow::Result<()> {
             concurrent_pulls_download_once,
         ),
         Trial::test("kill9_restart_keeps_images", kill9_restart_keeps_images),
+        Trial::test("pod_sandbox_lifecycle", pod_sandbox_lifecycle),
+        Trial::test("pod_sandbox_bad_input", pod_sandbox_bad_input),
+        Trial::test(
+            "pods_survive_berthd_kill9_and_shim_death",
+            pods_survive_berthd_kill9_and_shim_death,
+        ),
+        Trial::test("host_network_pod", host_network_pod),
         Trial::test(
             "crash_mid_pull_leaves_nothing_half_recorded",
             crash_mid_pull_leaves_nothing_half_recorded,
@@ -1462,7 +2008,10 @@ fn main() -> anyhow::Result<()> {
         .context("building the test registries and images")?;
     drop(rt);
     *WORLD.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(world));
+    let cgroups = CgroupParentGuard;
     let conclusion = libtest_mimic::run(&args, tests);
     drop(WORLD.lock().unwrap_or_else(|p| p.into_inner()).take());
+    // `exit` below skips destructors.
+    drop(cgroups);
     conclusion.exit()
 }

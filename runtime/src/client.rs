@@ -44,6 +44,7 @@ struct Inner {
     next_id: AtomicU32,
     events: broadcast::Sender<pb::Event>,
     closed: AtomicBool,
+    closed_tx: tokio::sync::watch::Sender<bool>,
 }
 
 /// A connection to one shim.
@@ -64,6 +65,7 @@ impl ShimClient {
             next_id: AtomicU32::new(1),
             events,
             closed: AtomicBool::new(false),
+            closed_tx: tokio::sync::watch::channel(false).0,
         });
         let reader = inner.clone();
         tokio::spawn(async move {
@@ -105,6 +107,7 @@ impl ShimClient {
                 }
             }
             reader.closed.store(true, Ordering::SeqCst);
+            reader.closed_tx.send_replace(true);
             // Dropping the senders wakes every caller with `Closed`.
             reader
                 .pending
@@ -118,6 +121,12 @@ impl ShimClient {
     /// Whether the connection is gone.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the connection is gone (the shim exited or was killed).
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed_tx.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Pushed events (after `subscribe`).

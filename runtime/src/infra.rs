@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sched::CloneFlags;
 use nix::unistd::{ForkResult, Pid, fork};
@@ -26,6 +26,8 @@ pub struct InfraSpec<'a> {
     pub oom_score_adj: i32,
     /// Empty directory used as its root.
     pub empty_root: &'a Path,
+    /// Namespaced sysctls to set (validated by the caller).
+    pub sysctls: Vec<(String, String)>,
 }
 
 /// Starts the infra process; returns its pid as seen by the caller. Must be called from
@@ -45,6 +47,16 @@ pub fn start_infra(spec: &InfraSpec<'_>) -> io::Result<u32> {
         .map(|d| CString::new(format!("{d}/cgroup.procs")).map_err(io::Error::other))
         .collect::<io::Result<_>>()?;
     let hostname = spec.hostname.map(|h| h.as_bytes().to_vec());
+    let sysctls: Vec<(PathBuf, Vec<u8>)> = spec
+        .sysctls
+        .iter()
+        .map(|(k, v)| {
+            (
+                Path::new("/proc/sys").join(k.replace('.', "/")),
+                v.as_bytes().to_vec(),
+            )
+        })
+        .collect();
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: the caller is single-threaded; the child only makes syscalls and exits.
     match unsafe { fork() }? {
@@ -58,6 +70,7 @@ pub fn start_infra(spec: &InfraSpec<'_>) -> io::Result<u32> {
                             &wr,
                             hostname.as_deref(),
                             &cgroups,
+                            &sysctls,
                             spec.oom_score_adj,
                             &root,
                         );
@@ -138,10 +151,21 @@ fn infra_main(
     ready: &OwnedFd,
     hostname: Option<&[u8]>,
     cgroups: &[CString],
+    sysctls: &[(PathBuf, Vec<u8>)],
     oom: i32,
     root: &CString,
 ) -> io::Error {
     let step = || -> io::Result<()> {
+        // Shown as `berth-pause` by ps/top, not as a second shim.
+        // SAFETY: PR_SET_NAME with a NUL-terminated 16-byte-or-shorter name.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, c"berth-pause".as_ptr(), 0, 0, 0);
+        }
+        // /proc/sys/net and the IPC sysctls show the namespaces of the writer: ours now.
+        for (path, value) in sysctls {
+            std::fs::write(path, value)
+                .map_err(|e| io::Error::new(e.kind(), format!("sysctl {}: {e}", path.display())))?;
+        }
         if let Some(h) = hostname {
             nix::unistd::sethostname(std::ffi::OsStr::from_bytes_compat(h))?;
         }

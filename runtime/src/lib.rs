@@ -7,6 +7,8 @@ pub mod criolog;
 pub mod exits;
 pub mod infra;
 pub mod netns;
+pub mod podcgroup;
 pub mod runc;
 pub mod shim;
+pub mod store;
 pub mod timefmt;

@@ -114,6 +114,9 @@ impl Shim {
         mask.thread_block().map_err(io::Error::from)?;
         let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(io::Error::from)?;
+        if let Some(dir) = cfg.socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let _ = std::fs::remove_file(&cfg.socket);
         let listener = UnixListener::bind(&cfg.socket)?;
         std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))?;
@@ -643,6 +646,7 @@ impl Shim {
             cgroup_dirs: &r.cgroup_dirs,
             oom_score_adj: r.oom_score_adj,
             empty_root: &self.state_dir.join("infra-root"),
+            sysctls: r.sysctls.into_iter().collect(),
         };
         let pid = crate::infra::start_infra(&spec).map_err(|e| (code::INTERNAL, e.to_string()))?;
         let _ = self.exits.remove(&r.id);

@@ -92,10 +92,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("opening metadata store {}", db_path.display()))?,
     );
     let images = {
-        let (root, cfg) = (config.root.clone(), config.image_service());
+        let (root, cfg, db) = (config.root.clone(), config.image_service(), db.clone());
         tokio::task::spawn_blocking(move || berth_image::ImageService::open(&root, db, cfg))
             .await??
     };
+    let store = Arc::new(berth_runtime::store::RuntimeStore::open(db)?);
+    let pods = berth_cri::pods::PodManager::open(config.clone(), store).await?;
     let listener = berth_cri::server::bind(&config.listen)?;
     info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving CRI v1");
     let shutdown = async {
@@ -114,7 +116,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let listen = config.listen.clone();
-    berth_cri::server::serve(listener, config, images, shutdown).await?;
+    berth_cri::server::serve(listener, config, images, pods, shutdown).await?;
     let _ = std::fs::remove_file(&listen);
     info!("berthd stopped");
     Ok(())

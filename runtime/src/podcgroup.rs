@@ -1,0 +1,123 @@
+//! Pod cgroup directories: the `cgroup_parent` kubelet gives, as a path in every
+//! mounted hierarchy (cgroup v1 controllers and the v2/unified mount). Full cgroup
+//! management (stats, limits, OOM) lives in the cgroups crate later; this only
+//! creates, lists and removes the pod's directories.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Mount points of cgroup hierarchies (v1 and v2), from /proc/self/mounts.
+pub fn hierarchies() -> io::Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mounts")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .collect())
+}
+
+/// The relative cgroup path for a `cgroup_parent`: cgroupfs paths as given; systemd
+/// slice names expanded (`a-b-c.slice` -> `a.slice/a-b.slice/a-b-c.slice`).
+pub fn relative_path(cgroup_parent: &str, systemd: bool) -> Result<PathBuf, String> {
+    let p = cgroup_parent.trim();
+    if p.split('/').any(|c| c == "..") {
+        return Err(format!("cgroup_parent {p:?} must not contain '..'"));
+    }
+    if !systemd {
+        return Ok(PathBuf::from(p.trim_start_matches('/')));
+    }
+    let Some(stem) = p.strip_suffix(".slice") else {
+        return Err(format!(
+            "cgroup_parent {p:?} must be a systemd slice name (ending in .slice)"
+        ));
+    };
+    if stem.contains('/') || stem.is_empty() {
+        return Err(format!("cgroup_parent {p:?} is not a systemd slice name"));
+    }
+    let mut out = PathBuf::new();
+    let mut prefix = String::new();
+    for part in stem.split('-') {
+        if part.is_empty() {
+            return Err(format!("cgroup_parent {p:?} has an empty slice component"));
+        }
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        out.push(format!("{prefix}.slice"));
+    }
+    Ok(out)
+}
+
+/// Creates `rel` in every hierarchy; returns the directories that did not exist before
+/// (the ones berth must remove later) and all of them (to join).
+pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut created = Vec::new();
+    let mut all = Vec::new();
+    for h in hierarchies()? {
+        let mut cur = h.clone();
+        for c in rel.components() {
+            let parent = cur.clone();
+            cur.push(c);
+            match std::fs::create_dir(&cur) {
+                Ok(()) => {
+                    created.push(cur.clone());
+                    inherit_cpuset(&parent, &cur);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    remove(&created);
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("creating cgroup {}: {e}", cur.display()),
+                    ));
+                }
+            }
+        }
+        all.push(cur);
+    }
+    Ok((created, all))
+}
+
+/// A new v1 cpuset cgroup starts empty and takes no tasks until it has cpus and mems.
+fn inherit_cpuset(parent: &Path, child: &Path) {
+    for f in ["cpuset.cpus", "cpuset.mems"] {
+        let c = child.join(f);
+        if c.exists() && std::fs::read_to_string(&c).is_ok_and(|v| v.trim().is_empty()) {
+            if let Ok(v) = std::fs::read_to_string(parent.join(f)) {
+                let _ = std::fs::write(&c, v.trim());
+            }
+        }
+    }
+}
+
+/// Removes directories (deepest first); ones still in use are left.
+pub fn remove(dirs: &[PathBuf]) {
+    let mut v: Vec<&PathBuf> = dirs.iter().collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for d in v {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_names_expand() {
+        assert_eq!(
+            relative_path("kubepods-burstable-pod12.slice", true).unwrap(),
+            PathBuf::from("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice")
+        );
+        assert_eq!(
+            relative_path("/kubepods/besteffort/pod1", false).unwrap(),
+            PathBuf::from("kubepods/besteffort/pod1")
+        );
+        assert!(relative_path("/a/../b", false).is_err());
+        assert!(relative_path("kubepods", true).is_err());
+        assert!(relative_path("a--b.slice", true).is_err());
+    }
+}
