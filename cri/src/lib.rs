@@ -2,6 +2,7 @@
 //! servers, and the socket they listen on.
 
 pub mod config;
+pub mod containers;
 pub mod image_service;
 pub mod pods;
 pub mod runtime_service;

@@ -27,8 +27,9 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs and tracks every pod sandbox.
 pub struct PodManager {
-    cfg: Config,
-    store: Arc<RuntimeStore>,
+    pub(crate) cfg: Config,
+    pub(crate) store: Arc<RuntimeStore>,
+    pub(crate) images: Arc<berth_image::ImageService>,
     shim_binary: PathBuf,
     shims: tokio::sync::Mutex<HashMap<String, ShimClient>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -62,7 +63,7 @@ impl Undo {
     }
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> Status {
     Status::internal(format!("{what}: {e}"))
 }
 
@@ -152,7 +153,7 @@ fn node_hostname() -> String {
 }
 
 /// Random 64-hex id.
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let bytes: [u8; 32] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -160,7 +161,11 @@ fn new_id() -> String {
 impl PodManager {
     /// Loads the sandboxes and reconnects to their shims; a shim that is gone leaves
     /// its sandbox NotReady (Stop and Remove still clean it up).
-    pub async fn open(cfg: Config, store: Arc<RuntimeStore>) -> Result<Arc<PodManager>, Status> {
+    pub async fn open(
+        cfg: Config,
+        store: Arc<RuntimeStore>,
+        images: Arc<berth_image::ImageService>,
+    ) -> Result<Arc<PodManager>, Status> {
         let shim_binary = if !cfg.shim.as_os_str().is_empty() {
             cfg.shim.clone()
         } else {
@@ -175,6 +180,7 @@ impl PodManager {
         let pm = Arc::new(PodManager {
             cfg,
             store,
+            images,
             shim_binary,
             shims: tokio::sync::Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
@@ -215,10 +221,11 @@ impl PodManager {
                 }
             }
         }
+        pm.recover_containers().await;
         Ok(pm)
     }
 
-    fn sandbox_root(&self, id: &str) -> PathBuf {
+    pub(crate) fn sandbox_root(&self, id: &str) -> PathBuf {
         self.cfg.root.join("sandboxes").join(id)
     }
     fn sandbox_state(&self, id: &str) -> PathBuf {
@@ -232,11 +239,11 @@ impl PodManager {
     fn netns_path(&self, id: &str) -> PathBuf {
         self.cfg.state.join("netns").join(id)
     }
-    fn shm_path(&self, id: &str) -> PathBuf {
+    pub(crate) fn shm_path(&self, id: &str) -> PathBuf {
         self.sandbox_state(id).join("shm")
     }
 
-    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(id.to_string()).or_default().clone()
     }
@@ -266,9 +273,13 @@ impl PodManager {
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
-                        Ok(pb::Event { event: Some(pb::event::Event::Exit(e)) }) if e.id == id => {
+                        Ok(pb::Event { event: Some(pb::event::Event::Exit(e)) }) => {
                             if let Some(pm) = me.upgrade() {
-                                pm.mark_not_ready(&id, &format!("the infra process exited with {}", e.exit_status));
+                                if e.id == id {
+                                    pm.mark_not_ready(&id, &format!("the infra process exited with {}", e.exit_status));
+                                } else {
+                                    pm.on_container_exit(&e.id, e.exit_status as i32, e.exited_at_unix_nanos, None, "");
+                                }
                             }
                         }
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -602,7 +613,7 @@ impl PodManager {
         Ok(())
     }
 
-    fn resolve(&self, id: &str, field: &str) -> Result<Option<SandboxRecord>, Status> {
+    pub(crate) fn resolve(&self, id: &str, field: &str) -> Result<Option<SandboxRecord>, Status> {
         if id.is_empty() {
             return Err(invalid_field(field, "must not be empty"));
         }
@@ -615,7 +626,7 @@ impl PodManager {
     }
 
     /// The shim client of a sandbox, reconnecting if needed; `None` if the shim is gone.
-    async fn shim(&self, id: &str) -> Option<ShimClient> {
+    pub(crate) async fn shim(&self, id: &str) -> Option<ShimClient> {
         let mut shims = self.shims.lock().await;
         if let Some(c) = shims.get(id) {
             if !c.is_closed() {
@@ -639,6 +650,14 @@ impl PodManager {
     }
 
     async fn stop_locked(&self, rec: &SandboxRecord) -> Result<(), Status> {
+        // Containers first (killed at once, as kubelet expects of a pod stop), and their
+        // tasks deleted so the shim can go.
+        for c in self.containers_of(&rec.id) {
+            self.stop_container_rec(&c, 0).await?;
+            if let Some(shim) = self.shim(&rec.id).await {
+                let _ = shim.delete(&c.id).await;
+            }
+        }
         if let Some(c) = self.shim(&rec.id).await {
             match c.kill(&rec.id, 9, false).await {
                 Ok(()) => {
@@ -701,6 +720,10 @@ impl PodManager {
         let lock = self.lock_for(&rec.id);
         let _g = lock.lock().await;
         self.stop_locked(&rec).await?;
+        // Its containers go with it: rootfs unmounted, dirs and records removed.
+        for c in self.containers_of(&rec.id) {
+            self.remove_container_rec(&c).await?;
+        }
         let (root_dir, state_dir) = (self.sandbox_root(&rec.id), self.sandbox_state(&rec.id));
         let cgroups: Vec<PathBuf> = rec.cgroup_dirs.iter().map(PathBuf::from).collect();
         let socket = self.shim_socket(&rec.id);

@@ -155,41 +155,63 @@ impl RuntimeService for CriRuntimeService {
             items: self.pods.list(req.into_inner().filter),
         }))
     }
+    #[instrument(skip_all)]
     async fn create_container(
         &self,
-        _req: Request<cri::CreateContainerRequest>,
+        req: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
-        Err(not_yet("create_container", "pod and container lifecycle"))
+        let id = self.pods.create_container(req.into_inner()).await?;
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
     }
+    #[instrument(skip_all)]
     async fn start_container(
         &self,
-        _req: Request<cri::StartContainerRequest>,
+        req: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
-        Err(not_yet("start_container", "pod and container lifecycle"))
+        self.pods
+            .start_container(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
     }
+    #[instrument(skip_all)]
     async fn stop_container(
         &self,
-        _req: Request<cri::StopContainerRequest>,
+        req: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
-        Err(not_yet("stop_container", "pod and container lifecycle"))
+        let r = req.into_inner();
+        self.pods.stop_container(&r.container_id, r.timeout).await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
     }
+    #[instrument(skip_all)]
     async fn remove_container(
         &self,
-        _req: Request<cri::RemoveContainerRequest>,
+        req: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        Err(not_yet("remove_container", "pod and container lifecycle"))
+        self.pods
+            .remove_container(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
     }
+    #[instrument(skip_all)]
     async fn list_containers(
         &self,
-        _req: Request<cri::ListContainersRequest>,
+        req: Request<cri::ListContainersRequest>,
     ) -> Result<Response<cri::ListContainersResponse>, Status> {
-        Err(not_yet("list_containers", "pod and container lifecycle"))
+        Ok(Response::new(cri::ListContainersResponse {
+            containers: self.pods.list_containers(req.into_inner().filter),
+        }))
     }
+    #[instrument(skip_all)]
     async fn container_status(
         &self,
-        _req: Request<cri::ContainerStatusRequest>,
+        req: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
-        Err(not_yet("container_status", "pod and container lifecycle"))
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.pods.container_status(&r.container_id, r.verbose)?,
+        ))
     }
     async fn update_container_resources(
         &self,
@@ -200,20 +222,21 @@ impl RuntimeService for CriRuntimeService {
             "cgroup stats and resources",
         ))
     }
+    #[instrument(skip_all)]
     async fn reopen_container_log(
         &self,
-        _req: Request<cri::ReopenContainerLogRequest>,
+        req: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        Err(not_yet(
-            "reopen_container_log",
-            "pod and container lifecycle",
-        ))
+        self.pods
+            .reopen_container_log(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
     async fn exec_sync(
         &self,
         _req: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(not_yet("exec_sync", "pod and container lifecycle"))
+        Err(not_yet("exec_sync", "exec in containers"))
     }
     async fn exec(
         &self,

@@ -495,11 +495,8 @@ fn runtime_identity_and_status() -> Result<(), Failed> {
             .await?
             .into_inner();
         ensure!(rc.linux.context("linux")?.cgroup_driver == cri::CgroupDriver::Cgroupfs as i32);
-        let r = c
-            .runtime
-            .create_container(cri::CreateContainerRequest::default())
-            .await;
-        expect_code(r, Code::Unimplemented, "create_container")?;
+        let r = c.runtime.exec_sync(cri::ExecSyncRequest::default()).await;
+        expect_code(r, Code::Unimplemented, "exec_sync")?;
         Ok(())
     })
 }
@@ -1931,6 +1928,462 @@ fn host_network_pod() -> Result<(), Failed> {
     })
 }
 
+// ------------------------------------------------------------- containers ----
+
+fn container_config(name: &str, image: &str, script: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}/0.log"),
+        labels: [("c".to_string(), name.to_string())].into(),
+        envs: vec![cri::KeyValue {
+            key: "GREETING".into(),
+            value: "hi".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+async fn create_ctr(
+    c: &mut CriClient,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    cfg: cri::ContainerConfig,
+) -> Result<String, tonic::Status> {
+    let req = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(cfg),
+        sandbox_config: Some(pod_cfg.clone()),
+    };
+    Ok(c.runtime
+        .create_container(req)
+        .await?
+        .into_inner()
+        .container_id)
+}
+
+async fn ctr_status(
+    c: &mut CriClient,
+    id: &str,
+) -> Result<(cri::ContainerStatus, serde_json::Value), tonic::Status> {
+    let r = c
+        .runtime
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    let info = r
+        .info
+        .get("info")
+        .and_then(|i| serde_json::from_str(i).ok())
+        .unwrap_or_default();
+    Ok((r.status.unwrap_or_default(), info))
+}
+
+async fn wait_exited(c: &mut CriClient, id: &str) -> Result<cri::ContainerStatus> {
+    for _ in 0..400 {
+        let (st, _) = ctr_status(c, id).await?;
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            return Ok(st);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("container {id} did not exit")
+}
+
+fn log_lines(path: &Path) -> Result<Vec<(String, String, String)>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            let _ts = it.next();
+            let f = |x: Option<&str>| x.unwrap_or("").to_string();
+            (f(it.next()), f(it.next()), f(it.next()))
+        })
+        .collect())
+}
+
+fn container_pod(test: &str, uid: &str, logs: &Path) -> cri::PodSandboxConfig {
+    let mut p = pod_config_in(&format!("ctr-{uid}"), uid, test);
+    p.log_directory = logs.display().to_string();
+    if let Some(l) = p.linux.as_mut() {
+        l.sysctls.clear();
+    }
+    p
+}
+
+fn container_lifecycle_and_logs() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("ctr", "c-1", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let script = "echo hello $GREETING; echo oops >&2; cat /etc/hostname; exit 3";
+        let id = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("one", &w.busybox.reference, script),
+        )
+        .await?;
+        let (st, info) = ctr_status(&mut c, &id).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerCreated as i32 && st.created_at > 0,
+            "{st:?}"
+        );
+        ensure!(st.image_id == w.busybox.config_digest, "{st:?}");
+        ensure!(
+            info["runtimeSpec"]["process"]["args"] == serde_json::json!(["/bin/sh", "-c", script]),
+            "{info}"
+        );
+        c.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+        let st = wait_exited(&mut c, &id).await?;
+        ensure!(st.exit_code == 3 && st.reason == "Error", "{st:?}");
+        ensure!(
+            st.started_at >= st.created_at && st.finished_at >= st.started_at,
+            "{st:?}"
+        );
+        ensure!(
+            st.log_path == logs.join("one/0.log").display().to_string(),
+            "{}",
+            st.log_path
+        );
+        let lines = log_lines(Path::new(&st.log_path))?;
+        for want in [
+            ("stdout", "F", "hello hi"),
+            ("stderr", "F", "oops"),
+            ("stdout", "F", "ctr-c-1-host"),
+        ] {
+            ensure!(
+                lines
+                    .iter()
+                    .any(|l| (l.0.as_str(), l.1.as_str(), l.2.as_str()) == want),
+                "{want:?} not in {lines:?}"
+            );
+        }
+        // A name is unique per pod.
+        let dup = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("one", &w.busybox.reference, "true"),
+        )
+        .await;
+        expect_code(dup, Code::AlreadyExists, &id)?;
+        // A long-running one lives in the pod's namespaces and sees the pod's files.
+        let mut long_cfg = container_config(
+            "long",
+            &w.busybox.reference,
+            "trap '' TERM; while true; do sleep 1; done",
+        );
+        // kubelet's default: the container's own PID namespace.
+        long_cfg.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let long = create_ctr(&mut c, &pod, &pod_cfg, long_cfg).await?;
+        c.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: long.clone(),
+            })
+            .await?;
+        let (st, info) = ctr_status(&mut c, &long).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "{st:?}"
+        );
+        let pid = info["pid"].as_u64().context("pid")?;
+        let netns = b.state.join("netns").join(&pod);
+        ensure!(
+            ns_ino(&format!("/proc/{pid}/ns/net"))? == std::fs::metadata(&netns)?.ino(),
+            "not in the pod netns"
+        );
+        let (_, pinfo) = pod_status(&mut c, &pod).await?;
+        let infra = pinfo["pid"].as_u64().context("infra pid")?;
+        for ns in ["uts", "ipc"] {
+            ensure!(
+                ns_ino(&format!("/proc/{pid}/ns/{ns}"))?
+                    == ns_ino(&format!("/proc/{infra}/ns/{ns}"))?,
+                "{ns} not shared with the pod"
+            );
+        }
+        let resolv = std::fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf"))?;
+        ensure!(resolv.contains("nameserver 10.96.0.10"), "{resolv}");
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        ensure!(
+            cg.contains(&format!("{}/podc-1/{long}", cgroup_scope("ctr"))),
+            "not in the pod cgroup: {cg}"
+        );
+        // Filters.
+        let f = |flt: cri::ContainerFilter| {
+            let mut cc = c.clone();
+            async move {
+                Ok::<_, anyhow::Error>(
+                    cc.runtime
+                        .list_containers(cri::ListContainersRequest { filter: Some(flt) })
+                        .await?
+                        .into_inner()
+                        .containers,
+                )
+            }
+        };
+        let running = cri::ContainerStateValue {
+            state: cri::ContainerState::ContainerRunning as i32,
+        };
+        let r = f(cri::ContainerFilter {
+            state: Some(running),
+            ..Default::default()
+        })
+        .await?;
+        ensure!(r.len() == 1 && r[0].id == long, "{r:?}");
+        ensure!(
+            f(cri::ContainerFilter {
+                pod_sandbox_id: pod.clone(),
+                ..Default::default()
+            })
+            .await?
+            .len()
+                == 2
+        );
+        let sel = [("c".to_string(), "one".to_string())].into();
+        ensure!(
+            f(cri::ContainerFilter {
+                label_selector: sel,
+                ..Default::default()
+            })
+            .await?
+            .len()
+                == 1
+        );
+        // Stop: the container ignores SIGTERM, so SIGKILL follows the grace period.
+        let t = std::time::Instant::now();
+        c.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: long.clone(),
+                timeout: 1,
+            })
+            .await?;
+        let st = wait_exited(&mut c, &long).await?;
+        ensure!(
+            st.exit_code == 137 && t.elapsed() >= Duration::from_millis(900),
+            "{st:?} after {:?}",
+            t.elapsed()
+        );
+        c.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: long.clone(),
+                timeout: 1,
+            })
+            .await?;
+        // Remove: rootfs unmounted, dirs gone; idempotent.
+        c.runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: long.clone(),
+            })
+            .await?;
+        c.runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: long.clone(),
+            })
+            .await?;
+        expect_code(ctr_status(&mut c, &long).await, Code::NotFound, "not found")?;
+        ensure!(
+            !b.state.join("containers").join(&long).exists()
+                && !b.root.join("containers").join(&long).exists()
+        );
+        // Removing the pod removes its remaining container.
+        remove_pod(&mut c, &pod).await?;
+        expect_code(ctr_status(&mut c, &id).await, Code::NotFound, "not found")?;
+        assert_no_pod_leftovers(&b, "ctr")?;
+        ensure!(
+            entries(&b.state.join("containers"))?.is_empty()
+                && entries(&b.root.join("containers"))?.is_empty()
+        );
+        Ok(())
+    })
+}
+
+fn container_bad_input_leaves_nothing() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("ctrbad", "c-2", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let missing = format!("{}/test/never-pulled:1", w.reg.addr());
+        expect_code(
+            create_ctr(
+                &mut c,
+                &pod,
+                &pod_cfg,
+                container_config("x", &missing, "true"),
+            )
+            .await,
+            Code::NotFound,
+            "never-pulled",
+        )?;
+        let mut no_meta = container_config("x", &w.busybox.reference, "true");
+        no_meta.metadata = None;
+        expect_code(
+            create_ctr(&mut c, &pod, &pod_cfg, no_meta).await,
+            Code::InvalidArgument,
+            "config.metadata",
+        )?;
+        let mut bad_mount = container_config("x", &w.busybox.reference, "true");
+        bad_mount.mounts = vec![cri::Mount {
+            container_path: "/data".into(),
+            host_path: "relative/dir".into(),
+            ..Default::default()
+        }];
+        expect_code(
+            create_ctr(&mut c, &pod, &pod_cfg, bad_mount).await,
+            Code::InvalidArgument,
+            "config.mounts[0].host_path",
+        )?;
+        let mut bad_bin = container_config("x", &w.busybox.reference, "true");
+        bad_bin.command = vec!["/no/such/binary".into()];
+        let e = create_ctr(&mut c, &pod, &pod_cfg, bad_bin).await;
+        expect_code(e, Code::Internal, "/no/such/binary")?;
+        expect_code(
+            create_ctr(
+                &mut c,
+                &"ab".repeat(32),
+                &pod_cfg,
+                container_config("x", &w.busybox.reference, "true"),
+            )
+            .await,
+            Code::NotFound,
+            "pod sandbox",
+        )?;
+        stop_pod(&mut c, &pod).await?;
+        expect_code(
+            create_ctr(
+                &mut c,
+                &pod,
+                &pod_cfg,
+                container_config("x", &w.busybox.reference, "true"),
+            )
+            .await,
+            Code::FailedPrecondition,
+            "not ready",
+        )?;
+        ensure!(
+            c.runtime
+                .list_containers(cri::ListContainersRequest { filter: None })
+                .await?
+                .into_inner()
+                .containers
+                .is_empty()
+        );
+        ensure!(
+            entries(&b.state.join("containers"))?.is_empty()
+                && entries(&b.root.join("containers"))?.is_empty(),
+            "container dirs left"
+        );
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "ctrbad")?;
+        Ok(())
+    })
+}
+
+fn containers_survive_berthd_kill9() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let mut b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("ctrrestart", "c-3", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let runner = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config(
+                "runner",
+                &w.busybox.reference,
+                "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+            ),
+        )
+        .await?;
+        let quitter = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("quitter", &w.busybox.reference, "sleep 0.5; exit 5"),
+        )
+        .await?;
+        for id in [&runner, &quitter] {
+            c.runtime
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await?;
+        }
+        let pid = ctr_status(&mut c, &runner).await?.1["pid"]
+            .as_u64()
+            .context("pid")?;
+        b.kill9()?;
+        tokio::time::sleep(Duration::from_millis(1200)).await; // the quitter exits while berthd is down
+        let log = logs.join("runner/0.log");
+        let before = log_lines(&log)?.len();
+        b.restart()?;
+        let mut c = b.client().await?;
+        let (st, _) = ctr_status(&mut c, &quitter).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerExited as i32 && st.exit_code == 5,
+            "{st:?}"
+        );
+        ensure!(st.finished_at > st.started_at, "{st:?}");
+        let (st, info) = ctr_status(&mut c, &runner).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32
+                && info["pid"].as_u64() == Some(pid),
+            "runner restarted: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        ensure!(
+            log_lines(&log)?.len() > before,
+            "logs stopped while berthd was down"
+        );
+        // The exit of a running container is still seen after the restart.
+        c.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: runner.clone(),
+                timeout: 0,
+            })
+            .await?;
+        ensure!(wait_exited(&mut c, &runner).await?.exit_code == 137);
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "ctrrestart")?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -1987,6 +2440,15 @@ fn main() -> anyhow::Result<()> {
             pods_survive_berthd_kill9_and_shim_death,
         ),
         Trial::test("host_network_pod", host_network_pod),
+        Trial::test("container_lifecycle_and_logs", container_lifecycle_and_logs),
+        Trial::test(
+            "container_bad_input_leaves_nothing",
+            container_bad_input_leaves_nothing,
+        ),
+        Trial::test(
+            "containers_survive_berthd_kill9",
+            containers_survive_berthd_kill9,
+        ),
         Trial::test(
             "crash_mid_pull_leaves_nothing_half_recorded",
             crash_mid_pull_leaves_nothing_half_recorded,

@@ -10,5 +10,6 @@ pub mod netns;
 pub mod podcgroup;
 pub mod runc;
 pub mod shim;
+pub mod spec;
 pub mod store;
 pub mod timefmt;

@@ -9,6 +9,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
+const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -68,10 +69,61 @@ pub struct SandboxRecord {
     pub config: serde_json::Value,
 }
 
+/// A container's lifecycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerState {
+    /// Created, not started.
+    Created,
+    /// Its process runs.
+    Running,
+    /// Its process exited (or was found gone).
+    Exited,
+}
+
+/// One container (metadata; the live process is the shim's task of the same id).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// 64 hex characters.
+    pub id: String,
+    /// Its pod.
+    pub sandbox_id: String,
+    /// `name_attempt`, unique within the pod.
+    pub key: String,
+    /// Current state.
+    pub state: ContainerState,
+    /// Creation, start and finish times (Unix nanoseconds; 0 = not yet).
+    pub created_at: i64,
+    /// When it started.
+    pub started_at: i64,
+    /// When it exited.
+    pub finished_at: i64,
+    /// Exit code once exited.
+    pub exit_code: i32,
+    /// `Completed`, `Error`, `OOMKilled` or why berth marked it exited.
+    pub reason: String,
+    /// Detail for the reason.
+    pub message: String,
+    /// The image as requested.
+    pub image: String,
+    /// The image id (config digest).
+    pub image_id: String,
+    /// The image's repo digest, if any.
+    pub image_ref: String,
+    /// The CRI log file.
+    pub log_path: String,
+    /// Init pid while running.
+    pub pid: u32,
+    /// The signal StopContainer sends first.
+    pub stop_signal: u32,
+    /// The CRI config as JSON.
+    pub config: serde_json::Value,
+}
+
 /// The runtime's records.
 pub struct RuntimeStore {
     db: Arc<Database>,
     sandboxes: RwLock<BTreeMap<String, SandboxRecord>>,
+    containers: RwLock<BTreeMap<String, ContainerRecord>>,
 }
 
 impl RuntimeStore {
@@ -79,17 +131,25 @@ impl RuntimeStore {
     pub fn open(db: Arc<Database>) -> Result<RuntimeStore, StoreError> {
         let tx = db.begin_write()?;
         tx.open_table(SANDBOXES)?;
+        tx.open_table(CONTAINERS)?;
         tx.commit()?;
         let mut sandboxes = BTreeMap::new();
+        let mut containers = BTreeMap::new();
         let rx = db.begin_read()?;
         for row in rx.open_table(SANDBOXES)?.iter()? {
             let (_, v) = row?;
             let rec: SandboxRecord = serde_json::from_slice(v.value())?;
             sandboxes.insert(rec.id.clone(), rec);
         }
+        for row in rx.open_table(CONTAINERS)?.iter()? {
+            let (_, v) = row?;
+            let rec: ContainerRecord = serde_json::from_slice(v.value())?;
+            containers.insert(rec.id.clone(), rec);
+        }
         Ok(RuntimeStore {
             db,
             sandboxes: RwLock::new(sandboxes),
+            containers: RwLock::new(containers),
         })
     }
 
@@ -157,6 +217,67 @@ impl RuntimeStore {
             .map_err(|_| StoreError("lock poisoned".into()))?;
         let tx = self.db.begin_write()?;
         tx.open_table(SANDBOXES)?.remove(id)?;
+        tx.commit()?;
+        m.remove(id);
+        Ok(())
+    }
+
+    /// All containers.
+    pub fn containers(&self) -> Vec<ContainerRecord> {
+        self.containers
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// One container by full id.
+    pub fn container(&self, id: &str) -> Option<ContainerRecord> {
+        self.containers.read().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    /// Resolves a full id or a unique prefix; `Err` names the ambiguity.
+    pub fn resolve_container(&self, prefix: &str) -> Result<Option<ContainerRecord>, String> {
+        let m = self
+            .containers
+            .read()
+            .map_err(|_| "store lock poisoned".to_string())?;
+        if let Some(r) = m.get(prefix) {
+            return Ok(Some(r.clone()));
+        }
+        let mut it = m
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix));
+        match (it.next(), it.next()) {
+            (Some((_, r)), None) => Ok(Some(r.clone())),
+            (None, _) => Ok(None),
+            (Some(_), Some(_)) => Err(format!(
+                "id prefix {prefix:?} matches more than one container"
+            )),
+        }
+    }
+
+    /// Writes (inserts or replaces) a container record.
+    pub fn put_container(&self, rec: &ContainerRecord) -> Result<(), StoreError> {
+        let mut m = self
+            .containers
+            .write()
+            .map_err(|_| StoreError("lock poisoned".into()))?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(CONTAINERS)?
+            .insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
+        tx.commit()?;
+        m.insert(rec.id.clone(), rec.clone());
+        Ok(())
+    }
+
+    /// Deletes a container record; absent is fine.
+    pub fn delete_container(&self, id: &str) -> Result<(), StoreError> {
+        let mut m = self
+            .containers
+            .write()
+            .map_err(|_| StoreError("lock poisoned".into()))?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(CONTAINERS)?.remove(id)?;
         tx.commit()?;
         m.remove(id);
         Ok(())

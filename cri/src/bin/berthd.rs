@@ -97,7 +97,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await??
     };
     let store = Arc::new(berth_runtime::store::RuntimeStore::open(db)?);
-    let pods = berth_cri::pods::PodManager::open(config.clone(), store).await?;
+    let pods = berth_cri::pods::PodManager::open(config.clone(), store, images.clone()).await?;
     let listener = berth_cri::server::bind(&config.listen)?;
     info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving CRI v1");
     let shutdown = async {

@@ -1,0 +1,642 @@
+//! Containers: CreateContainer mounts the image's snapshots as an overlay with a
+//! private writable layer, writes the OCI bundle and has the pod's shim create the
+//! task; exits arrive as shim events (or, after a restart, from the shim's task list).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::shim as pb;
+use berth_runtime::client::ShimError;
+use berth_runtime::spec::{SandboxFiles, SpecInputs, build_spec};
+use berth_runtime::store::{ContainerRecord, ContainerState, SandboxState};
+use berth_runtime::timefmt::now_unix_nanos;
+use k8s_cri::v1 as cri;
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::pods::{PodManager, clamp_oom_score_adj, internal, new_id};
+use crate::status::invalid_field;
+
+/// Signal numbers by name, for an image's StopSignal.
+fn signal_number(name: &str) -> Option<u32> {
+    let n = name.trim().to_ascii_uppercase();
+    if let Ok(v) = n.parse::<u32>() {
+        return (1..=64).contains(&v).then_some(v);
+    }
+    let n = n.strip_prefix("SIG").unwrap_or(&n).to_string();
+    nix::sys::signal::Signal::iterator()
+        .find(|s| s.as_str().trim_start_matches("SIG") == n)
+        .map(|s| s as i32 as u32)
+}
+
+/// The CRI reason for an exit code.
+fn exit_reason(code: i32) -> &'static str {
+    if code == 0 { "Completed" } else { "Error" }
+}
+
+impl PodManager {
+    pub(crate) fn container_dir(&self, id: &str) -> PathBuf {
+        self.cfg.root.join("containers").join(id)
+    }
+    pub(crate) fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state.join("containers").join(id)
+    }
+
+    fn resolve_container(&self, id: &str, field: &str) -> Result<Option<ContainerRecord>, Status> {
+        if id.is_empty() {
+            return Err(invalid_field(field, "must not be empty"));
+        }
+        if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid_field(
+                field,
+                &format!("{id:?} is not a container id"),
+            ));
+        }
+        self.store
+            .resolve_container(id)
+            .map_err(|e| invalid_field(field, &e))
+    }
+
+    fn must_container(&self, id: &str) -> Result<ContainerRecord, Status> {
+        self.resolve_container(id, "container_id")?
+            .ok_or_else(|| Status::not_found(format!("container {id:?} not found")))
+    }
+
+    /// Records an exit the shim reported (or berth inferred).
+    pub(crate) fn on_container_exit(
+        &self,
+        id: &str,
+        code: i32,
+        at: i64,
+        reason: Option<&str>,
+        message: &str,
+    ) {
+        let Some(mut rec) = self.store.container(id) else {
+            return;
+        };
+        if rec.state == ContainerState::Exited {
+            return;
+        }
+        rec.state = ContainerState::Exited;
+        rec.exit_code = code;
+        rec.finished_at = if at > 0 { at } else { now_unix_nanos() };
+        rec.reason = reason.unwrap_or(exit_reason(code)).to_string();
+        rec.message = message.to_string();
+        rec.pid = 0;
+        if let Err(e) = self.store.put_container(&rec) {
+            warn!(container = id, error = %e, "recording exit");
+        }
+        info!(container = id, code, "container exited");
+    }
+
+    /// After a restart: containers that exited while berthd was down get their real exit
+    /// from the shim; those whose shim is gone are marked exited (137).
+    pub(crate) async fn recover_containers(&self) {
+        for rec in self.store.containers() {
+            if rec.state == ContainerState::Exited {
+                continue;
+            }
+            match self.shim(&rec.sandbox_id).await {
+                Some(c) => match c.state(&rec.id).await {
+                    Ok(st) if st.status == pb::TaskStatus::Stopped as i32 => self
+                        .on_container_exit(
+                            &rec.id,
+                            st.exit_status as i32,
+                            st.exited_at_unix_nanos,
+                            None,
+                            "",
+                        ),
+                    Ok(_) => {}
+                    Err(e) => self.on_container_exit(
+                        &rec.id,
+                        137,
+                        0,
+                        Some("Unknown"),
+                        &format!("the shim lost the task: {e}"),
+                    ),
+                },
+                None => {
+                    self.on_container_exit(&rec.id, 137, 0, Some("Unknown"), "the pod's shim died")
+                }
+            }
+        }
+    }
+
+    /// CreateContainer.
+    pub async fn create_container(
+        self: &Arc<Self>,
+        req: cri::CreateContainerRequest,
+    ) -> Result<String, Status> {
+        let config = req
+            .config
+            .clone()
+            .ok_or_else(|| invalid_field("config", "is required"))?;
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| invalid_field("config.metadata", "is required"))?;
+        if meta.name.is_empty() {
+            return Err(invalid_field("config.metadata.name", "must not be empty"));
+        }
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.trim().to_string())
+            .unwrap_or_default();
+        if image_name.is_empty() {
+            return Err(invalid_field("config.image.image", "an image is required"));
+        }
+        let pod = self
+            .resolve(&req.pod_sandbox_id, "pod_sandbox_id")?
+            .ok_or_else(|| {
+                Status::not_found(format!("pod sandbox {:?} not found", req.pod_sandbox_id))
+            })?;
+        if pod.state != SandboxState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                pod.id
+            )));
+        }
+        let image = self
+            .images
+            .resolve(&image_name)
+            .map_err(crate::status::from_image_error)?
+            .ok_or_else(|| {
+                Status::not_found(format!("image {image_name:?} not found; pull it first"))
+            })?;
+        let lock = self.lock_for(&pod.id);
+        let _g = lock.lock().await;
+        let key = format!("{}_{}", meta.name, meta.attempt);
+        if let Some(holder) = self
+            .store
+            .containers()
+            .into_iter()
+            .find(|c| c.sandbox_id == pod.id && c.key == key)
+        {
+            return Err(Status::already_exists(format!(
+                "container name {key:?} is already in use by container {}",
+                holder.id
+            )));
+        }
+        let id = new_id();
+        let pod_config: cri::PodSandboxConfig =
+            serde_json::from_value(pod.config.clone()).unwrap_or_default();
+        let image_config = self
+            .images
+            .config_json(&image)
+            .map_err(crate::status::from_image_error)?;
+        let layers = self
+            .images
+            .layer_paths(&image)
+            .map_err(crate::status::from_image_error)?;
+        let (cdir, bundle) = (self.container_dir(&id), self.bundle_dir(&id));
+        let rootfs = bundle.join("rootfs");
+
+        // Filesystem: dirs, host paths kubelet expects to exist, the overlay rootfs.
+        let host_dirs: Vec<PathBuf> = config
+            .mounts
+            .iter()
+            .map(|m| PathBuf::from(&m.host_path))
+            .filter(|p| p.is_absolute())
+            .collect();
+        let nvols = image_config["config"]["Volumes"]
+            .as_object()
+            .map_or(0, |v| v.len());
+        let (cd, bd, rf) = (cdir.clone(), bundle.clone(), rootfs.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+            let steps = || -> Result<(), Status> {
+                for d in [cd.join("upper"), cd.join("work"), rf.clone()] {
+                    std::fs::create_dir_all(&d)
+                        .map_err(|e| internal(&format!("creating {}", d.display()), e))?;
+                }
+                for i in 0..nvols {
+                    let v = cd.join("volumes").join(i.to_string());
+                    std::fs::create_dir_all(&v).map_err(|e| internal("creating volume dir", e))?;
+                }
+                for h in &host_dirs {
+                    if std::fs::symlink_metadata(h).is_err() {
+                        std::fs::create_dir_all(h).map_err(|e| {
+                            internal(&format!("creating host path {}", h.display()), e)
+                        })?;
+                    }
+                }
+                let lower: Vec<String> = layers
+                    .iter()
+                    .rev()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                let opts = format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    lower.join(":"),
+                    cd.join("upper").display(),
+                    cd.join("work").display()
+                );
+                nix::mount::mount(
+                    Some("overlay"),
+                    &rf,
+                    Some("overlay"),
+                    nix::mount::MsFlags::empty(),
+                    Some(opts.as_str()),
+                )
+                .map_err(|e| internal("mounting the container rootfs", e))
+            };
+            steps().inspect_err(|_| {
+                let _ = nix::mount::umount2(&rf, nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir_all(&cd);
+                let _ = std::fs::remove_dir_all(&bd);
+            })
+        })
+        .await
+        .map_err(|e| internal("rootfs task", e))??;
+
+        let result = async {
+            let host_ipc = pod_config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .and_then(|s| s.namespace_options.as_ref())
+                .is_some_and(|n| n.ipc == cri::NamespaceMode::Node as i32);
+            let files = SandboxFiles {
+                hostname: self.sandbox_root(&pod.id).join("hostname"),
+                hosts: self.sandbox_root(&pod.id).join("hosts"),
+                resolv_conf: self.sandbox_root(&pod.id).join("resolv.conf"),
+                shm: (!host_ipc).then(|| self.shm_path(&pod.id)),
+            };
+            let cgroup_parent = pod_config
+                .linux
+                .as_ref()
+                .map(|l| l.cgroup_parent.clone())
+                .unwrap_or_default();
+            let cgroups_path = match (self.cfg.cgroup_driver, cgroup_parent.is_empty()) {
+                (crate::config::CgroupDriver::Systemd, false) => {
+                    format!("{cgroup_parent}:berth:{id}")
+                }
+                (_, true) => format!("/berth/{id}"),
+                (_, false) => format!("{}/{id}", cgroup_parent.trim_end_matches('/')),
+            };
+            let min_oom = {
+                let clamped = clamp_oom_score_adj(-1000);
+                (clamped > -1000).then_some(clamped)
+            };
+            let spec = build_spec(&SpecInputs {
+                id: &id,
+                config: &config,
+                pod: &pod_config,
+                image_config: &image_config,
+                rootfs: &rootfs,
+                files: &files,
+                netns: pod.netns.as_deref(),
+                infra_pid: pod.infra_pid,
+                cgroups_path: &cgroups_path,
+                min_oom_score_adj: min_oom,
+                volumes_dir: &cdir.join("volumes"),
+            })
+            .map_err(|e| invalid_field(&e.field, &e.message))?;
+            let bytes =
+                serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding spec", e))?;
+            std::fs::write(bundle.join("config.json"), bytes)
+                .map_err(|e| internal("writing config.json", e))?;
+            let log_path = if pod_config.log_directory.is_empty() || config.log_path.is_empty() {
+                String::new()
+            } else {
+                Path::new(&pod_config.log_directory)
+                    .join(&config.log_path)
+                    .display()
+                    .to_string()
+            };
+            let shim = self.shim(&pod.id).await.ok_or_else(|| {
+                Status::failed_precondition(format!("the shim of pod {} is gone", pod.id))
+            })?;
+            let pid = shim
+                .create(pb::CreateRequest {
+                    id: id.clone(),
+                    bundle: bundle.display().to_string(),
+                    terminal: config.tty,
+                    stdin: config.stdin,
+                    stdin_once: config.stdin_once,
+                    log_path: log_path.clone(),
+                })
+                .await
+                .map_err(|e| match e {
+                    ShimError::Remote { code: 3, message } => Status::invalid_argument(message),
+                    ShimError::Remote { code: 12, message } => Status::unimplemented(message),
+                    other => Status::internal(format!("creating container: {other}")),
+                })?;
+            let stop_signal = image_config["config"]["StopSignal"]
+                .as_str()
+                .and_then(signal_number)
+                .unwrap_or(15);
+            let rec = ContainerRecord {
+                id: id.clone(),
+                sandbox_id: pod.id.clone(),
+                key,
+                state: ContainerState::Created,
+                created_at: now_unix_nanos(),
+                started_at: 0,
+                finished_at: 0,
+                exit_code: 0,
+                reason: String::new(),
+                message: String::new(),
+                image: image_name.clone(),
+                image_id: image.id.to_string(),
+                image_ref: image
+                    .repo_digests
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| image.id.to_string()),
+                log_path,
+                pid,
+                stop_signal,
+                config: serde_json::to_value(&config)
+                    .map_err(|e| internal("encoding config", e))?,
+            };
+            if let Err(e) = self.store.put_container(&rec) {
+                let _ = shim.kill(&id, 9, false).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), shim.wait(&id)).await;
+                let _ = shim.delete(&id).await;
+                return Err(internal("recording container", e));
+            }
+            Ok::<(), Status>(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.release_container_fs(&id).await;
+            return Err(e);
+        }
+        info!(container = %id, sandbox = %pod.id, "container created");
+        Ok(id)
+    }
+
+    /// Unmounts and removes a container's rootfs, writable layer and bundle.
+    async fn release_container_fs(&self, id: &str) {
+        let (cdir, bundle) = (self.container_dir(id), self.bundle_dir(id));
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir_all(&bundle);
+            let _ = std::fs::remove_dir_all(&cdir);
+        })
+        .await;
+    }
+
+    /// StartContainer.
+    pub async fn start_container(&self, id: &str) -> Result<(), Status> {
+        let mut rec = self.must_container(id)?;
+        if rec.state != ContainerState::Created {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not in the created state",
+                rec.id
+            )));
+        }
+        let shim = self
+            .shim(&rec.sandbox_id)
+            .await
+            .ok_or_else(|| Status::failed_precondition("the pod's shim is gone"))?;
+        shim.start(&rec.id)
+            .await
+            .map_err(|e| Status::internal(format!("starting container: {e}")))?;
+        rec.started_at = now_unix_nanos();
+        if let Some(cur) = self.store.container(&rec.id) {
+            if cur.state == ContainerState::Exited {
+                // It already ran to completion: keep the exit, add the start time.
+                let mut done = cur;
+                done.started_at = rec.started_at;
+                return self
+                    .store
+                    .put_container(&done)
+                    .map_err(|e| internal("recording start", e));
+            }
+        }
+        rec.state = ContainerState::Running;
+        self.store
+            .put_container(&rec)
+            .map_err(|e| internal("recording start", e))
+    }
+
+    /// StopContainer: the image's stop signal, SIGKILL after `timeout` seconds (0 = at once).
+    pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), Status> {
+        let rec = self.must_container(id)?;
+        self.stop_container_rec(&rec, timeout).await
+    }
+
+    pub(crate) async fn stop_container_rec(
+        &self,
+        rec: &ContainerRecord,
+        timeout: i64,
+    ) -> Result<(), Status> {
+        if rec.state == ContainerState::Exited {
+            return Ok(());
+        }
+        let Some(shim) = self.shim(&rec.sandbox_id).await else {
+            self.on_container_exit(&rec.id, 137, 0, Some("Unknown"), "the pod's shim died");
+            return Ok(());
+        };
+        let exit = async {
+            if timeout > 0 && rec.state == ContainerState::Running {
+                let _ = shim.kill(&rec.id, rec.stop_signal, false).await;
+                if let Ok(Ok(st)) =
+                    tokio::time::timeout(Duration::from_secs(timeout as u64), shim.wait(&rec.id))
+                        .await
+                {
+                    return Ok(st);
+                }
+            }
+            shim.kill(&rec.id, 9, true).await.or_else(|e| match e {
+                ShimError::Remote { code: 5, .. } => Ok(()),
+                e => Err(e),
+            })?;
+            shim.wait(&rec.id).await
+        }
+        .await;
+        match exit {
+            Ok(st) => self.on_container_exit(
+                &rec.id,
+                st.exit_status as i32,
+                st.exited_at_unix_nanos,
+                None,
+                "",
+            ),
+            Err(ShimError::Remote { code: 5, .. }) => self.on_container_exit(
+                &rec.id,
+                137,
+                0,
+                Some("Unknown"),
+                "the shim no longer knows the task",
+            ),
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "stopping container {}: {e}",
+                    rec.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// RemoveContainer: kills a running container, then frees everything. Idempotent.
+    pub async fn remove_container(&self, id: &str) -> Result<(), Status> {
+        let Some(rec) = self.resolve_container(id, "container_id")? else {
+            return Ok(());
+        };
+        self.remove_container_rec(&rec).await
+    }
+
+    pub(crate) async fn remove_container_rec(&self, rec: &ContainerRecord) -> Result<(), Status> {
+        self.stop_container_rec(rec, 0).await?;
+        if let Some(shim) = self.shim(&rec.sandbox_id).await {
+            match shim.delete(&rec.id).await {
+                Ok(_) | Err(ShimError::Remote { code: 5, .. }) => {}
+                Err(e) => return Err(Status::internal(format!("deleting task {}: {e}", rec.id))),
+            }
+        }
+        self.release_container_fs(&rec.id).await;
+        self.store
+            .delete_container(&rec.id)
+            .map_err(|e| internal("deleting record", e))?;
+        info!(container = %rec.id, "container removed");
+        Ok(())
+    }
+
+    fn cri_container_state(rec: &ContainerRecord) -> i32 {
+        match rec.state {
+            ContainerState::Created => cri::ContainerState::ContainerCreated as i32,
+            ContainerState::Running => cri::ContainerState::ContainerRunning as i32,
+            ContainerState::Exited => cri::ContainerState::ContainerExited as i32,
+        }
+    }
+
+    /// ContainerStatus.
+    pub fn container_status(
+        &self,
+        id: &str,
+        verbose: bool,
+    ) -> Result<cri::ContainerStatusResponse, Status> {
+        let rec = self.must_container(id)?;
+        let config: cri::ContainerConfig =
+            serde_json::from_value(rec.config.clone()).unwrap_or_default();
+        let status = cri::ContainerStatus {
+            id: rec.id.clone(),
+            metadata: config.metadata.clone(),
+            state: Self::cri_container_state(&rec),
+            created_at: rec.created_at,
+            started_at: rec.started_at,
+            finished_at: rec.finished_at,
+            exit_code: rec.exit_code,
+            image: Some(cri::ImageSpec {
+                image: rec.image.clone(),
+                ..Default::default()
+            }),
+            image_ref: rec.image_ref.clone(),
+            image_id: rec.image_id.clone(),
+            reason: rec.reason.clone(),
+            message: rec.message.clone(),
+            labels: config.labels.clone(),
+            annotations: config.annotations.clone(),
+            mounts: config.mounts.clone(),
+            log_path: rec.log_path.clone(),
+            resources: config
+                .linux
+                .as_ref()
+                .and_then(|l| l.resources.clone())
+                .map(|r| cri::ContainerResources {
+                    linux: Some(r),
+                    ..Default::default()
+                }),
+            ..Default::default()
+        };
+        let mut info = HashMap::new();
+        if verbose {
+            let spec: serde_json::Value =
+                std::fs::read(self.bundle_dir(&rec.id).join("config.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+            let v = serde_json::json!({"pid": rec.pid, "sandboxID": rec.sandbox_id, "runtimeSpec": spec, "config": rec.config});
+            info.insert("info".to_string(), v.to_string());
+        }
+        Ok(cri::ContainerStatusResponse {
+            status: Some(status),
+            info,
+        })
+    }
+
+    /// ListContainers with its filters.
+    pub fn list_containers(&self, filter: Option<cri::ContainerFilter>) -> Vec<cri::Container> {
+        let f = filter.unwrap_or_default();
+        self.store
+            .containers()
+            .into_iter()
+            .filter(|r| f.id.is_empty() || r.id.starts_with(&f.id))
+            .filter(|r| f.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&f.pod_sandbox_id))
+            .filter(|r| {
+                f.state
+                    .as_ref()
+                    .is_none_or(|s| s.state == Self::cri_container_state(r))
+            })
+            .filter_map(|r| {
+                let config: cri::ContainerConfig =
+                    serde_json::from_value(r.config.clone()).unwrap_or_default();
+                f.label_selector
+                    .iter()
+                    .all(|(k, v)| config.labels.get(k) == Some(v))
+                    .then(|| cri::Container {
+                        id: r.id.clone(),
+                        pod_sandbox_id: r.sandbox_id.clone(),
+                        metadata: config.metadata.clone(),
+                        image: Some(cri::ImageSpec {
+                            image: r.image.clone(),
+                            ..Default::default()
+                        }),
+                        image_ref: r.image_ref.clone(),
+                        image_id: r.image_id.clone(),
+                        state: Self::cri_container_state(&r),
+                        created_at: r.created_at,
+                        labels: config.labels.clone(),
+                        annotations: config.annotations.clone(),
+                    })
+            })
+            .collect()
+    }
+
+    /// ReopenContainerLog.
+    pub async fn reopen_container_log(&self, id: &str) -> Result<(), Status> {
+        let rec = self.must_container(id)?;
+        if rec.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                rec.id
+            )));
+        }
+        let shim = self
+            .shim(&rec.sandbox_id)
+            .await
+            .ok_or_else(|| Status::failed_precondition("the pod's shim is gone"))?;
+        shim.reopen_log(&rec.id)
+            .await
+            .map_err(|e| Status::internal(format!("reopening log: {e}")))
+    }
+
+    /// The containers of a pod.
+    pub(crate) fn containers_of(&self, sandbox: &str) -> Vec<ContainerRecord> {
+        self.store
+            .containers()
+            .into_iter()
+            .filter(|c| c.sandbox_id == sandbox)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals_by_name_and_number() {
+        assert_eq!(signal_number("SIGQUIT"), Some(3));
+        assert_eq!(signal_number("term"), Some(15));
+        assert_eq!(signal_number("9"), Some(9));
+        assert_eq!(signal_number("SIGNOPE"), None);
+        assert_eq!(signal_number("99"), None);
+    }
+}
