@@ -88,7 +88,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let db_path = config.root.join("meta.redb");
     let db = Arc::new(
-        redb::Database::create(&db_path)
+        redb::Builder::new()
+            // The metadata is small; redb's default cache would let it grow far beyond.
+            .set_cache_size(4 << 20)
+            .create(&db_path)
             .with_context(|| format!("opening metadata store {}", db_path.display()))?,
     );
     let images = {

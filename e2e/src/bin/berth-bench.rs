@@ -53,6 +53,35 @@ enum Cmd {
     },
     /// Print ratios of two `run --json` results (first / second).
     Compare { first: PathBuf, second: PathBuf },
+    /// Measure pod and container lifecycle latency, concurrency and memory.
+    Pods {
+        /// CRI endpoint.
+        #[arg(long)]
+        endpoint: String,
+        /// Registry host:port holding the images of `push`.
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        registry: String,
+        /// Name for this runtime in the output.
+        #[arg(long)]
+        label: String,
+        /// Daemon pid for RSS figures.
+        #[arg(long)]
+        daemon_pid: Option<u32>,
+        /// Lifecycle iterations.
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+        /// Pods held at once for the memory figures.
+        #[arg(long, default_value_t = 50)]
+        hold: usize,
+        /// Also time bare `runc create`+`start` / `delete -f` of the same image (the floor).
+        #[arg(long)]
+        runc_floor: bool,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Print ratios of two `pods --json` results (first / second).
+    ComparePods { first: PathBuf, second: PathBuf },
 }
 
 const LARGE_REPO: &str = "berth-bench/large";
@@ -64,6 +93,19 @@ fn large_image() -> ImageBuilder {
     large_layers(LARGE_BYTES, LARGE_LAYERS, 42)
         .into_iter()
         .fold(ImageBuilder::new(), |i, l| i.layer(l, Compression::Gzip))
+}
+
+const BUSYBOX_REPO: &str = "berth-bench/busybox";
+
+fn busybox_image() -> ImageBuilder {
+    let l = LayerBuilder::new()
+        .dir("bin", 0o755, 0, 0)
+        .add_host_file("bin/busybox", "/bin/busybox", 0o755)
+        .symlink("bin/sh", "busybox")
+        .symlink("bin/sleep", "busybox");
+    ImageBuilder::new()
+        .layer(l, Compression::Gzip)
+        .cmd(&["/bin/sh"])
 }
 
 fn small_image(i: usize) -> ImageBuilder {
@@ -129,6 +171,10 @@ async fn push(registry: &str) -> Result<()> {
             .await?;
     }
     println!("pushed {SMALL_IMAGES} small images");
+    let bb = busybox_image()
+        .push(registry, BUSYBOX_REPO, "1", None)
+        .await?;
+    println!("pushed {}", bb.reference);
     Ok(())
 }
 
@@ -359,6 +405,413 @@ fn compare(a: &Report, b: &Report) {
     );
 }
 
+/// Pod and container figures of one runtime.
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct PodReport {
+    label: String,
+    run_pod_sandbox: Latency,
+    create_container: Latency,
+    start_container: Latency,
+    create_start: Latency,
+    stop_remove_container: Latency,
+    stop_remove_pod: Latency,
+    pod_lifecycle: Latency,
+    concurrent_20_pods_seconds: f64,
+    daemon_rss_idle_mib: Option<f64>,
+    daemon_rss_with_pods_mib: Option<f64>,
+    pods_held: usize,
+    per_pod_rss_mib: f64,
+    per_pod_pss_mib: f64,
+    runc_create_start_floor: Option<Latency>,
+    runc_delete_floor: Option<Latency>,
+}
+
+fn smaps(pid: u32) -> (f64, f64) {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let get = |k: &str| {
+        t.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (get("Rss:") / 1024.0, get("Pss:") / 1024.0)
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "bench".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn ctr_config(image: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "c".into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sleep".into(), "3600".into()],
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(c: &mut CriClient, cfg: &cri::PodSandboxConfig) -> Result<String> {
+    let r = c
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?;
+    Ok(r.into_inner().pod_sandbox_id)
+}
+
+async fn remove_pod(c: &mut CriClient, id: &str) -> Result<()> {
+    c.runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        })
+        .await?;
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        })
+        .await?;
+    Ok(())
+}
+
+async fn infra_pid(c: &mut CriClient, id: &str) -> Result<u32> {
+    let r = c
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    let info: serde_json::Value =
+        serde_json::from_str(r.info.get("info").map(String::as_str).unwrap_or("{}"))?;
+    info["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .context("verbose status has no pid")
+}
+
+async fn pods_bench(
+    endpoint: &str,
+    registry: &str,
+    label: &str,
+    daemon_pid: Option<u32>,
+    iterations: usize,
+    hold: usize,
+    floor: bool,
+) -> Result<PodReport> {
+    let mut c = CriClient::connect(endpoint).await?;
+    let image = format!("{registry}/{BUSYBOX_REPO}:1");
+    pull(&mut c, &image).await?;
+    let rss_idle = daemon_pid.and_then(rss_kib).map(|k| k as f64 / 1024.0);
+    let (mut run_l, mut create_l, mut start_l, mut cs_l, mut stoprm_l, mut podrm_l, mut life_l) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..iterations {
+        let cfg = pod_config(&format!("bench-{i}"));
+        let t0 = Instant::now();
+        let pod = run_pod(&mut c, &cfg).await?;
+        run_l.push(t0.elapsed());
+        let t = Instant::now();
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ctr_config(&image)),
+            sandbox_config: Some(cfg.clone()),
+        };
+        let ctr = c
+            .runtime
+            .create_container(req)
+            .await?
+            .into_inner()
+            .container_id;
+        create_l.push(t.elapsed());
+        let t2 = Instant::now();
+        c.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: ctr.clone(),
+            })
+            .await?;
+        start_l.push(t2.elapsed());
+        cs_l.push(t.elapsed());
+        let t = Instant::now();
+        c.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: ctr.clone(),
+                timeout: 0,
+            })
+            .await?;
+        c.runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: ctr.clone(),
+            })
+            .await?;
+        stoprm_l.push(t.elapsed());
+        let t = Instant::now();
+        remove_pod(&mut c, &pod).await?;
+        podrm_l.push(t.elapsed());
+        life_l.push(t0.elapsed());
+    }
+    // 20 pods started at once.
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut cc = c.clone();
+        tasks.push(tokio::spawn(async move {
+            run_pod(&mut cc, &pod_config(&format!("conc-{i}"))).await
+        }));
+    }
+    let mut conc = Vec::new();
+    for t in tasks {
+        conc.push(t.await??);
+    }
+    let concurrent = t.elapsed().as_secs_f64();
+    for id in &conc {
+        remove_pod(&mut c, id).await?;
+    }
+    // Memory with `hold` pods, one sleeping container each.
+    let mut held = Vec::new();
+    for i in 0..hold {
+        let cfg = pod_config(&format!("hold-{i}"));
+        let pod = run_pod(&mut c, &cfg).await?;
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ctr_config(&image)),
+            sandbox_config: Some(cfg),
+        };
+        let ctr = c
+            .runtime
+            .create_container(req)
+            .await?
+            .into_inner()
+            .container_id;
+        c.runtime
+            .start_container(cri::StartContainerRequest { container_id: ctr })
+            .await?;
+        held.push(pod);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_pods = daemon_pid.and_then(rss_kib).map(|k| k as f64 / 1024.0);
+    let (mut rss, mut pss) = (0.0, 0.0);
+    for pod in &held {
+        let infra = infra_pid(&mut c, pod).await?;
+        let shim = ppid(infra).context("infra has no parent")?;
+        for p in [infra, shim] {
+            let (r, s) = smaps(p);
+            rss += r;
+            pss += s;
+        }
+    }
+    for pod in &held {
+        remove_pod(&mut c, pod).await?;
+    }
+    let (floor_cs, floor_del) = if floor {
+        runc_floor(iterations)?
+    } else {
+        (None, None)
+    };
+    Ok(PodReport {
+        label: label.into(),
+        run_pod_sandbox: latency(run_l),
+        create_container: latency(create_l),
+        start_container: latency(start_l),
+        create_start: latency(cs_l),
+        stop_remove_container: latency(stoprm_l),
+        stop_remove_pod: latency(podrm_l),
+        pod_lifecycle: latency(life_l),
+        concurrent_20_pods_seconds: concurrent,
+        daemon_rss_idle_mib: rss_idle,
+        daemon_rss_with_pods_mib: rss_pods,
+        pods_held: hold,
+        per_pod_rss_mib: if hold > 0 { rss / hold as f64 } else { 0.0 },
+        per_pod_pss_mib: if hold > 0 { pss / hold as f64 } else { 0.0 },
+        runc_create_start_floor: floor_cs,
+        runc_delete_floor: floor_del,
+    })
+}
+
+/// `runc create`+`start` and `runc delete -f` of a busybox bundle, timed directly.
+fn runc_floor(n: usize) -> Result<(Option<Latency>, Option<Latency>)> {
+    let dir = tempfile::Builder::new()
+        .prefix("berth-bench-runc-")
+        .tempdir()?;
+    let b = dir.path().join("bundle");
+    std::fs::create_dir_all(b.join("rootfs/bin"))?;
+    for d in ["proc", "dev", "sys"] {
+        std::fs::create_dir_all(b.join("rootfs").join(d))?;
+    }
+    std::fs::copy("/bin/busybox", b.join("rootfs/bin/busybox"))?;
+    std::os::unix::fs::symlink("busybox", b.join("rootfs/bin/sleep"))?;
+    let run = |args: &[&str]| -> Result<()> {
+        let st = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .args(args)
+            .current_dir(&b)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("runc {args:?} failed: {st}");
+        }
+        Ok(())
+    };
+    run(&["spec"])?;
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json"))?)?;
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!(["/bin/sleep", "3600"]);
+    std::fs::write(b.join("config.json"), serde_json::to_vec(&spec)?)?;
+    let (mut cs, mut del) = (vec![], vec![]);
+    for i in 0..n {
+        let id = format!("berth-bench-floor-{i}");
+        let t = Instant::now();
+        run(&["create", "--bundle", ".", &id])?;
+        run(&["start", &id])?;
+        cs.push(t.elapsed());
+        let t = Instant::now();
+        run(&["delete", "-f", &id])?;
+        del.push(t.elapsed());
+    }
+    Ok((Some(latency(cs)), Some(latency(del))))
+}
+
+fn print_pods(r: &PodReport) {
+    println!("runtime {}", r.label);
+    for (n, l) in [
+        ("RunPodSandbox", r.run_pod_sandbox),
+        ("CreateContainer", r.create_container),
+        ("StartContainer", r.start_container),
+        ("Create+Start", r.create_start),
+        ("Stop+Remove container", r.stop_remove_container),
+        ("Stop+Remove pod", r.stop_remove_pod),
+        ("whole pod lifecycle", r.pod_lifecycle),
+    ] {
+        println!(
+            "  {n:<26} p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms (n={})",
+            l.p50, l.p90, l.p99, l.n
+        );
+    }
+    if let (Some(f), Some(d)) = (r.runc_create_start_floor, r.runc_delete_floor) {
+        println!(
+            "  {:<26} p50 {:>8.2} ms   (delete -f p50 {:.2} ms)",
+            "runc create+start floor", f.p50, d.p50
+        );
+    }
+    println!(
+        "  {:<26} {:>8.2} s",
+        "20 pods concurrently", r.concurrent_20_pods_seconds
+    );
+    println!(
+        "  {:<26} idle {:?} MiB, with {} pods {:?} MiB",
+        "daemon RSS", r.daemon_rss_idle_mib, r.pods_held, r.daemon_rss_with_pods_mib
+    );
+    println!(
+        "  {:<26} RSS {:.2} MiB, PSS {:.2} MiB",
+        "per pod (shim + infra)", r.per_pod_rss_mib, r.per_pod_pss_mib
+    );
+}
+
+fn compare_pods(a: &PodReport, b: &PodReport) {
+    println!(
+        "{:<30} {:>12} {:>12} {:>8}",
+        "metric (p50 unless said)", a.label, b.label, "ratio"
+    );
+    let row =
+        |name: &str, x: f64, y: f64| println!("{name:<30} {x:>12.2} {y:>12.2} {:>7.2}x", x / y);
+    row(
+        "RunPodSandbox ms",
+        a.run_pod_sandbox.p50,
+        b.run_pod_sandbox.p50,
+    );
+    row(
+        "CreateContainer ms",
+        a.create_container.p50,
+        b.create_container.p50,
+    );
+    row(
+        "StartContainer ms",
+        a.start_container.p50,
+        b.start_container.p50,
+    );
+    row("Create+Start ms", a.create_start.p50, b.create_start.p50);
+    row(
+        "Stop+Remove container ms",
+        a.stop_remove_container.p50,
+        b.stop_remove_container.p50,
+    );
+    row(
+        "whole pod lifecycle ms",
+        a.pod_lifecycle.p50,
+        b.pod_lifecycle.p50,
+    );
+    row(
+        "20 concurrent pods s",
+        a.concurrent_20_pods_seconds,
+        b.concurrent_20_pods_seconds,
+    );
+    if let (Some(x), Some(y)) = (a.daemon_rss_idle_mib, b.daemon_rss_idle_mib) {
+        row("daemon RSS idle MiB", x, y);
+    }
+    if let (Some(x), Some(y)) = (a.daemon_rss_with_pods_mib, b.daemon_rss_with_pods_mib) {
+        row("daemon RSS with pods MiB", x, y);
+    }
+    row("per-pod RSS MiB", a.per_pod_rss_mib, b.per_pod_rss_mib);
+    row("per-pod PSS MiB", a.per_pod_pss_mib, b.per_pod_pss_mib);
+    if let Some(f) = a.runc_create_start_floor.or(b.runc_create_start_floor) {
+        println!(
+            "{:<30} {:>12.2} {:>12.2}   (create+start / runc floor {:.2} ms)",
+            "Create+Start vs floor",
+            a.create_start.p50 / f.p50,
+            b.create_start.p50 / f.p50,
+            f.p50
+        );
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -383,6 +836,31 @@ fn main() -> Result<()> {
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
             }
+            Ok(())
+        }
+        Cmd::Pods {
+            endpoint,
+            registry,
+            label,
+            daemon_pid,
+            iterations,
+            hold,
+            runc_floor,
+            json,
+        } => {
+            let r = rt.block_on(pods_bench(
+                &endpoint, &registry, &label, daemon_pid, iterations, hold, runc_floor,
+            ))?;
+            print_pods(&r);
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
+            }
+            Ok(())
+        }
+        Cmd::ComparePods { first, second } => {
+            let a: PodReport = serde_json::from_slice(&std::fs::read(&first)?)?;
+            let b: PodReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            compare_pods(&a, &b);
             Ok(())
         }
         Cmd::Compare { first, second } => {
