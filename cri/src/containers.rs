@@ -393,15 +393,17 @@ impl PodManager {
             .shim(&rec.sandbox_id)
             .await
             .ok_or_else(|| Status::failed_precondition("the pod's shim is gone"))?;
+        // Taken before the start: a fast process may exit (and be recorded) before it returns.
+        let started_at = now_unix_nanos();
         shim.start(&rec.id)
             .await
             .map_err(|e| Status::internal(format!("starting container: {e}")))?;
-        rec.started_at = now_unix_nanos();
+        rec.started_at = started_at;
         if let Some(cur) = self.store.container(&rec.id) {
             if cur.state == ContainerState::Exited {
                 // It already ran to completion: keep the exit, add the start time.
                 let mut done = cur;
-                done.started_at = rec.started_at;
+                done.started_at = started_at.min(done.finished_at);
                 return self
                     .store
                     .put_container(&done)

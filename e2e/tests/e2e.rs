@@ -2087,22 +2087,13 @@ fn container_lifecycle_and_logs() -> Result<(), Failed> {
         .await;
         expect_code(dup, Code::AlreadyExists, &id)?;
         // A long-running one lives in the pod's namespaces and sees the pod's files.
-        let mut long_cfg = container_config(
+        // In the pod's shared PID namespace it is not PID 1, so SIGTERM would kill it
+        // were it not ignored; it logs once the trap is in place.
+        let long_cfg = container_config(
             "long",
             &w.busybox.reference,
-            "trap '' TERM; while true; do sleep 1; done",
+            "trap '' TERM; echo trapped; while true; do sleep 1; done",
         );
-        // kubelet's default: the container's own PID namespace.
-        long_cfg.linux = Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    pid: cri::NamespaceMode::Container as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
         let long = create_ctr(&mut c, &pod, &pod_cfg, long_cfg).await?;
         c.runtime
             .start_container(cri::StartContainerRequest {
@@ -2177,6 +2168,17 @@ fn container_lifecycle_and_logs() -> Result<(), Failed> {
             .len()
                 == 1
         );
+        let long_log = logs.join("long/0.log");
+        for _ in 0..200 {
+            if log_lines(&long_log)
+                .unwrap_or_default()
+                .iter()
+                .any(|l| l.2 == "trapped")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // Stop: the container ignores SIGTERM, so SIGKILL follows the grace period.
         let t = std::time::Instant::now();
         c.runtime

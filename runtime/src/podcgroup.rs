@@ -62,10 +62,7 @@ pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
             let parent = cur.clone();
             cur.push(c);
             match std::fs::create_dir(&cur) {
-                Ok(()) => {
-                    created.push(cur.clone());
-                    inherit_cpuset(&parent, &cur);
-                }
+                Ok(()) => created.push(cur.clone()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => {
                     remove(&created);
@@ -75,6 +72,9 @@ pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
                     ));
                 }
             }
+            // Every level, not only new ones: a concurrent creator of a parent may not
+            // have filled it yet when we found it existing.
+            inherit_cpuset(&parent, &cur);
         }
         all.push(cur);
     }

@@ -370,3 +370,61 @@ async fn shim_starts_a_locked_down_infra_process() {
         "netns still mounted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_in_the_pods_pid_namespace_keeps_its_signal_dispositions() {
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+    let env = Env::new();
+    spawn_shim(shim_binary(), &env.cfg).unwrap();
+    let client = ShimClient::connect(&env.cfg.socket).await.unwrap();
+    let infra = client
+        .start_infra(pb::InfraRequest {
+            id: "pod".into(),
+            hostname: "p".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let b = env.bundle("shared", "trap '' TERM; while true; do sleep 1; done");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    for ns in spec["linux"]["namespaces"].as_array_mut().unwrap() {
+        if ns["type"] == "pid" {
+            ns["path"] = format!("/proc/{infra}/ns/pid").into();
+        }
+    }
+    std::fs::write(b.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    let pid = client
+        .create(env.create_req("c", &b, &env.dir.path().join("c.log")))
+        .await
+        .unwrap();
+    client.start("c").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ign = status
+        .lines()
+        .find(|l| l.starts_with("SigIgn:"))
+        .unwrap()
+        .to_string();
+    let ppid = status
+        .lines()
+        .find(|l| l.starts_with("PPid:"))
+        .unwrap()
+        .to_string();
+    client.kill("c", 15, false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = client.state("c").await.unwrap();
+    assert_eq!(
+        st.status,
+        pb::TaskStatus::Running as i32,
+        "SIGTERM killed a process that ignores it ({ign}, {ppid}, exit {})",
+        st.exit_status
+    );
+    client.kill("c", 9, false).await.unwrap();
+    assert_eq!(client.wait("c").await.unwrap().exit_status, 137);
+    client.delete("c").await.unwrap();
+    client.kill("pod", 15, false).await.unwrap();
+    client.wait("pod").await.unwrap();
+    client.delete("pod").await.unwrap();
+    client.shutdown().await.unwrap();
+}
