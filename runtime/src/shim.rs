@@ -72,6 +72,22 @@ struct Task {
     waiters: Vec<(u64, u32)>,
 }
 
+impl Task {
+    fn new(pid: u32, infra: bool, status: pb::TaskStatus) -> Task {
+        Task {
+            pid,
+            infra,
+            status,
+            log: None,
+            stdout: None,
+            stderr: None,
+            stdin: None,
+            exit: None,
+            waiters: Vec::new(),
+        }
+    }
+}
+
 struct Conn {
     stream: UnixStream,
     inbuf: FrameBuffer,
@@ -607,20 +623,14 @@ impl Shim {
             return Err((code::INTERNAL, "the runtime wrote no pid file".into()));
         };
         let _ = self.exits.remove(&r.id);
-        self.tasks.insert(
-            r.id,
-            Task {
-                pid,
-                infra: false,
-                status: pb::TaskStatus::Created,
-                log,
-                stdout: Some(out_r),
-                stderr: Some(err_r),
-                stdin: stdin_keep,
-                exit: None,
-                waiters: Vec::new(),
-            },
-        );
+        let task = Task {
+            log,
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            stdin: stdin_keep,
+            ..Task::new(pid, false, pb::TaskStatus::Created)
+        };
+        self.tasks.insert(r.id, task);
         Ok(pb::PidResponse { pid }.encode_to_vec())
     }
 
@@ -650,20 +660,8 @@ impl Shim {
         };
         let pid = crate::infra::start_infra(&spec).map_err(|e| (code::INTERNAL, e.to_string()))?;
         let _ = self.exits.remove(&r.id);
-        self.tasks.insert(
-            r.id,
-            Task {
-                pid,
-                infra: true,
-                status: pb::TaskStatus::Running,
-                log: None,
-                stdout: None,
-                stderr: None,
-                stdin: None,
-                exit: None,
-                waiters: Vec::new(),
-            },
-        );
+        self.tasks
+            .insert(r.id, Task::new(pid, true, pb::TaskStatus::Running));
         Ok(pb::PidResponse { pid }.encode_to_vec())
     }
 

@@ -119,167 +119,195 @@ pub struct ContainerRecord {
     pub config: serde_json::Value,
 }
 
+/// One redb table of JSON records keyed by id, mirrored in a map.
+struct Table<T> {
+    def: TableDefinition<'static, &'static str, &'static [u8]>,
+    map: RwLock<BTreeMap<String, T>>,
+}
+
+impl<T: Serialize + serde::de::DeserializeOwned + Clone> Table<T> {
+    fn load(
+        db: &Database,
+        def: TableDefinition<'static, &'static str, &'static [u8]>,
+    ) -> Result<Table<T>, StoreError> {
+        let tx = db.begin_write()?;
+        tx.open_table(def)?;
+        tx.commit()?;
+        let mut map = BTreeMap::new();
+        let rx = db.begin_read()?;
+        for row in rx.open_table(def)?.iter()? {
+            let (k, v) = row?;
+            map.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
+        }
+        Ok(Table {
+            def,
+            map: RwLock::new(map),
+        })
+    }
+
+    fn all(&self) -> Vec<T> {
+        self.map
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn get(&self, id: &str) -> Option<T> {
+        self.map.read().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    /// A full id or a unique prefix; `Err` names the ambiguity.
+    fn resolve(&self, prefix: &str, what: &str) -> Result<Option<T>, String> {
+        let m = self
+            .map
+            .read()
+            .map_err(|_| "store lock poisoned".to_string())?;
+        if let Some(r) = m.get(prefix) {
+            return Ok(Some(r.clone()));
+        }
+        let mut it = m
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix));
+        match (it.next(), it.next()) {
+            (Some((_, r)), None) => Ok(Some(r.clone())),
+            (None, _) => Ok(None),
+            (Some(_), Some(_)) => Err(format!("id prefix {prefix:?} matches more than one {what}")),
+        }
+    }
+
+    fn put(&self, db: &Database, id: &str, rec: &T) -> Result<(), StoreError> {
+        let mut m = self
+            .map
+            .write()
+            .map_err(|_| StoreError("lock poisoned".into()))?;
+        let tx = db.begin_write()?;
+        tx.open_table(self.def)?
+            .insert(id, serde_json::to_vec(rec)?.as_slice())?;
+        tx.commit()?;
+        m.insert(id.to_string(), rec.clone());
+        Ok(())
+    }
+
+    fn delete(&self, db: &Database, id: &str) -> Result<(), StoreError> {
+        let mut m = self
+            .map
+            .write()
+            .map_err(|_| StoreError("lock poisoned".into()))?;
+        let tx = db.begin_write()?;
+        tx.open_table(self.def)?.remove(id)?;
+        tx.commit()?;
+        m.remove(id);
+        Ok(())
+    }
+}
+
 /// The runtime's records.
 pub struct RuntimeStore {
     db: Arc<Database>,
-    sandboxes: RwLock<BTreeMap<String, SandboxRecord>>,
-    containers: RwLock<BTreeMap<String, ContainerRecord>>,
+    sandboxes: Table<SandboxRecord>,
+    containers: Table<ContainerRecord>,
 }
 
 impl RuntimeStore {
     /// Loads every record (creating the tables).
     pub fn open(db: Arc<Database>) -> Result<RuntimeStore, StoreError> {
-        let tx = db.begin_write()?;
-        tx.open_table(SANDBOXES)?;
-        tx.open_table(CONTAINERS)?;
-        tx.commit()?;
-        let mut sandboxes = BTreeMap::new();
-        let mut containers = BTreeMap::new();
-        let rx = db.begin_read()?;
-        for row in rx.open_table(SANDBOXES)?.iter()? {
-            let (_, v) = row?;
-            let rec: SandboxRecord = serde_json::from_slice(v.value())?;
-            sandboxes.insert(rec.id.clone(), rec);
-        }
-        for row in rx.open_table(CONTAINERS)?.iter()? {
-            let (_, v) = row?;
-            let rec: ContainerRecord = serde_json::from_slice(v.value())?;
-            containers.insert(rec.id.clone(), rec);
-        }
+        let sandboxes = Table::load(&db, SANDBOXES)?;
+        let containers = Table::load(&db, CONTAINERS)?;
         Ok(RuntimeStore {
             db,
-            sandboxes: RwLock::new(sandboxes),
-            containers: RwLock::new(containers),
+            sandboxes,
+            containers,
         })
     }
 
     /// All sandboxes.
     pub fn sandboxes(&self) -> Vec<SandboxRecord> {
-        self.sandboxes
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+        self.sandboxes.all()
     }
 
     /// One sandbox by full id.
     pub fn sandbox(&self, id: &str) -> Option<SandboxRecord> {
-        self.sandboxes.read().ok().and_then(|m| m.get(id).cloned())
+        self.sandboxes.get(id)
     }
 
     /// Resolves a full id or a unique prefix; `Err` names the ambiguity.
     pub fn resolve_sandbox(&self, prefix: &str) -> Result<Option<SandboxRecord>, String> {
-        let m = self
-            .sandboxes
-            .read()
-            .map_err(|_| "store lock poisoned".to_string())?;
-        if let Some(r) = m.get(prefix) {
-            return Ok(Some(r.clone()));
-        }
-        let mut it = m
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix));
-        match (it.next(), it.next()) {
-            (Some((_, r)), None) => Ok(Some(r.clone())),
-            (None, _) => Ok(None),
-            (Some(_), Some(_)) => Err(format!(
-                "id prefix {prefix:?} matches more than one sandbox"
-            )),
-        }
+        self.sandboxes.resolve(prefix, "sandbox")
     }
 
     /// The sandbox holding a key (`name_namespace_uid_attempt`).
     pub fn sandbox_by_key(&self, key: &str) -> Option<SandboxRecord> {
-        self.sandboxes
-            .read()
-            .ok()
-            .and_then(|m| m.values().find(|s| s.key == key).cloned())
+        self.sandboxes.all().into_iter().find(|s| s.key == key)
     }
 
     /// Writes (inserts or replaces) a sandbox record.
     pub fn put_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
-        let mut m = self
-            .sandboxes
-            .write()
-            .map_err(|_| StoreError("lock poisoned".into()))?;
-        let tx = self.db.begin_write()?;
-        tx.open_table(SANDBOXES)?
-            .insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
-        tx.commit()?;
-        m.insert(rec.id.clone(), rec.clone());
-        Ok(())
+        self.sandboxes.put(&self.db, &rec.id, rec)
     }
 
     /// Deletes a sandbox record; absent is fine.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        let mut m = self
-            .sandboxes
-            .write()
-            .map_err(|_| StoreError("lock poisoned".into()))?;
-        let tx = self.db.begin_write()?;
-        tx.open_table(SANDBOXES)?.remove(id)?;
-        tx.commit()?;
-        m.remove(id);
-        Ok(())
+        self.sandboxes.delete(&self.db, id)
     }
 
     /// All containers.
     pub fn containers(&self) -> Vec<ContainerRecord> {
-        self.containers
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+        self.containers.all()
     }
 
     /// One container by full id.
     pub fn container(&self, id: &str) -> Option<ContainerRecord> {
-        self.containers.read().ok().and_then(|m| m.get(id).cloned())
+        self.containers.get(id)
     }
 
     /// Resolves a full id or a unique prefix; `Err` names the ambiguity.
     pub fn resolve_container(&self, prefix: &str) -> Result<Option<ContainerRecord>, String> {
-        let m = self
-            .containers
-            .read()
-            .map_err(|_| "store lock poisoned".to_string())?;
-        if let Some(r) = m.get(prefix) {
-            return Ok(Some(r.clone()));
-        }
-        let mut it = m
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix));
-        match (it.next(), it.next()) {
-            (Some((_, r)), None) => Ok(Some(r.clone())),
-            (None, _) => Ok(None),
-            (Some(_), Some(_)) => Err(format!(
-                "id prefix {prefix:?} matches more than one container"
-            )),
-        }
+        self.containers.resolve(prefix, "container")
     }
 
     /// Writes (inserts or replaces) a container record.
     pub fn put_container(&self, rec: &ContainerRecord) -> Result<(), StoreError> {
-        let mut m = self
-            .containers
-            .write()
-            .map_err(|_| StoreError("lock poisoned".into()))?;
-        let tx = self.db.begin_write()?;
-        tx.open_table(CONTAINERS)?
-            .insert(rec.id.as_str(), serde_json::to_vec(rec)?.as_slice())?;
-        tx.commit()?;
-        m.insert(rec.id.clone(), rec.clone());
-        Ok(())
+        self.containers.put(&self.db, &rec.id, rec)
     }
 
     /// Deletes a container record; absent is fine.
     pub fn delete_container(&self, id: &str) -> Result<(), StoreError> {
-        let mut m = self
-            .containers
-            .write()
-            .map_err(|_| StoreError("lock poisoned".into()))?;
-        let tx = self.db.begin_write()?;
-        tx.open_table(CONTAINERS)?.remove(id)?;
-        tx.commit()?;
-        m.remove(id);
-        Ok(())
+        self.containers.delete(&self.db, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen_and_resolve_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("m.redb")).unwrap());
+        let s = RuntimeStore::open(db.clone()).unwrap();
+        let rec = |id: &str| SandboxRecord {
+            id: id.into(),
+            key: format!("k{id}"),
+            state: SandboxState::Ready,
+            reason: String::new(),
+            created_at: 1,
+            runtime_handler: "runc".into(),
+            netns: None,
+            infra_pid: 2,
+            cgroup_dirs: vec![],
+            config: serde_json::json!({}),
+        };
+        s.put_sandbox(&rec("abc1")).unwrap();
+        s.put_sandbox(&rec("abc2")).unwrap();
+        s.put_sandbox(&rec("def")).unwrap();
+        assert!(s.resolve_sandbox("abc").is_err());
+        assert_eq!(s.resolve_sandbox("abc2").unwrap().unwrap().id, "abc2");
+        assert_eq!(s.resolve_sandbox("d").unwrap().unwrap().id, "def");
+        assert!(s.resolve_sandbox("x").unwrap().is_none());
+        s.delete_sandbox("def").unwrap();
+        drop(s);
+        let s = RuntimeStore::open(db).unwrap();
+        assert_eq!(s.sandboxes().len(), 2);
+        assert_eq!(s.sandbox_by_key("kabc1").unwrap().id, "abc1");
     }
 }
