@@ -19,6 +19,9 @@ use tracing::{info, warn};
 use crate::pods::{PodManager, clamp_oom_score_adj, internal, new_id};
 use crate::status::invalid_field;
 
+/// Most output ExecSync keeps per stream; two of them fit a 16 MiB gRPC message.
+const MAX_EXEC_OUTPUT: usize = 4 << 20;
+
 /// Signal numbers by name, for an image's StopSignal.
 fn signal_number(name: &str) -> Option<u32> {
     let n = name.trim().to_ascii_uppercase();
@@ -599,6 +602,92 @@ impl PodManager {
                     })
             })
             .collect()
+    }
+
+    /// ExecSync: runs `cmd` in the container with the container's user, env, cwd and
+    /// capabilities; kills it when `timeout` seconds pass (0 = no limit).
+    pub async fn exec_sync(
+        &self,
+        req: cri::ExecSyncRequest,
+    ) -> Result<cri::ExecSyncResponse, Status> {
+        let rec = self.must_container(&req.container_id)?;
+        if req.cmd.is_empty() {
+            return Err(invalid_field("cmd", "must not be empty"));
+        }
+        if req.timeout < 0 {
+            return Err(invalid_field("timeout", "must not be negative"));
+        }
+        if rec.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                rec.id
+            )));
+        }
+        let spec: serde_json::Value = std::fs::read(self.bundle_dir(&rec.id).join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                Status::internal(format!("container {} has no readable runtime spec", rec.id))
+            })?;
+        let mut process = spec["process"].clone();
+        process["args"] = serde_json::json!(req.cmd);
+        process["terminal"] = false.into();
+        let process_json =
+            serde_json::to_vec(&process).map_err(|e| internal("encoding process", e))?;
+        let shim = self
+            .shim(&rec.sandbox_id)
+            .await
+            .ok_or_else(|| Status::failed_precondition("the pod's shim is gone"))?;
+        let exec_id = new_id()[..16].to_string();
+        shim.exec(pb::ExecRequest {
+            id: rec.id.clone(),
+            exec_id: exec_id.clone(),
+            process_json,
+            capture_limit: MAX_EXEC_OUTPUT as u32,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| match e {
+            ShimError::Remote { code: 9, message } => Status::failed_precondition(message),
+            other => Status::internal(format!("exec in {}: {other}", rec.id)),
+        })?;
+        let waited = if req.timeout > 0 {
+            tokio::time::timeout(
+                Duration::from_secs(req.timeout as u64),
+                shim.wait_exec(&rec.id, &exec_id),
+            )
+            .await
+            .ok()
+        } else {
+            Some(shim.wait_exec(&rec.id, &exec_id).await)
+        };
+        let result = match waited {
+            Some(r) => r,
+            None => {
+                let _ = shim.kill_exec(&rec.id, &exec_id, 9).await;
+                let _ = shim.wait_exec(&rec.id, &exec_id).await;
+                let _ = shim.delete_exec(&rec.id, &exec_id).await;
+                return Err(Status::deadline_exceeded(format!(
+                    "command {:?} in container {} timed out after {}s and was killed",
+                    req.cmd, rec.id, req.timeout
+                )));
+            }
+        };
+        let _ = shim.delete_exec(&rec.id, &exec_id).await;
+        let st =
+            result.map_err(|e| Status::internal(format!("waiting for exec in {}: {e}", rec.id)))?;
+        if st.truncated {
+            return Err(Status::resource_exhausted(format!(
+                "command {:?} wrote more than {} MiB on stdout or stderr (ExecSync keeps at most that much)",
+                req.cmd,
+                MAX_EXEC_OUTPUT >> 20
+            )));
+        }
+        Ok(cri::ExecSyncResponse {
+            stdout: st.stdout,
+            stderr: st.stderr,
+            exit_code: st.exit_status as i32,
+        })
     }
 
     /// ReopenContainerLog.

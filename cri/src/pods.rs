@@ -273,7 +273,8 @@ impl PodManager {
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
-                        Ok(pb::Event { event: Some(pb::event::Event::Exit(e)) }) => {
+                        // An exec process's exit is its caller's business, not the container's.
+                        Ok(pb::Event { event: Some(pb::event::Event::Exit(e)) }) if e.exec_id.is_empty() => {
                             if let Some(pm) = me.upgrade() {
                                 if e.id == id {
                                     pm.mark_not_ready(&id, &format!("the infra process exited with {}", e.exit_status));

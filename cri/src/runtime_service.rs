@@ -232,11 +232,12 @@ impl RuntimeService for CriRuntimeService {
             .await?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
+    #[instrument(skip_all)]
     async fn exec_sync(
         &self,
-        _req: Request<cri::ExecSyncRequest>,
+        req: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(not_yet("exec_sync", "exec in containers"))
+        Ok(Response::new(self.pods.exec_sync(req.into_inner()).await?))
     }
     async fn exec(
         &self,

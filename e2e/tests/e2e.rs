@@ -495,8 +495,8 @@ fn runtime_identity_and_status() -> Result<(), Failed> {
             .await?
             .into_inner();
         ensure!(rc.linux.context("linux")?.cgroup_driver == cri::CgroupDriver::Cgroupfs as i32);
-        let r = c.runtime.exec_sync(cri::ExecSyncRequest::default()).await;
-        expect_code(r, Code::Unimplemented, "exec_sync")?;
+        let r = c.runtime.exec(cri::ExecRequest::default()).await;
+        expect_code(r, Code::Unimplemented, "exec")?;
         Ok(())
     })
 }
@@ -2386,6 +2386,114 @@ fn containers_survive_berthd_kill9() -> Result<(), Failed> {
     })
 }
 
+fn exec_sync_in_a_running_container() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("execs", "c-4", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let mut cfg = container_config("svc", &w.busybox.reference, "while true; do sleep 1; done");
+        cfg.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1234 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = create_ctr(&mut c, &pod, &pod_cfg, cfg).await?;
+        c.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+        let ec = c.clone();
+        let exec = |cmd: &[&str], timeout: i64| {
+            let mut cc = ec.clone();
+            let req = cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            };
+            async move { cc.runtime.exec_sync(req).await.map(|r| r.into_inner()) }
+        };
+        let r = exec(
+            &[
+                "/bin/sh",
+                "-c",
+                "echo out $GREETING; echo err >&2; busybox id -u; exit 3",
+            ],
+            10,
+        )
+        .await?;
+        ensure!(r.exit_code == 3, "{r:?}");
+        ensure!(
+            String::from_utf8_lossy(&r.stdout) == "out hi\n1234\n"
+                && String::from_utf8_lossy(&r.stderr) == "err\n",
+            "{r:?}"
+        );
+        let r = exec(&["/bin/sh", "-c", "exit 0"], 0).await?;
+        ensure!(r.exit_code == 0 && r.stdout.is_empty());
+        // An exec's exit is not the container's.
+        let (st, _) = ctr_status(&mut c, &id).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "the container took an exec's exit: {st:?}"
+        );
+        // Timeout: the command is killed, not left running.
+        let t = std::time::Instant::now();
+        expect_code(
+            exec(&["/bin/sh", "-c", "echo marker-sleep; sleep 30"], 1).await,
+            Code::DeadlineExceeded,
+            "timed out",
+        )?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "timeout not honoured: {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let leftover = std::fs::read_dir("/proc")?.flatten().any(|p| {
+            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default())
+                .contains("marker-sleep")
+        });
+        ensure!(!leftover, "the timed-out exec is still running");
+        // Output past the cap is an error, not a silent cut.
+        expect_code(
+            exec(&["busybox", "head", "-c", "5000000", "/dev/zero"], 10).await,
+            Code::ResourceExhausted,
+            "MiB",
+        )?;
+        expect_code(exec(&[], 1).await, Code::InvalidArgument, "cmd")?;
+        c.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 0,
+            })
+            .await?;
+        expect_code(
+            exec(&["true"], 1).await,
+            Code::FailedPrecondition,
+            "not running",
+        )?;
+        let mut cc = c.clone();
+        let unknown = cc
+            .runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: "ab".repeat(32),
+                cmd: vec!["true".into()],
+                timeout: 1,
+            })
+            .await;
+        expect_code(unknown, Code::NotFound, "not found")?;
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "execs")?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -2442,6 +2550,10 @@ fn main() -> anyhow::Result<()> {
             pods_survive_berthd_kill9_and_shim_death,
         ),
         Trial::test("host_network_pod", host_network_pod),
+        Trial::test(
+            "exec_sync_in_a_running_container",
+            exec_sync_in_a_running_container,
+        ),
         Trial::test("container_lifecycle_and_logs", container_lifecycle_and_logs),
         Trial::test(
             "container_bad_input_leaves_nothing",

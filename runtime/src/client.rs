@@ -211,6 +211,46 @@ impl ShimClient {
         }
     }
 
+    /// Runs an exec process in a running task now; returns its pid.
+    pub async fn exec(&self, req: pb::ExecRequest) -> Result<u32, ShimError> {
+        self.call::<_, pb::PidResponse>(pb::Method::Exec, &req)
+            .await
+            .map(|r| r.pid)
+    }
+
+    /// Waits for an exec process; the answer carries its captured output.
+    pub async fn wait_exec(&self, id: &str, exec_id: &str) -> Result<pb::ExitStatus, ShimError> {
+        let r = pb::TaskRef {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        self.call(pb::Method::Wait, &r).await
+    }
+
+    /// Signals an exec process.
+    pub async fn kill_exec(&self, id: &str, exec_id: &str, signal: u32) -> Result<(), ShimError> {
+        let req = pb::KillRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal,
+            all: false,
+        };
+        self.call::<_, pb::Empty>(pb::Method::Kill, &req)
+            .await
+            .map(|_| ())
+    }
+
+    /// Forgets an exited exec process.
+    pub async fn delete_exec(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
+        let r = pb::TaskRef {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        self.call::<_, pb::ExitStatus>(pb::Method::Delete, &r)
+            .await
+            .map(|_| ())
+    }
+
     /// Starts the pod's infra process; returns its pid.
     pub async fn start_infra(&self, req: pb::InfraRequest) -> Result<u32, ShimError> {
         self.call::<_, pb::PidResponse>(pb::Method::StartInfra, &req)

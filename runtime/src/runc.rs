@@ -164,6 +164,45 @@ impl Runc {
         })
     }
 
+    /// `exec --detach`: runs `process.json` in the container now; its pid goes to `pid_file`.
+    pub fn exec(
+        &self,
+        id: &str,
+        process: &Path,
+        pid_file: &Path,
+        io: ProcessIo,
+    ) -> Result<(), RuncError> {
+        let mut c = self.base();
+        c.arg("exec")
+            .arg("--detach")
+            .arg("--process")
+            .arg(process)
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id);
+        c.stdin(io.stdin.map_or_else(Stdio::null, Stdio::from));
+        c.stdout(io.stdout.map_or_else(Stdio::null, Stdio::from));
+        c.stderr(io.stderr.map_or_else(Stdio::null, Stdio::from));
+        let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let status = c.status().map_err(|source| RuncError::Spawn {
+            binary: self.name(),
+            source,
+        })?;
+        if status.success() {
+            return Ok(());
+        }
+        let mut message = last_log_error(&self.log, log_len);
+        if message.is_empty() {
+            message = format!("exited with {status}");
+        }
+        Err(RuncError::Failed {
+            binary: self.name(),
+            command: "exec",
+            id: id.to_string(),
+            message,
+        })
+    }
+
     /// `start`: lets the created init process exec.
     pub fn start(&self, id: &str) -> Result<(), RuncError> {
         let mut c = self.base();

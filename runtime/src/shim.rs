@@ -59,8 +59,19 @@ pub struct ShimConfig {
 
 type Reply = Result<Vec<u8>, (u32, String)>;
 
+/// Output kept for an exec process (ExecSync), up to a limit per stream.
+struct Capture {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    limit: usize,
+    truncated: bool,
+}
+
 struct Task {
     pid: u32,
+    /// An exec process (keyed `id/exec_id`): no exit record on disk.
+    exec: bool,
+    capture: Option<Capture>,
     /// The pod's infra process (signalled directly; not an OCI runtime container).
     infra: bool,
     status: pb::TaskStatus,
@@ -76,6 +87,8 @@ impl Task {
     fn new(pid: u32, infra: bool, status: pb::TaskStatus) -> Task {
         Task {
             pid,
+            exec: false,
+            capture: None,
             infra,
             status,
             log: None,
@@ -107,6 +120,31 @@ pub struct Shim {
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     shutdown: bool,
+}
+
+/// The task table key: the container id, or `id/exec_id` for an exec process.
+fn task_key(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        id.to_string()
+    } else {
+        format!("{id}/{exec_id}")
+    }
+}
+
+/// A Wait answer: the exit, plus captured output for exec processes.
+fn exit_payload(t: &Task, e: ExitRecord) -> Vec<u8> {
+    let (stdout, stderr, truncated) = match &t.capture {
+        Some(c) => (c.stdout.clone(), c.stderr.clone(), c.truncated),
+        None => (Vec::new(), Vec::new(), false),
+    };
+    pb::ExitStatus {
+        exit_status: e.exit_status,
+        exited_at_unix_nanos: e.exited_at_unix_nanos,
+        stdout,
+        stderr,
+        truncated,
+    }
+    .encode_to_vec()
 }
 
 /// A task id the shim accepts: it names files in the state dir.
@@ -377,7 +415,15 @@ impl Shim {
                     return;
                 }
                 Ok(n) => {
-                    if let Some(l) = t.log.as_mut() {
+                    if let Some(c) = t.capture.as_mut() {
+                        let out = match s {
+                            Stream::Stdout => &mut c.stdout,
+                            Stream::Stderr => &mut c.stderr,
+                        };
+                        let room = c.limit.saturating_sub(out.len());
+                        out.extend_from_slice(&buf[..n.min(room)]);
+                        c.truncated |= n > room;
+                    } else if let Some(l) = t.log.as_mut() {
                         let _ = l.write(s, &buf[..n]);
                     }
                     if !until_eof_or_empty {
@@ -425,8 +471,11 @@ impl Shim {
             exit_status,
             exited_at_unix_nanos: now_unix_nanos(),
         };
-        if let Err(e) = self.exits.record(&id, &rec) {
-            eprintln!("berth-shim: recording exit of {id}: {e}");
+        let is_exec = self.tasks.get(&id).is_some_and(|t| t.exec);
+        if !is_exec {
+            if let Err(e) = self.exits.record(&id, &rec) {
+                eprintln!("berth-shim: recording exit of {id}: {e}");
+            }
         }
         let waiters = match self.tasks.get_mut(&id) {
             Some(t) => {
@@ -437,18 +486,22 @@ impl Shim {
             }
             None => Vec::new(),
         };
-        let payload = pb::ExitStatus {
-            exit_status,
-            exited_at_unix_nanos: rec.exited_at_unix_nanos,
-        }
-        .encode_to_vec();
+        let payload = self
+            .tasks
+            .get(&id)
+            .map(|t| exit_payload(t, rec))
+            .unwrap_or_default();
         for (conn, req) in waiters {
             self.respond(conn, pb::Method::Wait as u16, req, Ok(payload.clone()));
         }
+        let (id, exec_id) = match id.split_once('/') {
+            Some((i, e)) => (i.to_string(), e.to_string()),
+            None => (id, String::new()),
+        };
         self.publish(pb::Event {
             event: Some(pb::event::Event::Exit(pb::TaskExit {
                 id,
-                exec_id: String::new(),
+                exec_id,
                 pid,
                 exit_status,
                 exited_at_unix_nanos: rec.exited_at_unix_nanos,
@@ -477,6 +530,7 @@ impl Shim {
                 let tasks = self
                     .tasks
                     .iter()
+                    .filter(|(_, t)| !t.exec)
                     .map(|(k, t)| self.state_of(k, t))
                     .collect();
                 Ok(pb::ConnectResponse {
@@ -508,31 +562,40 @@ impl Shim {
                     Ok(r) => r,
                     Err(e) => return Some(Err(bad(e))),
                 };
-                if !r.exec_id.is_empty() {
+                let key = task_key(&r.id, &r.exec_id);
+                if !r.exec_id.is_empty()
+                    && !matches!(
+                        method,
+                        pb::Method::Wait
+                            | pb::Method::Delete
+                            | pb::Method::State
+                            | pb::Method::CloseIo
+                    )
+                {
                     return Some(Err((
                         code::UNIMPLEMENTED,
-                        "exec processes are not supported by this shim yet".into(),
+                        format!("{method:?} of an exec process is not supported"),
                     )));
                 }
-                if !self.tasks.contains_key(&r.id) {
-                    return Some(Err((code::NOT_FOUND, format!("task {:?} not found", r.id))));
+                if !self.tasks.contains_key(&key) {
+                    return Some(Err((code::NOT_FOUND, format!("task {key:?} not found"))));
                 }
                 if method == pb::Method::Wait {
-                    let t = self.tasks.get_mut(&r.id)?;
+                    let t = self.tasks.get_mut(&key)?;
                     return match t.exit {
-                        Some(e) => Some(Ok(pb::ExitStatus {
-                            exit_status: e.exit_status,
-                            exited_at_unix_nanos: e.exited_at_unix_nanos,
-                        }
-                        .encode_to_vec())),
+                        Some(e) => Some(Ok(exit_payload(t, e))),
                         None => {
                             t.waiters.push((conn, f.id));
                             None
                         }
                     };
                 }
-                self.task_call(method, &r.id)
+                self.task_call(method, &key)
             }
+            pb::Method::Exec => match pb::ExecRequest::decode(&f.payload[..]) {
+                Ok(r) => self.exec(r),
+                Err(e) => Err(bad(e)),
+            },
             pb::Method::StartInfra => match pb::InfraRequest::decode(&f.payload[..]) {
                 Ok(r) => self.start_infra(r),
                 Err(e) => Err(bad(e)),
@@ -665,6 +728,92 @@ impl Shim {
         Ok(pb::PidResponse { pid }.encode_to_vec())
     }
 
+    fn exec(&mut self, r: pb::ExecRequest) -> Reply {
+        if !valid_task_id(&r.exec_id) {
+            return Err((
+                code::INVALID_ARGUMENT,
+                format!("exec_id {:?}: must be 1-128 of [A-Za-z0-9_.-]", r.exec_id),
+            ));
+        }
+        match self.tasks.get(&r.id) {
+            Some(t) if t.status == pb::TaskStatus::Running && t.exit.is_none() => {}
+            Some(_) => {
+                return Err((
+                    code::FAILED_PRECONDITION,
+                    format!("task {} is not running", r.id),
+                ));
+            }
+            None => return Err((code::NOT_FOUND, format!("task {:?} not found", r.id))),
+        }
+        let key = task_key(&r.id, &r.exec_id);
+        if self.tasks.contains_key(&key) {
+            return Err((
+                code::ALREADY_EXISTS,
+                format!("exec {} already exists", r.exec_id),
+            ));
+        }
+        if r.terminal || r.stdin {
+            return Err((
+                code::UNIMPLEMENTED,
+                "interactive exec (tty, stdin) is not supported by this shim yet".into(),
+            ));
+        }
+        let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
+        let process = self
+            .state_dir
+            .join(format!("exec-{}-{}.json", r.id, r.exec_id));
+        let pid_file = self
+            .state_dir
+            .join(format!("exec-{}-{}.pid", r.id, r.exec_id));
+        std::fs::write(&process, &r.process_json)
+            .map_err(|e| internal("writing process.json", e))?;
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e.into()))
+        };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        for fd in [&out_r, &err_r] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .map_err(|e| internal("fcntl", e.into()))?;
+        }
+        let io = ProcessIo {
+            stdin: None,
+            stdout: Some(out_w),
+            stderr: Some(err_w),
+        };
+        let result = self.runc.exec(&r.id, &process, &pid_file, io);
+        let _ = std::fs::remove_file(&process);
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        let _ = std::fs::remove_file(&pid_file);
+        result.map_err(|e| (code::INTERNAL, e.to_string()))?;
+        let pid = pid.ok_or((
+            code::INTERNAL,
+            "the runtime wrote no pid file for the exec".to_string(),
+        ))?;
+        let limit = r.capture_limit as usize;
+        let task = Task {
+            exec: true,
+            capture: Some(Capture {
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                limit,
+                truncated: false,
+            }),
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            ..Task::new(pid, false, pb::TaskStatus::Running)
+        };
+        self.tasks.insert(key, task);
+        // It may already have exited while runc ran: reap now so its exit is not missed.
+        self.reap();
+        Ok(pb::PidResponse { pid }.encode_to_vec())
+    }
+
     fn task_call(&mut self, method: pb::Method, id: &str) -> Reply {
         let runtime_err = |e: crate::runc::RuncError| (code::INTERNAL, e.to_string());
         match method {
@@ -697,16 +846,20 @@ impl Shim {
                         format!("task {id} is still running; kill it first"),
                     ));
                 };
-                if let Err(e) = self.runc.delete(id, true) {
-                    if !e.is_not_found() {
-                        return Err(runtime_err(e));
+                // Only containers have runtime state; infra and exec processes do not.
+                if !t.infra && !t.exec {
+                    if let Err(e) = self.runc.delete(id, true) {
+                        if !e.is_not_found() {
+                            return Err(runtime_err(e));
+                        }
                     }
+                    let _ = self.exits.remove(id);
                 }
-                let _ = self.exits.remove(id);
                 self.tasks.remove(id);
                 Ok(pb::ExitStatus {
                     exit_status: exit.exit_status,
                     exited_at_unix_nanos: exit.exited_at_unix_nanos,
+                    ..Default::default()
                 }
                 .encode_to_vec())
             }
@@ -756,14 +909,9 @@ impl Shim {
     }
 
     fn kill(&mut self, r: pb::KillRequest) -> Reply {
-        if !r.exec_id.is_empty() {
-            return Err((
-                code::UNIMPLEMENTED,
-                "exec processes are not supported by this shim yet".into(),
-            ));
-        }
-        let Some(t) = self.tasks.get(&r.id) else {
-            return Err((code::NOT_FOUND, format!("task {:?} not found", r.id)));
+        let key = task_key(&r.id, &r.exec_id);
+        let Some(t) = self.tasks.get(&key) else {
+            return Err((code::NOT_FOUND, format!("task {key:?} not found")));
         };
         if r.signal == 0 || r.signal > 64 {
             return Err((
@@ -774,7 +922,7 @@ impl Shim {
         if t.exit.is_some() && !r.all {
             return Ok(pb::Empty {}.encode_to_vec()); // already gone: killing is done
         }
-        if t.infra {
+        if t.infra || t.exec {
             let sig = nix::sys::signal::Signal::try_from(r.signal as i32)
                 .map_err(|e| (code::INVALID_ARGUMENT, format!("signal {}: {e}", r.signal)))?;
             // The pid is ours (a child we have not reaped), so it cannot have been reused.

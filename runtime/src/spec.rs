@@ -192,7 +192,11 @@ pub fn process_args(
     Ok(argv)
 }
 
-/// Image Env, then the config's envs (a later key wins), in order of first appearance.
+/// PATH for images that set none (containerd's default spec does the same).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Image Env, then the config's envs (a later key wins), in order of first appearance;
+/// the default PATH first when neither sets one.
 pub fn process_env(config: &cri::ContainerConfig, image: &Value) -> Vec<String> {
     let mut order: Vec<String> = Vec::new();
     let mut vals: BTreeMap<String, String> = BTreeMap::new();
@@ -210,6 +214,10 @@ pub fn process_env(config: &cri::ContainerConfig, image: &Value) -> Vec<String> 
     }
     for kv in &config.envs {
         put(kv.key.clone(), kv.value.clone());
+    }
+    if !vals.contains_key("PATH") {
+        order.insert(0, "PATH".to_string());
+        vals.insert("PATH".to_string(), DEFAULT_PATH.to_string());
     }
     order
         .into_iter()
@@ -695,6 +703,8 @@ mod tests {
             },
         ];
         assert_eq!(process_env(&c, &image), ["PATH=/bin", "A=2", "B=3"]);
+        let bare = process_env(&c, &json!({}));
+        assert_eq!(bare[0], format!("PATH={DEFAULT_PATH}"));
     }
 
     #[test]
