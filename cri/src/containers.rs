@@ -94,6 +94,46 @@ impl PodManager {
         info!(container = id, code, "container exited");
     }
 
+    /// A pod's shim died: its containers run on, orphaned. Kill them through the runtime
+    /// CLI directly (`delete --force`, as containerd does) and report them exited (137).
+    pub(crate) async fn reap_orphaned_containers(&self, sandbox: &str) {
+        let Some(pod) = self.store.sandbox(sandbox) else {
+            return;
+        };
+        let handler = self
+            .cfg
+            .runtimes
+            .get(&pod.runtime_handler)
+            .cloned()
+            .unwrap_or_default();
+        let root = if handler.root.as_os_str().is_empty() {
+            self.cfg.state.join("runtimes").join(&pod.runtime_handler)
+        } else {
+            handler.root.clone()
+        };
+        let log = self.sandbox_state(sandbox).join("shim").join("runtime.log");
+        let runc = berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone());
+        for c in self.containers_of(sandbox) {
+            if c.state == ContainerState::Exited {
+                continue;
+            }
+            let (r, id) = (runc.clone(), c.id.clone());
+            let killed = tokio::task::spawn_blocking(move || r.delete(&id, true)).await;
+            if let Ok(Err(e)) = killed {
+                if !e.is_not_found() {
+                    warn!(container = %c.id, error = %e, "killing a container of a dead shim");
+                }
+            }
+            self.on_container_exit(
+                &c.id,
+                137,
+                0,
+                Some("ShimDied"),
+                "the pod's shim died; berth killed the container",
+            );
+        }
+    }
+
     /// After a restart: containers that exited while berthd was down get their real exit
     /// from the shim; those whose shim is gone are marked exited (137).
     pub(crate) async fn recover_containers(&self) {
@@ -434,7 +474,7 @@ impl PodManager {
             return Ok(());
         }
         let Some(shim) = self.shim(&rec.sandbox_id).await else {
-            self.on_container_exit(&rec.id, 137, 0, Some("Unknown"), "the pod's shim died");
+            self.reap_orphaned_containers(&rec.sandbox_id).await;
             return Ok(());
         };
         let exit = async {

@@ -218,6 +218,7 @@ impl PodManager {
                 Err(e) => {
                     warn!(sandbox = %rec.id, error = %e, "shim unreachable");
                     pm.mark_not_ready(&rec.id, "the pod's shim died");
+                    pm.reap_orphaned_containers(&rec.id).await;
                 }
             }
         }
@@ -228,7 +229,7 @@ impl PodManager {
     pub(crate) fn sandbox_root(&self, id: &str) -> PathBuf {
         self.cfg.root.join("sandboxes").join(id)
     }
-    fn sandbox_state(&self, id: &str) -> PathBuf {
+    pub(crate) fn sandbox_state(&self, id: &str) -> PathBuf {
         self.cfg.state.join("sandboxes").join(id)
     }
     /// Short on purpose: a unix socket path must fit in 108 bytes (sun_path), so it is
@@ -288,7 +289,11 @@ impl PodManager {
                     },
                     _ = client.closed() => {
                         if let Some(pm) = me.upgrade() {
+                            let shutting_down = pm.store.sandbox(&id).is_some_and(|r| r.state != SandboxState::Ready);
                             pm.mark_not_ready(&id, "the pod's shim died");
+                            if !shutting_down {
+                                pm.reap_orphaned_containers(&id).await;
+                            }
                         }
                         return;
                     }

@@ -2494,6 +2494,72 @@ fn exec_sync_in_a_running_container() -> Result<(), Failed> {
     })
 }
 
+fn shim_kill9_kills_and_reports_its_containers() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("shimdeath", "c-5", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let id = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config(
+                "victim",
+                &w.busybox.reference,
+                "while true; do sleep 1; done",
+            ),
+        )
+        .await?;
+        c.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+        let ctr_pid = ctr_status(&mut c, &id).await?.1["pid"]
+            .as_u64()
+            .context("pid")?;
+        let infra = pod_status(&mut c, &pod).await?.1["pid"]
+            .as_u64()
+            .context("infra pid")?;
+        let shim: i32 = std::fs::read_to_string(format!("/proc/{infra}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("PPid")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let mut st = None;
+        for _ in 0..200 {
+            let (s, _) = ctr_status(&mut c, &id).await?;
+            if s.state == cri::ContainerState::ContainerExited as i32 {
+                st = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let st = st.context("container not reported exited within 5s of its shim's death")?;
+        ensure!(
+            st.exit_code == 137 && st.reason == "ShimDied" && st.message.contains("shim"),
+            "{st:?}"
+        );
+        ensure!(!alive(ctr_pid), "the container's process outlived its shim");
+        remove_pod(&mut c, &pod).await?;
+        ensure!(!alive(infra), "infra left running");
+        assert_no_pod_leftovers(&b, "shimdeath")?;
+        ensure!(
+            entries(&b.state.join("containers"))?.is_empty(),
+            "container state left"
+        );
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -2550,6 +2616,10 @@ fn main() -> anyhow::Result<()> {
             pods_survive_berthd_kill9_and_shim_death,
         ),
         Trial::test("host_network_pod", host_network_pod),
+        Trial::test(
+            "shim_kill9_kills_and_reports_its_containers",
+            shim_kill9_kills_and_reports_its_containers,
+        ),
         Trial::test(
             "exec_sync_in_a_running_container",
             exec_sync_in_a_running_container,
