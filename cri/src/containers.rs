@@ -76,6 +76,7 @@ impl PodManager {
         reason: Option<&str>,
         message: &str,
     ) {
+        let _g = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut rec) = self.store.container(id) else {
             return;
         };
@@ -167,8 +168,19 @@ impl PodManager {
         }
     }
 
-    /// CreateContainer.
+    /// CreateContainer, in its own task so that a caller going away cannot leave a
+    /// half-created container behind.
     pub async fn create_container(
+        self: &Arc<Self>,
+        req: cri::CreateContainerRequest,
+    ) -> Result<String, Status> {
+        let me = self.clone();
+        tokio::spawn(async move { me.create_container_detached(req).await })
+            .await
+            .map_err(|e| internal("CreateContainer task", e))?
+    }
+
+    async fn create_container_detached(
         self: &Arc<Self>,
         req: cri::CreateContainerRequest,
     ) -> Result<String, Status> {
@@ -182,6 +194,18 @@ impl PodManager {
             .ok_or_else(|| invalid_field("config.metadata", "is required"))?;
         if meta.name.is_empty() {
             return Err(invalid_field("config.metadata.name", "must not be empty"));
+        }
+        if !config.log_path.is_empty() {
+            let p = Path::new(&config.log_path);
+            if p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(invalid_field(
+                    "config.log_path",
+                    "must be a relative path without '..'",
+                ));
+            }
         }
         let image_name = config
             .image
@@ -442,6 +466,8 @@ impl PodManager {
             .await
             .map_err(|e| Status::internal(format!("starting container: {e}")))?;
         rec.started_at = started_at;
+        // Serialised with exit events: a fast exit must not be overwritten by Running.
+        let _g = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cur) = self.store.container(&rec.id) {
             if cur.state == ContainerState::Exited {
                 // It already ran to completion: keep the exit, add the start time.
@@ -536,6 +562,7 @@ impl PodManager {
             }
         }
         self.release_container_fs(&rec.id).await;
+        let _g = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.store
             .delete_container(&rec.id)
             .map_err(|e| internal("deleting record", e))?;
@@ -746,6 +773,15 @@ impl PodManager {
         shim.reopen_log(&rec.id)
             .await
             .map_err(|e| Status::internal(format!("reopening log: {e}")))
+    }
+
+    /// A container made from this image (by image id), if any.
+    pub fn container_using_image(&self, image_id: &str) -> Option<String> {
+        self.store
+            .containers()
+            .into_iter()
+            .find(|c| c.image_id == image_id)
+            .map(|c| c.id)
     }
 
     /// The containers of a pod.

@@ -21,12 +21,16 @@ use crate::status::{from_image_error, invalid_field};
 /// The CRI image service.
 pub struct CriImageService {
     images: Arc<berth_image::ImageService>,
+    pods: Option<Arc<crate::pods::PodManager>>,
 }
 
 impl CriImageService {
     /// Serves CRI image calls from `images`.
-    pub fn new(images: Arc<berth_image::ImageService>) -> Self {
-        CriImageService { images }
+    pub fn new(
+        images: Arc<berth_image::ImageService>,
+        pods: Option<Arc<crate::pods::PodManager>>,
+    ) -> Self {
+        CriImageService { images, pods }
     }
 
     fn to_cri(&self, rec: &ImageRecord) -> Image {
@@ -199,6 +203,17 @@ impl ImageService for CriImageService {
         let req = req.into_inner();
         let name = required_image(&req.image, "image.image")?.to_string();
         tracing::Span::current().record("image", name.as_str());
+        // Its snapshots are the lower layers of any container made from it.
+        if let (Some(pods), Some(rec)) = (
+            &self.pods,
+            self.images.resolve(&name).map_err(from_image_error)?,
+        ) {
+            if let Some(user) = pods.container_using_image(rec.id.as_str()) {
+                return Err(Status::failed_precondition(format!(
+                    "image {name} is in use by container {user}; remove the container first"
+                )));
+            }
+        }
         let images = self.images.clone();
         tokio::task::spawn_blocking(move || images.remove(&name))
             .await

@@ -34,6 +34,8 @@ pub struct PodManager {
     shims: tokio::sync::Mutex<HashMap<String, ShimClient>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     create_lock: tokio::sync::Mutex<()>,
+    /// Serialises read-modify-write of container records (RPCs vs. exit events).
+    pub(crate) record_lock: Mutex<()>,
 }
 
 /// Validated parts of a RunPodSandbox request.
@@ -185,6 +187,7 @@ impl PodManager {
             shims: tokio::sync::Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
+            record_lock: Mutex::new(()),
         });
         for rec in pm.store.sandboxes() {
             if rec.state != SandboxState::Ready {
@@ -208,6 +211,8 @@ impl PodManager {
                                 t.exit_status
                             );
                             pm.mark_not_ready(&rec.id, &why);
+                            // Its containers may still run: keep following their exits.
+                            pm.watch(&rec.id, client.clone()).await;
                             pm.shims.lock().await.insert(rec.id.clone(), client);
                         }
                         None => {
@@ -403,8 +408,19 @@ impl PodManager {
         })
     }
 
-    /// RunPodSandbox.
+    /// RunPodSandbox. The work runs in its own task: if the caller goes away (deadline,
+    /// reset), the pod is still finished or undone, never left half-built.
     pub async fn run(self: &Arc<Self>, req: cri::RunPodSandboxRequest) -> Result<String, Status> {
+        let me = self.clone();
+        tokio::spawn(async move { me.run_detached(req).await })
+            .await
+            .map_err(|e| internal("RunPodSandbox task", e))?
+    }
+
+    async fn run_detached(
+        self: &Arc<Self>,
+        req: cri::RunPodSandboxRequest,
+    ) -> Result<String, Status> {
         let spec = self.validate(&req)?;
         let config = req.config.clone().unwrap_or_default();
         let _create = self.create_lock.lock().await;

@@ -66,10 +66,10 @@ pub async fn serve(
     pods: Arc<crate::pods::PodManager>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config, pods))
+    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config, pods.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let image = ImageServiceServer::new(CriImageService::new(images))
+    let image = ImageServiceServer::new(CriImageService::new(images, Some(pods.clone())))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     tonic::transport::Server::builder()

@@ -2077,6 +2077,18 @@ fn container_lifecycle_and_logs() -> Result<(), Failed> {
                 "{want:?} not in {lines:?}"
             );
         }
+        // The image of a container cannot be removed from under it.
+        expect_code(
+            remove(&mut c, &w.busybox.reference).await,
+            Code::FailedPrecondition,
+            "in use",
+        )?;
+        ensure!(
+            status(&mut c, &w.busybox.reference, false)
+                .await?
+                .image
+                .is_some()
+        );
         // A name is unique per pod.
         let dup = create_ctr(
             &mut c,
@@ -2265,6 +2277,13 @@ fn container_bad_input_leaves_nothing() -> Result<(), Failed> {
             create_ctr(&mut c, &pod, &pod_cfg, bad_mount).await,
             Code::InvalidArgument,
             "config.mounts[0].host_path",
+        )?;
+        let mut bad_log = container_config("x", &w.busybox.reference, "true");
+        bad_log.log_path = "../../escape.log".into();
+        expect_code(
+            create_ctr(&mut c, &pod, &pod_cfg, bad_log).await,
+            Code::InvalidArgument,
+            "config.log_path",
         )?;
         let mut bad_bin = container_config("x", &w.busybox.reference, "true");
         bad_bin.command = vec!["/no/such/binary".into()];

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use nix::sched::CloneFlags;
 use nix::unistd::{ForkResult, Pid, fork};
 
+/// The uid and gid the infra process runs as.
+const INFRA_ID: u32 = 65535;
+
 /// What the infra process is asked to set up.
 pub struct InfraSpec<'a> {
     /// Pinned netns to join, or None for the host's.
@@ -186,8 +189,22 @@ fn infra_main(
             for cap in 0..=63 {
                 libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
             }
+            // Run as nobody (65535, as kubelet's pause image does): a container sharing
+            // the PID namespace must not reach the host through /proc/1/root.
+            let ids: [libc::gid_t; 0] = [];
+            if libc::setgroups(0, ids.as_ptr()) != 0
+                || libc::setresgid(INFRA_ID, INFRA_ID, INFRA_ID) != 0
+                || libc::setresuid(INFRA_ID, INFRA_ID, INFRA_ID) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
         }
         drop_all_capabilities()?;
+        // Not dumpable: /proc/<pid>/{root,mem,...} need CAP_SYS_PTRACE even for its uid.
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(())
     };
     if let Err(e) = step() {

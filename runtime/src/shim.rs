@@ -919,8 +919,10 @@ impl Shim {
                 format!("signal {} is not a valid signal", r.signal),
             ));
         }
-        if t.exit.is_some() && !r.all {
-            return Ok(pb::Empty {}.encode_to_vec()); // already gone: killing is done
+        // Already gone: killing is done. (An infra or exec pid is reaped once exited and
+        // may be reused, so it is never signalled again, `all` or not.)
+        if t.exit.is_some() && (!r.all || t.infra || t.exec) {
+            return Ok(pb::Empty {}.encode_to_vec());
         }
         if t.infra || t.exec {
             let sig = nix::sys::signal::Signal::try_from(r.signal as i32)

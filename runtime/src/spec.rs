@@ -225,9 +225,38 @@ pub fn process_env(config: &cri::ContainerConfig, image: &Value) -> Vec<String> 
         .collect()
 }
 
+/// Reads a small file of the image (`etc/passwd`, `etc/group`) without following
+/// symlinks anywhere on the way, and only if it is a regular file under 1 MiB: an image
+/// must not make berthd read host files, devices or FIFOs.
+fn read_image_file(rootfs: &Path, rel: &str) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut cur = rootfs.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        cur.push(part);
+        let meta = std::fs::symlink_metadata(&cur).ok()?;
+        let last = i + 1 == parts.len();
+        if meta.file_type().is_symlink()
+            || (last && (!meta.is_file() || meta.len() > 1 << 20))
+            || (!last && !meta.is_dir())
+        {
+            return None;
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&cur)
+        .ok()?;
+    let mut text = String::new();
+    f.by_ref().take(1 << 20).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
 /// Looks a name up in a passwd- or group-style file of the rootfs: (id, primary gid).
 fn lookup(rootfs: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string(rootfs.join(file)).ok()?;
+    let text = read_image_file(rootfs, file)?;
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() > 3 && f[0] == name)
@@ -267,8 +296,7 @@ pub fn process_user(
     let (mut uid, mut gid) = if let Some(u) = sc.and_then(|s| s.run_as_user.as_ref()) {
         let uid = u32::try_from(u.value)
             .map_err(|_| err("config.linux.security_context.run_as_user", "out of range"))?;
-        let gid = std::fs::read_to_string(rootfs.join("etc/passwd"))
-            .ok()
+        let gid = read_image_file(rootfs, "etc/passwd")
             .and_then(|t| {
                 t.lines().find_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();

@@ -347,6 +347,16 @@ async fn shim_starts_a_locked_down_infra_process() {
     assert_eq!(status_field(pid, "CapEff:"), "0000000000000000");
     assert_eq!(status_field(pid, "CapBnd:"), "0000000000000000");
     assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    assert!(
+        status_field(pid, "Uid:").starts_with("65535"),
+        "{}",
+        status_field(pid, "Uid:")
+    );
+    assert!(
+        status_field(pid, "Gid:").starts_with("65535"),
+        "{}",
+        status_field(pid, "Gid:")
+    );
     let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
     assert_eq!(root, env.cfg.state_dir.join("infra-root"));
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
