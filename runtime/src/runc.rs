@@ -140,28 +140,7 @@ impl Runc {
             .arg("--pid-file")
             .arg(pid_file)
             .arg(id);
-        c.stdin(io.stdin.map_or_else(Stdio::null, Stdio::from));
-        c.stdout(io.stdout.map_or_else(Stdio::null, Stdio::from));
-        c.stderr(io.stderr.map_or_else(Stdio::null, Stdio::from));
-        // output() would replace the stdio we set; run() uses output(), so spawn here.
-        let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-        let status = c.status().map_err(|source| RuncError::Spawn {
-            binary: self.name(),
-            source,
-        })?;
-        if status.success() {
-            return Ok(());
-        }
-        let mut message = last_log_error(&self.log, log_len);
-        if message.is_empty() {
-            message = format!("exited with {status}");
-        }
-        Err(RuncError::Failed {
-            binary: self.name(),
-            command: "create",
-            id: id.to_string(),
-            message,
-        })
+        self.run_with_io(c, io, "create", id)
     }
 
     /// `exec --detach`: runs `process.json` in the container now; its pid goes to `pid_file`.
@@ -180,6 +159,18 @@ impl Runc {
             .arg("--pid-file")
             .arg(pid_file)
             .arg(id);
+        self.run_with_io(c, io, "exec", id)
+    }
+
+    /// Runs a command whose stdio is the process's own (so `output()`, which would
+    /// replace it, cannot be used); failures carry the runtime's logged message.
+    fn run_with_io(
+        &self,
+        mut c: Command,
+        io: ProcessIo,
+        command: &'static str,
+        id: &str,
+    ) -> Result<(), RuncError> {
         c.stdin(io.stdin.map_or_else(Stdio::null, Stdio::from));
         c.stdout(io.stdout.map_or_else(Stdio::null, Stdio::from));
         c.stderr(io.stderr.map_or_else(Stdio::null, Stdio::from));
@@ -197,7 +188,7 @@ impl Runc {
         }
         Err(RuncError::Failed {
             binary: self.name(),
-            command: "exec",
+            command,
             id: id.to_string(),
             message,
         })

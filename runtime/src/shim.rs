@@ -619,19 +619,22 @@ impl Shim {
         })
     }
 
-    fn create(&mut self, r: pb::CreateRequest) -> Reply {
-        if !valid_task_id(&r.id) {
+    /// A new task's id must be valid (it names files) and free.
+    fn check_new_task(&self, id: &str) -> Result<(), (u32, String)> {
+        if !valid_task_id(id) {
             return Err((
                 code::INVALID_ARGUMENT,
-                format!("id {:?}: must be 1-128 of [A-Za-z0-9_.-]", r.id),
+                format!("id {id:?}: must be 1-128 of [A-Za-z0-9_.-]"),
             ));
         }
-        if self.tasks.contains_key(&r.id) {
-            return Err((
-                code::ALREADY_EXISTS,
-                format!("task {} already exists", r.id),
-            ));
+        if self.tasks.contains_key(id) {
+            return Err((code::ALREADY_EXISTS, format!("task {id} already exists")));
         }
+        Ok(())
+    }
+
+    fn create(&mut self, r: pb::CreateRequest) -> Reply {
+        self.check_new_task(&r.id)?;
         if r.terminal {
             return Err((
                 code::UNIMPLEMENTED,
@@ -698,18 +701,7 @@ impl Shim {
     }
 
     fn start_infra(&mut self, r: pb::InfraRequest) -> Reply {
-        if !valid_task_id(&r.id) {
-            return Err((
-                code::INVALID_ARGUMENT,
-                format!("id {:?}: must be 1-128 of [A-Za-z0-9_.-]", r.id),
-            ));
-        }
-        if self.tasks.contains_key(&r.id) {
-            return Err((
-                code::ALREADY_EXISTS,
-                format!("task {} already exists", r.id),
-            ));
-        }
+        self.check_new_task(&r.id)?;
         let netns = (!r.netns_path.is_empty()).then(|| PathBuf::from(&r.netns_path));
         let spec = crate::infra::InfraSpec {
             netns: netns.as_deref(),
