@@ -126,10 +126,15 @@ impl Config {
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        // Handlers add to the built-in `runc` (as containerd's config merges over its
+        // defaults); a `[runtimes.runc]` table replaces it.
+        cfg.runtimes
+            .entry("runc".to_string())
+            .or_insert_with(RuntimeHandler::default);
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -266,6 +271,27 @@ mod tests {
             vec!["http://127.0.0.1:5000".to_string()]
         );
         assert_eq!(c.image.max_concurrent_downloads, 4);
+    }
+
+    #[test]
+    fn runtime_handlers_add_to_runc() {
+        let c = Config::parse("[runtimes.crun]\npath = \"crun\"", Path::new("x")).unwrap();
+        assert_eq!(
+            c.runtimes.keys().collect::<Vec<_>>(),
+            ["crun", "runc"],
+            "handlers"
+        );
+        assert_eq!(c.runtimes["runc"], RuntimeHandler::default());
+        let c = Config::parse(
+            "[runtimes.runc]\npath = \"/opt/runc\"\nargs = [\"--debug\"]",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.runtimes["runc"].path, PathBuf::from("/opt/runc"));
+        let e = Config::parse("default_runtime = \"kata\"", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("default_runtime"), "{e}");
     }
 
     #[test]

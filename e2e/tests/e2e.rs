@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use berth_e2e::berthd::{Berthd, CriClient};
@@ -2289,6 +2289,35 @@ fn container_bad_input_leaves_nothing() -> Result<(), Failed> {
         bad_bin.command = vec!["/no/such/binary".into()];
         let e = create_ctr(&mut c, &pod, &pod_cfg, bad_bin).await;
         expect_code(e, Code::Internal, "/no/such/binary")?;
+        // A mount the runtime fails half-way through create: a file over a directory.
+        let host_file = b.dir().join("a-file");
+        std::fs::write(&host_file, "x")?;
+        let mut file_on_dir = container_config("x", &w.busybox.reference, "true");
+        file_on_dir.mounts = vec![cri::Mount {
+            container_path: "/bin".into(),
+            host_path: host_file.display().to_string(),
+            ..Default::default()
+        }];
+        let e = create_ctr(&mut c, &pod, &pod_cfg, file_on_dir).await;
+        expect_code(e, Code::Internal, "/bin")?;
+        // None of the failed creates left a rootfs mount or runtime state while the pod runs.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let ctr_dirs = [b.root.join("containers"), b.state.join("containers")];
+        let left: Vec<&str> = mounts
+            .lines()
+            .filter(|l| {
+                ctr_dirs
+                    .iter()
+                    .any(|d| l.contains(&*d.display().to_string()))
+            })
+            .collect();
+        ensure!(left.is_empty(), "container mounts left: {left:?}");
+        ensure!(
+            entries(&b.state.join("runtimes/runc"))
+                .map(|e| e.is_empty())
+                .unwrap_or(true),
+            "runc state left"
+        );
         expect_code(
             create_ctr(
                 &mut c,
@@ -2338,69 +2367,364 @@ fn containers_survive_berthd_kill9() -> Result<(), Failed> {
         let mut c = b.client().await?;
         pull(&mut c, &w.busybox.reference).await?;
         let logs = b.dir().join("logs");
-        let pod_cfg = container_pod("ctrrestart", "c-3", &logs);
-        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
-        let runner = create_ctr(
-            &mut c,
-            &pod,
-            &pod_cfg,
-            container_config(
-                "runner",
+        // Ten pods, each with a container that keeps logging and one that exits (with
+        // its own code) while berthd is down; the first three also have one that exited
+        // before the kill, and the last pod is stopped before it.
+        struct PodCase {
+            pod: String,
+            runner: String,
+            quitter: String,
+            done: Option<String>,
+        }
+        let trigger = b.dir().join("trigger");
+        std::fs::create_dir_all(&trigger)?;
+        let mut cases = Vec::new();
+        for i in 0..10 {
+            let pod_cfg = container_pod(
+                "ctrrestart",
+                &format!("c-3-{i}"),
+                &logs.join(format!("p{i}")),
+            );
+            let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+            let runner = create_ctr(
+                &mut c,
+                &pod,
+                &pod_cfg,
+                container_config(
+                    "runner",
+                    &w.busybox.reference,
+                    "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+                ),
+            )
+            .await?;
+            // It exits once the test, with berthd killed, creates the trigger file.
+            let mut quitter_cfg = container_config(
+                "quitter",
                 &w.busybox.reference,
-                "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
-            ),
-        )
-        .await?;
-        let quitter = create_ctr(
+                &format!(
+                    "until [ -e /trigger/go ]; do sleep 0.05; done; exit {}",
+                    10 + i
+                ),
+            );
+            quitter_cfg.mounts = vec![cri::Mount {
+                container_path: "/trigger".into(),
+                host_path: trigger.display().to_string(),
+                readonly: true,
+                ..Default::default()
+            }];
+            let quitter = create_ctr(&mut c, &pod, &pod_cfg, quitter_cfg).await?;
+            let done = if i < 3 {
+                Some(
+                    create_ctr(
+                        &mut c,
+                        &pod,
+                        &pod_cfg,
+                        container_config("done", &w.busybox.reference, "echo finished"),
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
+            for id in [&runner, &quitter].into_iter().chain(done.as_ref()) {
+                c.runtime
+                    .start_container(cri::StartContainerRequest {
+                        container_id: id.clone(),
+                    })
+                    .await?;
+            }
+            cases.push(PodCase {
+                pod,
+                runner,
+                quitter,
+                done,
+            });
+        }
+        for case in &cases {
+            if let Some(d) = &case.done {
+                ensure!(wait_exited(&mut c, d).await?.exit_code == 0);
+            }
+        }
+        let stopped = &cases[9];
+        stop_pod(&mut c, &stopped.pod).await?;
+        let mut runner_pids = Vec::new();
+        for case in &cases[..9] {
+            let (st, info) = ctr_status(&mut c, &case.runner).await?;
+            ensure!(st.state == cri::ContainerState::ContainerRunning as i32);
+            runner_pids.push(info["pid"].as_u64().context("pid")?);
+        }
+        let killed_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as i64;
+        b.kill9()?;
+        std::fs::write(trigger.join("go"), "")?;
+        tokio::time::sleep(Duration::from_millis(1000)).await; // quitters exit while berthd is down
+        let log_len =
+            |i: usize| log_lines(&logs.join(format!("p{i}/runner/0.log"))).map(|l| l.len());
+        let before: Vec<usize> = (0..9).map(log_len).collect::<Result<_>>()?;
+        b.restart()?;
+        let mut c = b.client().await?;
+
+        let pods = c
+            .runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await?
+            .into_inner()
+            .items;
+        ensure!(pods.len() == 10, "{} pods listed after restart", pods.len());
+        for p in &pods {
+            let want = if p.id == stopped.pod {
+                cri::PodSandboxState::SandboxNotready
+            } else {
+                cri::PodSandboxState::SandboxReady
+            };
+            ensure!(p.state == want as i32, "pod {} in state {}", p.id, p.state);
+        }
+        let listed = c
+            .runtime
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await?
+            .into_inner()
+            .containers;
+        ensure!(
+            listed.len() == 23,
+            "{} containers listed after restart",
+            listed.len()
+        );
+        for (i, case) in cases.iter().enumerate() {
+            let (st, _) = ctr_status(&mut c, &case.quitter).await?;
+            // The stopped pod's containers were killed by StopPodSandbox.
+            let want = if i < 9 { 10 + i as i32 } else { 137 };
+            ensure!(
+                st.state == cri::ContainerState::ContainerExited as i32
+                    && st.exit_code == want
+                    && st.reason == "Error",
+                "quitter of pod {i}: {st:?}"
+            );
+            if i < 9 {
+                // It exited while berthd was down: its real finish time, not the restart's.
+                ensure!(
+                    st.finished_at > killed_at && st.finished_at > st.started_at,
+                    "quitter of pod {i} finished_at {} (killed at {killed_at})",
+                    st.finished_at
+                );
+            }
+            if let Some(d) = &case.done {
+                let (st, _) = ctr_status(&mut c, d).await?;
+                ensure!(
+                    st.state == cri::ContainerState::ContainerExited as i32
+                        && st.exit_code == 0
+                        && st.reason == "Completed"
+                        && st.finished_at < killed_at,
+                    "done container of pod {i}: {st:?}"
+                );
+            }
+            let (st, info) = ctr_status(&mut c, &case.runner).await?;
+            if i < 9 {
+                ensure!(
+                    st.state == cri::ContainerState::ContainerRunning as i32
+                        && info["pid"].as_u64() == Some(runner_pids[i]),
+                    "runner of pod {i} restarted or gone: {st:?}"
+                );
+            } else {
+                ensure!(
+                    st.state == cri::ContainerState::ContainerExited as i32,
+                    "runner of the stopped pod: {st:?}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for (i, n) in before.iter().enumerate() {
+            ensure!(
+                log_len(i)? > *n,
+                "pod {i}: logs stopped while berthd was down"
+            );
+        }
+        // The exit of a running container is still seen after the restart.
+        c.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: cases[0].runner.clone(),
+                timeout: 0,
+            })
+            .await?;
+        ensure!(wait_exited(&mut c, &cases[0].runner).await?.exit_code == 137);
+        for case in &cases {
+            remove_pod(&mut c, &case.pod).await?;
+        }
+        for pid in runner_pids {
+            ensure!(!alive(pid), "container process {pid} left");
+        }
+        assert_no_pod_leftovers(&b, "ctrrestart")?;
+        Ok(())
+    })
+}
+
+fn tty_and_stdin_containers() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("ttystdin", "c-6", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let start = |c: &mut CriClient, id: String| {
+            let mut rt = c.runtime.clone();
+            async move {
+                rt.start_container(cri::StartContainerRequest { container_id: id })
+                    .await
+                    .map(|_| ())
+            }
+        };
+        // tty: the process's stdio is a pty, whose output is logged as stdout.
+        let mut tty = container_config("tty", &w.busybox.reference, "tty; echo out-on-tty >&2");
+        tty.tty = true;
+        let tty = create_ctr(&mut c, &pod, &pod_cfg, tty).await?;
+        start(&mut c, tty.clone()).await?;
+        ensure!(wait_exited(&mut c, &tty).await?.exit_code == 0);
+        let lines = log_lines(&logs.join("tty/0.log"))?;
+        ensure!(
+            lines
+                .iter()
+                .any(|l| l.0 == "stdout" && l.2.starts_with("/dev/pts/"))
+                && lines
+                    .iter()
+                    .any(|l| l.0 == "stdout" && l.2.trim_end() == "out-on-tty"),
+            "tty container log: {lines:?}"
+        );
+        // stdin: kept open for attach, so `cat` waits instead of reading EOF.
+        let mut with_stdin = container_config("stdin", &w.busybox.reference, "cat; echo eof");
+        with_stdin.stdin = true;
+        with_stdin.stdin_once = true;
+        let with_stdin = create_ctr(&mut c, &pod, &pod_cfg, with_stdin).await?;
+        let without = create_ctr(
             &mut c,
             &pod,
             &pod_cfg,
-            container_config("quitter", &w.busybox.reference, "sleep 0.5; exit 5"),
+            container_config("nostdin", &w.busybox.reference, "cat; echo eof"),
         )
         .await?;
-        for id in [&runner, &quitter] {
+        start(&mut c, with_stdin.clone()).await?;
+        start(&mut c, without.clone()).await?;
+        let st = wait_exited(&mut c, &without).await?;
+        ensure!(st.exit_code == 0, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (st, _) = ctr_status(&mut c, &with_stdin).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "a container with stdin saw EOF: {st:?}"
+        );
+        // tty and stdin together: an interactive shell waits for input.
+        let mut interactive = container_config("sh", &w.busybox.reference, "exec sh");
+        interactive.tty = true;
+        interactive.stdin = true;
+        let interactive = create_ctr(&mut c, &pod, &pod_cfg, interactive).await?;
+        start(&mut c, interactive.clone()).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (st, _) = ctr_status(&mut c, &interactive).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "interactive shell exited: {st:?}"
+        );
+        stop_pod(&mut c, &pod).await?;
+        ensure!(wait_exited(&mut c, &with_stdin).await?.exit_code == 137);
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "ttystdin")?;
+        Ok(())
+    })
+}
+
+/// Whether crun can run containers here: crun 1.8 refuses a cgroup v1 host whose
+/// cgroup2 `unified` mount has controllers (hybrid mode).
+fn cgroup_hybrid_with_v2_controllers() -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .is_ok_and(|s| !s.trim().is_empty())
+}
+
+fn crun_runtime_handler() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("[runtimes.crun]\npath = \"crun\"\n")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("crun", "c-7", &logs);
+        let run_with = |c: &mut CriClient, handler: &str| {
+            let mut rt = c.runtime.clone();
+            let req = cri::RunPodSandboxRequest {
+                config: Some(pod_cfg.clone()),
+                runtime_handler: handler.into(),
+            };
+            async move {
+                rt.run_pod_sandbox(req)
+                    .await
+                    .map(|r| r.into_inner().pod_sandbox_id)
+            }
+        };
+        expect_code(
+            run_with(&mut c, "kata").await,
+            Code::InvalidArgument,
+            "runtime_handler",
+        )?;
+        let pod = run_with(&mut c, "crun").await?;
+        let (st, info) = pod_status(&mut c, &pod).await?;
+        ensure!(
+            st.runtime_handler == "crun" && info["runtimeHandler"] == "crun",
+            "{st:?} {info}"
+        );
+        let crun_root = b.state.join("runtimes/crun");
+        let created = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("hello", &w.busybox.reference, "echo hello from crun"),
+        )
+        .await;
+        if cgroup_hybrid_with_v2_controllers() {
+            // This host: crun's own refusal comes back, and nothing is left of the container.
+            expect_code(created, Code::Internal, "crun")?;
+            let e = create_ctr(
+                &mut c,
+                &pod,
+                &pod_cfg,
+                container_config("hello", &w.busybox.reference, "true"),
+            )
+            .await;
+            expect_code(e, Code::Internal, "hybrid")?;
+            ensure!(
+                c.runtime
+                    .list_containers(cri::ListContainersRequest { filter: None })
+                    .await?
+                    .into_inner()
+                    .containers
+                    .is_empty(),
+                "a failed container is listed"
+            );
+            ensure!(
+                entries(&b.root.join("containers"))?.is_empty()
+                    && entries(&b.state.join("containers"))?.is_empty(),
+                "container dirs left"
+            );
+        } else {
+            let id = created?;
             c.runtime
                 .start_container(cri::StartContainerRequest {
                     container_id: id.clone(),
                 })
                 .await?;
+            ensure!(wait_exited(&mut c, &id).await?.exit_code == 0);
+            ensure!(
+                entries(&crun_root)?.contains(&id),
+                "crun's state root does not hold the container"
+            );
+            let lines = log_lines(&logs.join("hello/0.log"))?;
+            ensure!(lines.iter().any(|l| l.2 == "hello from crun"), "{lines:?}");
         }
-        let pid = ctr_status(&mut c, &runner).await?.1["pid"]
-            .as_u64()
-            .context("pid")?;
-        b.kill9()?;
-        tokio::time::sleep(Duration::from_millis(1200)).await; // the quitter exits while berthd is down
-        let log = logs.join("runner/0.log");
-        let before = log_lines(&log)?.len();
-        b.restart()?;
-        let mut c = b.client().await?;
-        let (st, _) = ctr_status(&mut c, &quitter).await?;
-        ensure!(
-            st.state == cri::ContainerState::ContainerExited as i32 && st.exit_code == 5,
-            "{st:?}"
-        );
-        ensure!(st.finished_at > st.started_at, "{st:?}");
-        let (st, info) = ctr_status(&mut c, &runner).await?;
-        ensure!(
-            st.state == cri::ContainerState::ContainerRunning as i32
-                && info["pid"].as_u64() == Some(pid),
-            "runner restarted: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        ensure!(
-            log_lines(&log)?.len() > before,
-            "logs stopped while berthd was down"
-        );
-        // The exit of a running container is still seen after the restart.
-        c.runtime
-            .stop_container(cri::StopContainerRequest {
-                container_id: runner.clone(),
-                timeout: 0,
-            })
-            .await?;
-        ensure!(wait_exited(&mut c, &runner).await?.exit_code == 137);
+        stop_pod(&mut c, &pod).await?;
         remove_pod(&mut c, &pod).await?;
-        assert_no_pod_leftovers(&b, "ctrrestart")?;
+        ensure!(
+            entries(&crun_root).map(|e| e.is_empty()).unwrap_or(true),
+            "crun state left"
+        );
+        assert_no_pod_leftovers(&b, "crun")?;
         Ok(())
     })
 }
@@ -2652,6 +2976,8 @@ fn main() -> anyhow::Result<()> {
             "containers_survive_berthd_kill9",
             containers_survive_berthd_kill9,
         ),
+        Trial::test("tty_and_stdin_containers", tty_and_stdin_containers),
+        Trial::test("crun_runtime_handler", crun_runtime_handler),
         Trial::test(
             "crash_mid_pull_leaves_nothing_half_recorded",
             crash_mid_pull_leaves_nothing_half_recorded,

@@ -307,6 +307,47 @@ impl ShimClient {
             .map(|_| ())
     }
 
+    /// Closes an exec process's stdin.
+    pub async fn close_exec_io(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
+        let r = pb::TaskRef {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        self.call::<_, pb::Empty>(pb::Method::CloseIo, &r)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sets the window size of a terminal task's (or exec's) pty.
+    pub async fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), ShimError> {
+        let r = pb::ResizePtyRequest {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            width,
+            height,
+        };
+        self.call::<_, pb::Empty>(pb::Method::ResizePty, &r)
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies OCI LinuxResources (as JSON) to a running task.
+    pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<(), ShimError> {
+        let r = pb::UpdateRequest {
+            id: id.to_string(),
+            resources_json,
+        };
+        self.call::<_, pb::Empty>(pb::Method::Update, &r)
+            .await
+            .map(|_| ())
+    }
+
     /// Reopens a task's log file (after rotation).
     pub async fn reopen_log(&self, id: &str) -> Result<(), ShimError> {
         self.call::<_, pb::Empty>(pb::Method::ReopenLog, &Self::task(id))

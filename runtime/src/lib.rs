@@ -3,6 +3,7 @@
 //! berthd's async side of the shim protocol.
 
 pub mod client;
+pub mod console;
 pub mod criolog;
 pub mod exits;
 pub mod infra;

@@ -53,6 +53,17 @@ pub struct ProcessIo {
     pub stderr: Option<OwnedFd>,
 }
 
+impl ProcessIo {
+    /// No streams: /dev/null for all three (or a pty the runtime makes).
+    pub fn none() -> ProcessIo {
+        ProcessIo {
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        }
+    }
+}
+
 /// `runc state` output (the fields berth uses).
 #[derive(Debug, Deserialize)]
 pub struct RuncState {
@@ -125,31 +136,38 @@ impl Runc {
         })
     }
 
-    /// `create`: sets up the container with its init process stopped before exec.
+    /// `create`: sets up the container with its init process stopped before exec. With
+    /// a console socket the process gets a pty whose master is sent there.
     pub fn create(
         &self,
         id: &str,
         bundle: &Path,
         pid_file: &Path,
         io: ProcessIo,
+        console_socket: Option<&Path>,
     ) -> Result<(), RuncError> {
         let mut c = self.base();
         c.arg("create")
             .arg("--bundle")
             .arg(bundle)
             .arg("--pid-file")
-            .arg(pid_file)
-            .arg(id);
+            .arg(pid_file);
+        if let Some(sock) = console_socket {
+            c.arg("--console-socket").arg(sock);
+        }
+        c.arg(id);
         self.run_with_io(c, io, "create", id)
     }
 
     /// `exec --detach`: runs `process.json` in the container now; its pid goes to `pid_file`.
+    /// The process's own `terminal` decides on a pty (runc ignores `--tty` with `--process`).
     pub fn exec(
         &self,
         id: &str,
         process: &Path,
         pid_file: &Path,
         io: ProcessIo,
+        console_socket: Option<&Path>,
     ) -> Result<(), RuncError> {
         let mut c = self.base();
         c.arg("exec")
@@ -157,8 +175,11 @@ impl Runc {
             .arg("--process")
             .arg(process)
             .arg("--pid-file")
-            .arg(pid_file)
-            .arg(id);
+            .arg(pid_file);
+        if let Some(sock) = console_socket {
+            c.arg("--console-socket").arg(sock);
+        }
+        c.arg(id);
         self.run_with_io(c, io, "exec", id)
     }
 
@@ -247,6 +268,13 @@ impl Runc {
             id: id.to_string(),
             detail: e.to_string(),
         })
+    }
+
+    /// `update --resources`: applies LinuxResources (JSON in `resources`) to a running container.
+    pub fn update(&self, id: &str, resources: &Path) -> Result<(), RuncError> {
+        let mut c = self.base();
+        c.arg("update").arg("--resources").arg(resources).arg(id);
+        self.run(c, "update", id).map(|_| ())
     }
 
     /// `pause` / `resume`.

@@ -21,6 +21,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use prost::Message;
 
+use crate::console::ConsoleSocket;
 use crate::criolog::{CriLogWriter, Stream};
 use crate::exits::{ExitRecord, ExitStore, exit_status_of};
 use crate::runc::{ProcessIo, Runc};
@@ -78,7 +79,10 @@ struct Task {
     log: Option<CriLogWriter>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// Where input goes: a pipe, or (tty) the pty master; `None` once closed.
     stdin: Option<OwnedFd>,
+    /// The pty master of a terminal process (for resize).
+    console: Option<OwnedFd>,
     exit: Option<ExitRecord>,
     waiters: Vec<(u64, u32)>,
 }
@@ -95,6 +99,7 @@ impl Task {
             stdout: None,
             stderr: None,
             stdin: None,
+            console: None,
             exit: None,
             waiters: Vec::new(),
         }
@@ -114,6 +119,7 @@ pub struct Shim {
     runc: Runc,
     exits: ExitStore,
     state_dir: PathBuf,
+    socket: PathBuf,
     listener: UnixListener,
     sigfd: SignalFd,
     tasks: BTreeMap<String, Task>,
@@ -185,6 +191,7 @@ impl Shim {
             runc,
             exits,
             state_dir: cfg.state_dir.clone(),
+            socket: cfg.socket.clone(),
             listener,
             sigfd,
             tasks: BTreeMap::new(),
@@ -432,8 +439,12 @@ impl Shim {
                 }
                 Err(nix::errno::Errno::EAGAIN) => return,
                 Err(nix::errno::Errno::EINTR) => {}
+                // A pty master reads EIO once every slave side is closed: the end.
                 Err(_) => {
                     *slot = None;
+                    if let Some(l) = t.log.as_mut() {
+                        let _ = l.close_stream(s);
+                    }
                     return;
                 }
             }
@@ -482,6 +493,7 @@ impl Shim {
                 t.exit = Some(rec);
                 t.status = pb::TaskStatus::Stopped;
                 t.stdin = None;
+                t.console = None;
                 std::mem::take(&mut t.waiters)
             }
             None => Vec::new(),
@@ -604,6 +616,14 @@ impl Shim {
                 Ok(r) => self.kill(r),
                 Err(e) => Err(bad(e)),
             },
+            pb::Method::ResizePty => match pb::ResizePtyRequest::decode(&f.payload[..]) {
+                Ok(r) => self.resize_pty(r),
+                Err(e) => Err(bad(e)),
+            },
+            pb::Method::Update => match pb::UpdateRequest::decode(&f.payload[..]) {
+                Ok(r) => self.update(r),
+                Err(e) => Err(bad(e)),
+            },
             pb::Method::Shutdown => {
                 if self.tasks.values().any(|t| t.exit.is_none()) {
                     Err((code::FAILED_PRECONDITION, "tasks are still running".into()))
@@ -635,12 +655,6 @@ impl Shim {
 
     fn create(&mut self, r: pb::CreateRequest) -> Reply {
         self.check_new_task(&r.id)?;
-        if r.terminal {
-            return Err((
-                code::UNIMPLEMENTED,
-                "terminal (tty) tasks are not supported by this shim yet".into(),
-            ));
-        }
         let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
         let log = if r.log_path.is_empty() {
             None
@@ -650,54 +664,132 @@ impl Shim {
                     .map_err(|e| internal("opening log", e))?,
             )
         };
-        let pipe = || {
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e.into()))
-        };
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        let (stdin_keep, stdin_child) = if r.stdin {
-            let (rd, wr) = pipe()?;
-            (Some(wr), Some(rd))
-        } else {
-            (None, None)
-        };
-        for fd in [&out_r, &err_r] {
-            nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .map_err(|e| internal("fcntl", e.into()))?;
-        }
         let pid_file = self.state_dir.join(format!("{}.pid", r.id));
-        let io = ProcessIo {
-            stdin: stdin_child,
-            stdout: Some(out_w),
-            stderr: Some(err_w),
+        let (stdio, io) = if r.terminal {
+            (None, ProcessIo::none())
+        } else {
+            let (stdio, io) = ProcessStdio::pipes(r.stdin).map_err(|e| internal("pipe", e))?;
+            (Some(stdio), io)
         };
-        if let Err(e) = self.runc.create(&r.id, Path::new(&r.bundle), &pid_file, io) {
-            // Leave nothing of a half-created container.
-            let _ = self.runc.delete(&r.id, true);
-            let _ = std::fs::remove_file(&pid_file);
-            return Err((code::INTERNAL, e.to_string()));
-        }
+        let console = match r.terminal {
+            true => Some(
+                self.console_socket()
+                    .map_err(|e| internal("console socket", e))?,
+            ),
+            false => None,
+        };
+        let created = self.runc.create(
+            &r.id,
+            Path::new(&r.bundle),
+            &pid_file,
+            io,
+            console.as_ref().map(|c| c.path()),
+        );
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
         let _ = std::fs::remove_file(&pid_file);
-        let Some(pid) = pid else {
-            let _ = self.runc.delete(&r.id, true);
-            return Err((code::INTERNAL, "the runtime wrote no pid file".into()));
+        let outcome = created
+            .map_err(|e| (code::INTERNAL, e.to_string()))
+            .and_then(|()| pid.ok_or((code::INTERNAL, "the runtime wrote no pid file".into())))
+            .and_then(|pid| {
+                let stdio = match (stdio, console) {
+                    (Some(s), _) => s,
+                    (None, Some(c)) => ProcessStdio::terminal(&c, r.stdin)
+                        .map_err(|e| internal("receiving the container's pty", e))?,
+                    (None, None) => ProcessStdio::default(),
+                };
+                Ok((pid, stdio))
+            });
+        let (pid, stdio) = match outcome {
+            Ok(v) => v,
+            Err(e) => {
+                // Leave nothing of a half-created container.
+                let _ = self.runc.delete(&r.id, true);
+                return Err(e);
+            }
         };
         let _ = self.exits.remove(&r.id);
         let task = Task {
             log,
-            stdout: Some(out_r),
-            stderr: Some(err_r),
-            stdin: stdin_keep,
+            stdout: stdio.stdout,
+            stderr: stdio.stderr,
+            stdin: stdio.stdin,
+            console: stdio.console,
             ..Task::new(pid, false, pb::TaskStatus::Created)
         };
         self.tasks.insert(r.id, task);
         Ok(pb::PidResponse { pid }.encode_to_vec())
+    }
+
+    /// The console socket for the next terminal process. Commands run one at a time,
+    /// so one path serves; it sits beside the shim's socket, whose path is kept short
+    /// (socket paths are limited to 108 bytes).
+    fn console_socket(&self) -> io::Result<ConsoleSocket> {
+        let mut path = self.socket.clone().into_os_string();
+        path.push(".console");
+        ConsoleSocket::bind(Path::new(&path))
+    }
+
+    fn resize_pty(&mut self, r: pb::ResizePtyRequest) -> Reply {
+        let key = task_key(&r.id, &r.exec_id);
+        let t = self
+            .tasks
+            .get(&key)
+            .ok_or_else(|| (code::NOT_FOUND, format!("task {key:?} not found")))?;
+        let (Ok(w), Ok(h)) = (u16::try_from(r.width), u16::try_from(r.height)) else {
+            return Err((
+                code::INVALID_ARGUMENT,
+                format!("size {}x{}: at most 65535 each", r.width, r.height),
+            ));
+        };
+        match &t.console {
+            Some(master) => crate::console::resize(master, w, h)
+                .map(|()| pb::Empty {}.encode_to_vec())
+                .map_err(|e| (code::INTERNAL, format!("resizing the pty: {e}"))),
+            None if t.exit.is_some() => {
+                Err((code::FAILED_PRECONDITION, format!("task {key} has exited")))
+            }
+            None => Err((
+                code::FAILED_PRECONDITION,
+                format!("task {key} has no terminal"),
+            )),
+        }
+    }
+
+    fn update(&mut self, r: pb::UpdateRequest) -> Reply {
+        let t = self
+            .tasks
+            .get(&r.id)
+            .ok_or_else(|| (code::NOT_FOUND, format!("task {:?} not found", r.id)))?;
+        if t.infra {
+            return Err((
+                code::FAILED_PRECONDITION,
+                format!("task {} is the pod's infra process", r.id),
+            ));
+        }
+        if t.exit.is_some() {
+            return Err((
+                code::FAILED_PRECONDITION,
+                format!("task {} has exited", r.id),
+            ));
+        }
+        if serde_json::from_slice::<serde_json::Value>(&r.resources_json)
+            .map_or(true, |v| !v.is_object())
+        {
+            return Err((
+                code::INVALID_ARGUMENT,
+                "resources_json: not a JSON object".into(),
+            ));
+        }
+        let file = self.state_dir.join(format!("update-{}.json", r.id));
+        std::fs::write(&file, &r.resources_json)
+            .map_err(|e| (code::INTERNAL, format!("writing resources: {e}")))?;
+        let result = self.runc.update(&r.id, &file);
+        let _ = std::fs::remove_file(&file);
+        result
+            .map(|()| pb::Empty {}.encode_to_vec())
+            .map_err(|e| (code::INTERNAL, e.to_string()))
     }
 
     fn start_infra(&mut self, r: pb::InfraRequest) -> Reply {
@@ -744,12 +836,6 @@ impl Shim {
                 format!("exec {} already exists", r.exec_id),
             ));
         }
-        if r.terminal || r.stdin {
-            return Err((
-                code::UNIMPLEMENTED,
-                "interactive exec (tty, stdin) is not supported by this shim yet".into(),
-            ));
-        }
         let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
         let process = self
             .state_dir
@@ -757,26 +843,36 @@ impl Shim {
         let pid_file = self
             .state_dir
             .join(format!("exec-{}-{}.pid", r.id, r.exec_id));
-        std::fs::write(&process, &r.process_json)
-            .map_err(|e| internal("writing process.json", e))?;
-        let pipe = || {
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e.into()))
-        };
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        for fd in [&out_r, &err_r] {
-            nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .map_err(|e| internal("fcntl", e.into()))?;
+        // The process's own `terminal` decides on a pty; make it agree with the request.
+        let mut process_spec: serde_json::Value = serde_json::from_slice(&r.process_json)
+            .map_err(|e| (code::INVALID_ARGUMENT, format!("process_json: {e}")))?;
+        if !process_spec.is_object() {
+            return Err((code::INVALID_ARGUMENT, "process_json: not an object".into()));
         }
-        let io = ProcessIo {
-            stdin: None,
-            stdout: Some(out_w),
-            stderr: Some(err_w),
+        process_spec["terminal"] = r.terminal.into();
+        let process_json = serde_json::to_vec(&process_spec)
+            .map_err(|e| (code::INTERNAL, format!("encoding process: {e}")))?;
+        std::fs::write(&process, &process_json).map_err(|e| internal("writing process.json", e))?;
+        let (stdio, io) = if r.terminal {
+            (None, ProcessIo::none())
+        } else {
+            let (stdio, io) = ProcessStdio::pipes(r.stdin).map_err(|e| internal("pipe", e))?;
+            (Some(stdio), io)
         };
-        let result = self.runc.exec(&r.id, &process, &pid_file, io);
+        let console = match r.terminal {
+            true => Some(
+                self.console_socket()
+                    .map_err(|e| internal("console socket", e))?,
+            ),
+            false => None,
+        };
+        let result = self.runc.exec(
+            &r.id,
+            &process,
+            &pid_file,
+            io,
+            console.as_ref().map(|c| c.path()),
+        );
         let _ = std::fs::remove_file(&process);
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
@@ -787,17 +883,34 @@ impl Shim {
             code::INTERNAL,
             "the runtime wrote no pid file for the exec".to_string(),
         ))?;
+        let stdio = match (stdio, console) {
+            (Some(s), _) => s,
+            (None, Some(c)) => match ProcessStdio::terminal(&c, r.stdin) {
+                Ok(s) => s,
+                Err(e) => {
+                    // A process we cannot talk to is not left running.
+                    let _ = nix::sys::signal::kill(
+                        Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return Err(internal("receiving the exec's pty", e));
+                }
+            },
+            (None, None) => ProcessStdio::default(),
+        };
         let limit = r.capture_limit as usize;
         let task = Task {
             exec: true,
-            capture: Some(Capture {
+            capture: (limit > 0).then(|| Capture {
                 stdout: Vec::new(),
                 stderr: Vec::new(),
                 limit,
                 truncated: false,
             }),
-            stdout: Some(out_r),
-            stderr: Some(err_r),
+            stdout: stdio.stdout,
+            stderr: stdio.stderr,
+            stdin: stdio.stdin,
+            console: stdio.console,
             ..Task::new(pid, false, pb::TaskStatus::Running)
         };
         self.tasks.insert(key, task);
@@ -942,4 +1055,70 @@ impl Shim {
             }
         }
     }
+}
+
+/// The shim's ends of a process's standard streams.
+#[derive(Default)]
+struct ProcessStdio {
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
+    console: Option<OwnedFd>,
+}
+
+impl ProcessStdio {
+    /// Pipes for stdout and stderr (read ends non-blocking), and stdin when asked; also
+    /// returns the ends the process gets.
+    fn pipes(stdin: bool) -> io::Result<(ProcessStdio, ProcessIo)> {
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from);
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        for fd in [&out_r, &err_r] {
+            set_nonblocking(fd)?;
+        }
+        // stdin stays open (the write end kept here) until closed for attach.
+        let (keep, child) = match stdin {
+            true => {
+                let (rd, wr) = pipe()?;
+                (Some(wr), Some(rd))
+            }
+            false => (None, None),
+        };
+        Ok((
+            ProcessStdio {
+                stdout: Some(out_r),
+                stderr: Some(err_r),
+                stdin: keep,
+                console: None,
+            },
+            ProcessIo {
+                stdin: child,
+                stdout: Some(out_w),
+                stderr: Some(err_w),
+            },
+        ))
+    }
+
+    /// A terminal process: its pty master carries output (as stdout) and input.
+    fn terminal(socket: &ConsoleSocket, stdin: bool) -> io::Result<ProcessStdio> {
+        let master = socket.receive_master(std::time::Duration::from_secs(10))?;
+        set_nonblocking(&master)?;
+        Ok(ProcessStdio {
+            stdout: Some(master.try_clone()?),
+            stderr: None,
+            stdin: if stdin {
+                Some(master.try_clone()?)
+            } else {
+                None
+            },
+            console: Some(master),
+        })
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    let fl = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let fl = nix::fcntl::OFlag::from_bits_retain(fl) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(io::Error::from)?;
+    Ok(())
 }

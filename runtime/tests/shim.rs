@@ -438,3 +438,153 @@ async fn container_in_the_pods_pid_namespace_keeps_its_signal_dispositions() {
     client.delete("pod").await.unwrap();
     client.shutdown().await.unwrap();
 }
+
+/// Waits until `f` holds, for up to 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+    let env = Env::new();
+    spawn_shim(shim_binary(), &env.cfg).unwrap();
+    let client = ShimClient::connect(&env.cfg.socket).await.unwrap();
+    let shim_pid = client.connect_info().await.unwrap().shim_pid;
+
+    // A tty container: output arrives through the pty (as stdout) and a resize reaches it.
+    let log = env.dir.path().join("logs/tty.log");
+    let b = env.bundle(
+        "tty",
+        "tty; until [ \"$(stty size)\" = '40 120' ]; do sleep 0.05; done; echo resized; exit 4",
+    );
+    let mut req = env.create_req("tty", &b, &log);
+    req.terminal = true;
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    spec["process"]["terminal"] = true.into();
+    std::fs::write(b.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    client.create(req).await.unwrap();
+    client.start("tty").await.unwrap();
+    eventually("the tty line in the log", || {
+        log_records(&log)
+            .iter()
+            .any(|r| r.2.starts_with("/dev/pts/"))
+    })
+    .await;
+    client.resize_pty("tty", "", 120, 40).await.unwrap();
+    assert_eq!(client.wait("tty").await.unwrap().exit_status, 4);
+    let recs = log_records(&log);
+    assert!(
+        recs.iter()
+            .any(|r| r.0 == "stdout" && r.1 == "F" && r.2.trim_end() == "resized"),
+        "{recs:?}"
+    );
+    // Resizing a task without a terminal is refused, naming why.
+    let err = client.resize_pty("tty", "", 80, 24).await.unwrap_err();
+    assert!(matches!(err, ShimError::Remote { code: 9, .. }), "{err}");
+    client.delete("tty").await.unwrap();
+
+    // stdin: the container sees no EOF until its stdin is closed.
+    let log = env.dir.path().join("logs/in.log");
+    let b = env.bundle("in", "cat; echo got-eof");
+    let mut req = env.create_req("in", &b, &log);
+    req.stdin = true;
+    client.create(req).await.unwrap();
+    client.start("in").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        client.state("in").await.unwrap().status,
+        pb::TaskStatus::Running as i32,
+        "a container with stdin must not see EOF: {:?}",
+        log_records(&log)
+    );
+    client.close_io("in").await.unwrap();
+    assert_eq!(client.wait("in").await.unwrap().exit_status, 0);
+    assert!(log_records(&log).iter().any(|r| r.2 == "got-eof"));
+    client.delete("in").await.unwrap();
+
+    // Without stdin the same container reads EOF at once.
+    let b = env.bundle("noin", "cat; echo got-eof");
+    client
+        .create(env.create_req("noin", &b, &env.dir.path().join("logs/noin.log")))
+        .await
+        .unwrap();
+    client.start("noin").await.unwrap();
+    assert_eq!(client.wait("noin").await.unwrap().exit_status, 0);
+    client.delete("noin").await.unwrap();
+
+    // A running container: exec with a terminal, and a resource update through the runtime.
+    let b = env.bundle("run", "exec sleep 1000");
+    client
+        .create(env.create_req("run", &b, &env.dir.path().join("logs/run.log")))
+        .await
+        .unwrap();
+    client.start("run").await.unwrap();
+    let process = serde_json::json!({
+        "args": ["/bin/sh", "-c", "tty; stty size"],
+        "cwd": "/",
+        "env": ["PATH=/bin"],
+        "user": {"uid": 0, "gid": 0},
+    });
+    client
+        .exec(pb::ExecRequest {
+            id: "run".into(),
+            exec_id: "e1".into(),
+            process_json: serde_json::to_vec(&process).unwrap(),
+            terminal: true,
+            capture_limit: 4096,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = client.wait_exec("run", "e1").await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("/dev/pts/"), "exec tty output: {text:?}");
+    assert!(out.stderr.is_empty());
+    client.delete_exec("run", "e1").await.unwrap();
+
+    let limit_file = memory_limit_file(&format!("{}/run", cgroup_parent()));
+    let resources = serde_json::json!({"memory": {"limit": 64 * 1024 * 1024}});
+    client
+        .update("run", serde_json::to_vec(&resources).unwrap())
+        .await
+        .unwrap();
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert_eq!(
+        limit.trim(),
+        (64 * 1024 * 1024).to_string(),
+        "{limit_file:?}"
+    );
+    let err = client.update("run", b"[1]".to_vec()).await.unwrap_err();
+    assert!(matches!(err, ShimError::Remote { code: 3, .. }), "{err}");
+    client.kill("run", 9, false).await.unwrap();
+    client.wait("run").await.unwrap();
+    let err = client
+        .update("run", serde_json::to_vec(&resources).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ShimError::Remote { code: 9, .. }), "{err}");
+    client.delete("run").await.unwrap();
+
+    assert_eq!(env.runc_list(), "");
+    assert!(!env.dir.path().join("shim.sock.console").exists());
+    client.shutdown().await.unwrap();
+    eventually("shim exit", || !pid_alive(shim_pid)).await;
+}
+
+/// The memory limit file of a cgroup path: cgroup v1's memory controller, else v2.
+fn memory_limit_file(path: &str) -> PathBuf {
+    let rel = path.trim_start_matches('/');
+    let v1 = Path::new("/sys/fs/cgroup/memory").join(rel);
+    if v1.is_dir() {
+        return v1.join("memory.limit_in_bytes");
+    }
+    Path::new("/sys/fs/cgroup").join(rel).join("memory.max")
+}
