@@ -419,6 +419,7 @@ impl PodManager {
                 config: serde_json::to_value(&config)
                     .map_err(|e| internal("encoding config", e))?,
             };
+            crate::failpoint::failpoint("container-before-record");
             if let Err(e) = self.store.put_container(&rec) {
                 let _ = shim.kill(&id, 9, false).await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), shim.wait(&id)).await;
@@ -437,7 +438,7 @@ impl PodManager {
     }
 
     /// Unmounts and removes a container's rootfs, writable layer and bundle.
-    async fn release_container_fs(&self, id: &str) {
+    pub(crate) async fn release_container_fs(&self, id: &str) {
         let (cdir, bundle) = (self.container_dir(id), self.bundle_dir(id));
         let _ = tokio::task::spawn_blocking(move || {
             let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);

@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod containers;
+pub mod failpoint;
 pub mod image_service;
 pub mod pods;
 pub mod runtime_service;
 pub mod server;
 pub mod status;
+pub mod sweep;

@@ -18,7 +18,9 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use crate::config::{CgroupDriver, Config};
+use crate::failpoint::failpoint;
 use crate::status::invalid_field;
+use crate::sweep::CREATED_CGROUPS_FILE;
 
 /// The infra process's oom_score_adj (kubelet's pause value), clamped where the host forbids it.
 const INFRA_OOM_SCORE_ADJ: i32 = -998;
@@ -31,7 +33,7 @@ pub struct PodManager {
     pub(crate) store: Arc<RuntimeStore>,
     pub(crate) images: Arc<berth_image::ImageService>,
     shim_binary: PathBuf,
-    shims: tokio::sync::Mutex<HashMap<String, ShimClient>>,
+    pub(crate) shims: tokio::sync::Mutex<HashMap<String, ShimClient>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     create_lock: tokio::sync::Mutex<()>,
     /// Serialises read-modify-write of container records (RPCs vs. exit events).
@@ -228,6 +230,7 @@ impl PodManager {
             }
         }
         pm.recover_containers().await;
+        pm.sweep_orphans().await;
         Ok(pm)
     }
 
@@ -239,10 +242,10 @@ impl PodManager {
     }
     /// Short on purpose: a unix socket path must fit in 108 bytes (sun_path), so it is
     /// `<state>/s/<first 16 hex of the id>` rather than inside the sandbox dir.
-    fn shim_socket(&self, id: &str) -> PathBuf {
+    pub(crate) fn shim_socket(&self, id: &str) -> PathBuf {
         self.cfg.state.join("s").join(&id[..16.min(id.len())])
     }
-    fn netns_path(&self, id: &str) -> PathBuf {
+    pub(crate) fn netns_path(&self, id: &str) -> PathBuf {
         self.cfg.state.join("netns").join(id)
     }
     pub(crate) fn shm_path(&self, id: &str) -> PathBuf {
@@ -503,6 +506,7 @@ impl PodManager {
         let (host_ipc, host_net) = (spec.host_ipc, spec.host_net);
         let (shm, ns_path) = (self.shm_path(id), self.netns_path(id));
         let cgroup_rel = spec.cgroup_rel.clone();
+        let state_dir_c = state_dir.clone();
         // Mounts, namespaces and cgroups: blocking syscalls, off the async workers.
         let (created_cgroups, join_cgroups) =
             tokio::task::spawn_blocking(move || -> Result<_, Status> {
@@ -531,7 +535,18 @@ impl PodManager {
                     }
                     match cgroup_rel {
                         Some(rel) => {
-                            podcgroup::create(&rel).map_err(|e| internal("creating pod cgroup", e))
+                            let made = podcgroup::create(&rel)
+                                .map_err(|e| internal("creating pod cgroup", e))?;
+                            // Before anything else: a crash from here on must not leak them.
+                            let list = serde_json::to_vec(&made.0)
+                                .map_err(|e| internal("encoding cgroup list", e))?;
+                            if let Err(e) =
+                                std::fs::write(state_dir_c.join(CREATED_CGROUPS_FILE), list)
+                            {
+                                podcgroup::remove(&made.0);
+                                return Err(internal("recording created cgroups", e));
+                            }
+                            Ok(made)
                         }
                         None => Ok((Vec::new(), Vec::new())),
                     }
@@ -611,6 +626,7 @@ impl PodManager {
             .start_infra(infra)
             .await
             .map_err(|e| internal("starting the infra process", e))?;
+        failpoint("sandbox-before-record");
         let rec = SandboxRecord {
             id: id.to_string(),
             key: spec.key.clone(),

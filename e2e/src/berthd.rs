@@ -74,6 +74,7 @@ pub struct Berthd {
     /// berthd's stderr log.
     pub log: PathBuf,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Berthd {
@@ -98,6 +99,7 @@ impl Berthd {
             config,
             log,
             child: None,
+            env: Vec::new(),
         };
         b.spawn()?;
         Ok(b)
@@ -126,6 +128,7 @@ impl Berthd {
             .append(true)
             .open(&self.log)?;
         let mut cmd = self.command()?;
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -194,6 +197,21 @@ impl Berthd {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sets (or with `None` clears) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// Whether the berthd process has exited (e.g. killed itself at a failpoint).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// Starts berthd again on the same directories.

@@ -2729,6 +2729,119 @@ fn crun_runtime_handler() -> Result<(), Failed> {
     })
 }
 
+/// Mounts whose mountinfo line names `dir`.
+fn mounts_under(dir: &Path) -> Result<Vec<String>> {
+    let d = dir.display().to_string();
+    Ok(std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter(|l| l.contains(&d))
+        .map(String::from)
+        .collect())
+}
+
+fn crash_mid_create_is_swept_at_restart() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let mut b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+
+        // Killed after the pod's netns, /dev/shm, cgroup, shim and infra exist, before its record.
+        b.set_env("BERTH_FAILPOINT", Some("sandbox-before-record"));
+        b.restart()?;
+        let mut c = b.client().await?;
+        let pod_cfg = container_pod("crashsweep", "c-8", &logs);
+        ensure!(
+            run_pod(&mut c, pod_cfg.clone()).await.is_err(),
+            "RunPodSandbox survived its failpoint"
+        );
+        for _ in 0..100 {
+            if b.exited() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(b.exited(), "berthd did not die at the failpoint");
+        ensure!(
+            !entries(&b.state.join("netns"))?.is_empty()
+                && !entries(&b.state.join("s"))?.is_empty(),
+            "the crash left nothing to sweep: the test would prove nothing"
+        );
+        b.set_env("BERTH_FAILPOINT", None);
+        b.restart()?;
+        let mut c = b.client().await?;
+        let pods = c
+            .runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await?
+            .into_inner()
+            .items;
+        ensure!(pods.is_empty(), "a half-made pod is listed: {pods:?}");
+        assert_no_pod_leftovers(&b, "crashsweep")?;
+        ensure!(
+            mounts_under(b.dir())?.is_empty(),
+            "mounts left: {:?}",
+            mounts_under(b.dir())?
+        );
+
+        // Killed after the runtime created the container, before its record.
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        b.set_env("BERTH_FAILPOINT", Some("container-before-record"));
+        b.restart()?;
+        let mut c = b.client().await?;
+        let cfg = container_config("half", &w.busybox.reference, "sleep 1000");
+        ensure!(
+            create_ctr(&mut c, &pod, &pod_cfg, cfg.clone())
+                .await
+                .is_err()
+        );
+        for _ in 0..100 {
+            if b.exited() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(b.exited(), "berthd did not die at the failpoint");
+        ensure!(
+            !entries(&b.state.join("containers"))?.is_empty()
+                && !entries(&b.state.join("runtimes/runc"))?.is_empty()
+                && !mounts_under(&b.state.join("containers"))?.is_empty(),
+            "the crash left no container to sweep"
+        );
+        b.set_env("BERTH_FAILPOINT", None);
+        b.restart()?;
+        let mut c = b.client().await?;
+        ensure!(
+            c.runtime
+                .list_containers(cri::ListContainersRequest { filter: None })
+                .await?
+                .into_inner()
+                .containers
+                .is_empty(),
+            "a half-made container is listed"
+        );
+        ensure!(
+            entries(&b.state.join("containers"))?.is_empty()
+                && entries(&b.root.join("containers"))?.is_empty()
+                && entries(&b.state.join("runtimes/runc"))?.is_empty()
+                && mounts_under(&b.state.join("containers"))?.is_empty(),
+            "container leftovers after the sweep"
+        );
+        // The pod is untouched and the name is free again.
+        ensure!(
+            pod_status(&mut c, &pod).await?.0.state == cri::PodSandboxState::SandboxReady as i32
+        );
+        let id = create_ctr(&mut c, &pod, &pod_cfg, cfg).await?;
+        ensure!(
+            ctr_status(&mut c, &id).await?.0.state == cri::ContainerState::ContainerCreated as i32
+        );
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "crashsweep")?;
+        Ok(())
+    })
+}
+
 fn exec_sync_in_a_running_container() -> Result<(), Failed> {
     run(|| async {
         let w = world();
@@ -2978,6 +3091,10 @@ fn main() -> anyhow::Result<()> {
         ),
         Trial::test("tty_and_stdin_containers", tty_and_stdin_containers),
         Trial::test("crun_runtime_handler", crun_runtime_handler),
+        Trial::test(
+            "crash_mid_create_is_swept_at_restart",
+            crash_mid_create_is_swept_at_restart,
+        ),
         Trial::test(
             "crash_mid_pull_leaves_nothing_half_recorded",
             crash_mid_pull_leaves_nothing_half_recorded,

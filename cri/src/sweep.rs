@@ -1,0 +1,187 @@
+//! The startup sweep: berthd can be killed in the middle of RunPodSandbox or
+//! CreateContainer, after it made a netns, mount, cgroup, shim or runtime container but
+//! before the record that would let Stop/Remove find them. Records are written last,
+//! so anything on disk or in a shim without a record is such a leftover; the sweep
+//! frees it before berthd serves.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_runtime::client::ShimClient;
+use berth_runtime::{netns, podcgroup};
+use tracing::{info, warn};
+
+use crate::pods::PodManager;
+
+/// How long the sweep waits on a leftover shim before giving up on it.
+const SHIM_WAIT: Duration = Duration::from_secs(5);
+
+/// File in a sandbox's state dir listing the pod cgroups RunPodSandbox created, written
+/// as soon as they exist so that the sweep can remove them without a record.
+pub(crate) const CREATED_CGROUPS_FILE: &str = "created-cgroups.json";
+
+/// A pod or container id as berth makes them: 64 lowercase hex digits.
+fn is_berth_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Names in `dir` (none when it does not exist).
+fn names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Kills, waits for and deletes every task of `client` that `keep` rejects.
+async fn kill_tasks(client: &ShimClient, keep: impl Fn(&str) -> bool) {
+    let Ok(Ok(info)) = tokio::time::timeout(SHIM_WAIT, client.connect_info()).await else {
+        return;
+    };
+    for t in info.tasks.iter().filter(|t| !keep(&t.id)) {
+        warn!(task = %t.id, "sweep: killing a task berth has no record of");
+        let _ = client.kill(&t.id, 9, true).await;
+        let _ = tokio::time::timeout(SHIM_WAIT, client.wait(&t.id)).await;
+        let _ = client.delete(&t.id).await;
+    }
+}
+
+impl PodManager {
+    /// Frees everything a crash left without a record (see the module doc).
+    pub(crate) async fn sweep_orphans(&self) {
+        let pods: HashSet<String> = self.store.sandboxes().into_iter().map(|r| r.id).collect();
+        let ctrs: HashSet<String> = self.store.containers().into_iter().map(|r| r.id).collect();
+
+        // Containers a live shim runs but no record names (CreateContainer cut short).
+        let shims: Vec<(String, ShimClient)> = self
+            .shims
+            .lock()
+            .await
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (pod, client) in &shims {
+            kill_tasks(client, |t| t == pod || ctrs.contains(t)).await;
+        }
+
+        // Their rootfs mounts and dirs.
+        let ctr_dirs: HashSet<String> = names(&self.cfg.root.join("containers"))
+            .into_iter()
+            .chain(names(&self.cfg.state.join("containers")))
+            .filter(|n| is_berth_id(n) && !ctrs.contains(n))
+            .collect();
+        for id in ctr_dirs {
+            info!(container = %id, "sweep: removing the files of an unrecorded container");
+            self.release_container_fs(&id).await;
+        }
+
+        // Shims of pods with no record: their tasks, then the shim itself.
+        for name in names(&self.cfg.state.join("s")) {
+            let (prefix, console) = match name.strip_suffix(".console") {
+                Some(p) => (p, true),
+                None => (name.as_str(), false),
+            };
+            let ours = prefix.len() == 16 && prefix.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ours || pods.iter().any(|p| p.starts_with(prefix)) {
+                continue;
+            }
+            let path = self.cfg.state.join("s").join(&name);
+            if !console {
+                if let Ok(Ok(client)) =
+                    tokio::time::timeout(SHIM_WAIT, ShimClient::connect(&path)).await
+                {
+                    warn!(shim = %name, "sweep: stopping the shim of an unrecorded pod");
+                    kill_tasks(&client, |_| false).await;
+                    let _ = client.shutdown().await;
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+
+        // The pods' infra processes whose shim died too, mounts, netns, cgroups and dirs.
+        let pod_dirs: HashSet<String> = names(&self.cfg.state.join("sandboxes"))
+            .into_iter()
+            .chain(names(&self.cfg.root.join("sandboxes")))
+            .chain(names(&self.cfg.state.join("netns")))
+            .filter(|n| is_berth_id(n) && !pods.contains(n))
+            .collect();
+        for id in pod_dirs {
+            info!(sandbox = %id, "sweep: removing what an unrecorded pod left");
+            let (root_dir, state_dir) = (self.sandbox_root(&id), self.sandbox_state(&id));
+            let (shm, ns) = (self.shm_path(&id), self.netns_path(&id));
+            let _ = tokio::task::spawn_blocking(move || {
+                kill_processes_rooted_at(&state_dir.join("shim").join("infra-root"));
+                let _ = nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH);
+                let _ = netns::remove_pinned(&ns);
+                let created: Vec<PathBuf> = std::fs::read(state_dir.join(CREATED_CGROUPS_FILE))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                // Only cgroup dirs, never anything else a damaged file might name.
+                let created: Vec<PathBuf> = created
+                    .into_iter()
+                    .filter(|p| {
+                        p.starts_with("/sys/fs/cgroup")
+                            && !p.components().any(|c| c == std::path::Component::ParentDir)
+                    })
+                    .collect();
+                podcgroup::remove(&created);
+                let _ = std::fs::remove_dir_all(&state_dir);
+                let _ = std::fs::remove_dir_all(&root_dir);
+            })
+            .await;
+        }
+
+        // Runtime containers no shim tracks any more (their shim died with berthd).
+        for (name, handler) in &self.cfg.runtimes {
+            let root = if handler.root.as_os_str().is_empty() {
+                self.cfg.state.join("runtimes").join(name)
+            } else {
+                handler.root.clone()
+            };
+            for id in names(&root) {
+                if !is_berth_id(&id) || ctrs.contains(&id) {
+                    continue;
+                }
+                warn!(container = %id, runtime = %name, "sweep: deleting an unrecorded runtime container");
+                let log = self
+                    .cfg
+                    .state
+                    .join("runtimes")
+                    .join(format!("{name}-sweep.log"));
+                let runc = berth_runtime::runc::Runc::new(
+                    &handler.path,
+                    &root,
+                    &log,
+                    handler.args.clone(),
+                );
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = runc.delete(&id, true);
+                    let _ = std::fs::remove_file(&log);
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// SIGKILLs every process whose root is `root` (an infra process whose shim is gone).
+fn kill_processes_rooted_at(root: &Path) {
+    if !root.exists() {
+        return;
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(e.path().join("root")).is_ok_and(|r| r == root) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
