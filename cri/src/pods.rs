@@ -292,7 +292,20 @@ impl PodManager {
                                 }
                             }
                         }
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        // Events were dropped: read every task's state instead.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            warn!(sandbox = %id, missed = n, "shim events lagged; resyncing");
+                            if let (Some(pm), Ok(info)) = (me.upgrade(), client.connect_info().await) {
+                                for t in info.tasks.iter().filter(|t| t.status == pb::TaskStatus::Stopped as i32) {
+                                    if t.id == id {
+                                        pm.mark_not_ready(&id, &format!("the infra process exited with {}", t.exit_status));
+                                    } else {
+                                        pm.on_container_exit(&t.id, t.exit_status as i32, t.exited_at_unix_nanos, None, "");
+                                    }
+                                }
+                            }
+                        }
+                        Ok(_) => {}
                         Err(_) => return,
                     },
                     _ = client.closed() => {

@@ -36,7 +36,15 @@ pub enum ShimError {
     /// The shim could not be started.
     #[error("starting shim: {0}")]
     Start(String),
+    /// The shim did not answer in time (a runtime command hung, or the shim did).
+    #[error("the shim did not answer {method:?} within {secs}s")]
+    Timeout { method: pb::Method, secs: u64 },
 }
+
+/// How long a call other than `Wait` may take. Runtime commands normally take
+/// milliseconds; a hung one (a stuck mount, a frozen cgroup) must not wedge berthd,
+/// whose pod and container locks are held across calls.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 struct Inner {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
@@ -169,7 +177,24 @@ impl ShimClient {
                 return Err(e.into());
             }
         }
-        let answer = rx.await.map_err(|_| ShimError::Closed)?;
+        let answer = if method == pb::Method::Wait {
+            rx.await.map_err(|_| ShimError::Closed)?
+        } else {
+            match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+                Ok(a) => a.map_err(|_| ShimError::Closed)?,
+                Err(_) => {
+                    self.inner
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    return Err(ShimError::Timeout {
+                        method,
+                        secs: CALL_TIMEOUT.as_secs(),
+                    });
+                }
+            }
+        };
         match answer.kind {
             Kind::Response => {
                 Resp::decode(&answer.payload[..]).map_err(|e| ShimError::Decode(e.to_string()))

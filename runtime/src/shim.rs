@@ -75,6 +75,9 @@ struct Task {
     capture: Option<Capture>,
     /// The pod's infra process (signalled directly; not an OCI runtime container).
     infra: bool,
+    /// A container without its own PID namespace: when its init exits, the rest of its
+    /// processes are killed (nothing else would end them), as containerd's shim does.
+    kill_all_on_exit: bool,
     status: pb::TaskStatus,
     log: Option<CriLogWriter>,
     stdout: Option<OwnedFd>,
@@ -94,6 +97,7 @@ impl Task {
             exec: false,
             capture: None,
             infra,
+            kill_all_on_exit: false,
             status,
             log: None,
             stdout: None,
@@ -483,6 +487,13 @@ impl Shim {
             exited_at_unix_nanos: now_unix_nanos(),
         };
         let is_exec = self.tasks.get(&id).is_some_and(|t| t.exec);
+        if self.tasks.get(&id).is_some_and(|t| t.kill_all_on_exit) {
+            if let Err(e) = self.runc.kill(&id, 9, true) {
+                if !e.is_not_found() {
+                    eprintln!("berth-shim: killing the rest of {id} after its init exited: {e}");
+                }
+            }
+        }
         if !is_exec {
             if let Err(e) = self.exits.record(&id, &rec) {
                 eprintln!("berth-shim: recording exit of {id}: {e}");
@@ -711,6 +722,7 @@ impl Shim {
         };
         let _ = self.exits.remove(&r.id);
         let task = Task {
+            kill_all_on_exit: shares_pid_namespace(Path::new(&r.bundle)),
             log,
             stdout: stdio.stdout,
             stderr: stdio.stderr,
@@ -914,6 +926,13 @@ impl Shim {
             ..Task::new(pid, false, pb::TaskStatus::Running)
         };
         self.tasks.insert(key, task);
+        self.publish(pb::Event {
+            event: Some(pb::event::Event::ExecStarted(pb::ExecStarted {
+                id: r.id.clone(),
+                exec_id: r.exec_id.clone(),
+                pid,
+            })),
+        });
         // It may already have exited while runc ran: reap now so its exit is not missed.
         self.reap();
         Ok(pb::PidResponse { pid }.encode_to_vec())
@@ -1121,4 +1140,20 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     let fl = nix::fcntl::OFlag::from_bits_retain(fl) | nix::fcntl::OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(io::Error::from)?;
     Ok(())
+}
+
+/// Whether a bundle's container has no PID namespace of its own (the host's, or a
+/// pod's shared one): then its init's exit does not end its other processes.
+fn shares_pid_namespace(bundle: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(bundle.join("config.json")) else {
+        return false;
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return false;
+    };
+    let own = spec["linux"]["namespaces"].as_array().is_some_and(|nss| {
+        nss.iter()
+            .any(|ns| ns["type"] == "pid" && ns["path"].as_str().is_none_or(str::is_empty))
+    });
+    !own
 }

@@ -527,6 +527,8 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
         .await
         .unwrap();
     client.start("run").await.unwrap();
+    client.subscribe().await.unwrap();
+    let mut events = client.events();
     let process = serde_json::json!({
         "args": ["/bin/sh", "-c", "tty; stty size"],
         "cwd": "/",
@@ -544,6 +546,17 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
         })
         .await
         .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match ev.event {
+        Some(pb::event::Event::ExecStarted(e)) => {
+            assert_eq!((e.id.as_str(), e.exec_id.as_str()), ("run", "e1"));
+            assert!(e.pid > 0);
+        }
+        other => panic!("expected ExecStarted, got {other:?}"),
+    }
     let out = client.wait_exec("run", "e1").await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("/dev/pts/"), "exec tty output: {text:?}");
@@ -572,6 +585,30 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
         .unwrap_err();
     assert!(matches!(err, ShimError::Remote { code: 9, .. }), "{err}");
     client.delete("run").await.unwrap();
+
+    // A container without its own PID namespace: when its init exits, the rest of its
+    // processes go too.
+    let log = env.dir.path().join("logs/shared.log");
+    let b = env.bundle("shared", "sleep 1000 & echo bg $!; exit 0");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|ns| ns["type"] != "pid");
+    std::fs::write(b.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    client
+        .create(env.create_req("shared", &b, &log))
+        .await
+        .unwrap();
+    client.start("shared").await.unwrap();
+    assert_eq!(client.wait("shared").await.unwrap().exit_status, 0);
+    let bg: u32 = log_records(&log)
+        .iter()
+        .find_map(|r| r.2.strip_prefix("bg ").and_then(|p| p.parse().ok()))
+        .expect("background pid logged");
+    eventually("the background process to be killed", || !pid_alive(bg)).await;
+    client.delete("shared").await.unwrap();
 
     assert_eq!(env.runc_list(), "");
     assert!(!env.dir.path().join("shim.sock.console").exists());
