@@ -589,7 +589,7 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
     // A container without its own PID namespace: when its init exits, the rest of its
     // processes go too.
     let log = env.dir.path().join("logs/shared.log");
-    let b = env.bundle("shared", "sleep 1000 & echo bg $!; exit 0");
+    let b = env.bundle("hostpid", "sleep 1000 & echo bg $!; exit 0");
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
     spec["linux"]["namespaces"]
@@ -598,17 +598,17 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
         .retain(|ns| ns["type"] != "pid");
     std::fs::write(b.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
     client
-        .create(env.create_req("shared", &b, &log))
+        .create(env.create_req("hostpid", &b, &log))
         .await
         .unwrap();
-    client.start("shared").await.unwrap();
-    assert_eq!(client.wait("shared").await.unwrap().exit_status, 0);
+    client.start("hostpid").await.unwrap();
+    assert_eq!(client.wait("hostpid").await.unwrap().exit_status, 0);
     let bg: u32 = log_records(&log)
         .iter()
         .find_map(|r| r.2.strip_prefix("bg ").and_then(|p| p.parse().ok()))
         .expect("background pid logged");
     eventually("the background process to be killed", || !pid_alive(bg)).await;
-    client.delete("shared").await.unwrap();
+    client.delete("hostpid").await.unwrap();
 
     assert_eq!(env.runc_list(), "");
     assert!(!env.dir.path().join("shim.sock.console").exists());
