@@ -34,6 +34,30 @@ pub struct Config {
     pub runtimes: BTreeMap<String, RuntimeHandler>,
     /// The shim binary; empty = `berth-shim` next to berthd, else on PATH.
     pub shim: PathBuf,
+    /// Pod networking.
+    pub cni: CniConfig,
+}
+
+/// `[cni]`: where the network config and plugins are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniConfig {
+    /// Config dir; its first `.conflist`/`.conf`/`.json` by name is used.
+    pub conf_dir: PathBuf,
+    /// Plugin dirs, searched in order.
+    pub bin_dirs: Vec<PathBuf>,
+    /// Longest a plugin call may take.
+    pub plugin_timeout_secs: u64,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+            plugin_timeout_secs: 60,
+        }
+    }
 }
 
 /// `[runtimes.<name>]`: one OCI runtime CLI.
@@ -81,6 +105,7 @@ impl Default for Config {
             default_runtime: "runc".into(),
             runtimes: BTreeMap::from([("runc".to_string(), RuntimeHandler::default())]),
             shim: PathBuf::new(),
+            cni: CniConfig::default(),
         }
     }
 }
@@ -172,6 +197,24 @@ impl Config {
                 return Err(invalid(format!("image.pinned_images[{i}]"), e.to_string()));
             }
         }
+        if !self.cni.conf_dir.is_absolute() {
+            return Err(invalid(
+                "cni.conf_dir".into(),
+                "must be an absolute path".into(),
+            ));
+        }
+        if let Some(i) = self.cni.bin_dirs.iter().position(|d| !d.is_absolute()) {
+            return Err(invalid(
+                format!("cni.bin_dirs[{i}]"),
+                "must be an absolute path".into(),
+            ));
+        }
+        if self.cni.plugin_timeout_secs == 0 {
+            return Err(invalid(
+                "cni.plugin_timeout_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if !self.runtimes.contains_key(&self.default_runtime) {
             return Err(invalid(
                 "default_runtime".into(),
@@ -221,7 +264,16 @@ impl Config {
         Ok(())
     }
 
-    /// The image service's part.
+    /// The CNI manager's part.
+    pub fn cni_settings(&self) -> berth_network::CniSettings {
+        berth_network::CniSettings {
+            conf_dir: self.cni.conf_dir.clone(),
+            bin_dirs: self.cni.bin_dirs.clone(),
+            timeout: std::time::Duration::from_secs(self.cni.plugin_timeout_secs),
+        }
+    }
+
+    /// The image service's part of the config.
     pub fn image_service(&self) -> berth_image::ImageServiceConfig {
         berth_image::ImageServiceConfig {
             image: self.image.clone(),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use berth_network::{CniManager, NetError, PodNetwork, PortMapping};
 use berth_proto::shim as pb;
 use berth_runtime::client::{ShimClient, spawn_shim};
 use berth_runtime::shim::ShimConfig;
@@ -32,6 +33,8 @@ pub struct PodManager {
     pub(crate) cfg: Config,
     pub(crate) store: Arc<RuntimeStore>,
     pub(crate) images: Arc<berth_image::ImageService>,
+    /// Pod networking (CNI).
+    pub net: Arc<CniManager>,
     shim_binary: PathBuf,
     pub(crate) shims: tokio::sync::Mutex<HashMap<String, ShimClient>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -162,6 +165,49 @@ pub(crate) fn new_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A network error as the CRI reports it.
+pub(crate) fn net_status(e: NetError) -> Status {
+    match e {
+        NetError::Conf(c) => {
+            Status::failed_precondition(format!("the pod network is not ready: {c}"))
+        }
+        NetError::InvalidArgument { field, message } => invalid_field(&field, &message),
+        other => Status::internal(format!("pod network: {other}")),
+    }
+}
+
+/// What CNI needs of a pod.
+fn pod_network(id: &str, netns: &Path, config: &cri::PodSandboxConfig) -> PodNetwork {
+    let meta = config.metadata.clone().unwrap_or_default();
+    PodNetwork {
+        id: id.to_string(),
+        netns: netns.to_path_buf(),
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        port_mappings: config
+            .port_mappings
+            .iter()
+            .map(|m| PortMapping {
+                host_port: u16::try_from(m.host_port).unwrap_or(0),
+                container_port: u16::try_from(m.container_port).unwrap_or(0),
+                protocol: match cri::Protocol::try_from(m.protocol) {
+                    Ok(cri::Protocol::Udp) => "udp",
+                    Ok(cri::Protocol::Sctp) => "sctp",
+                    _ => "tcp",
+                }
+                .to_string(),
+                host_ip: m.host_ip.clone(),
+            })
+            .collect(),
+        dns: config
+            .dns_config
+            .as_ref()
+            .map(|d| (d.servers.clone(), d.searches.clone(), d.options.clone())),
+        annotations: config.annotations.clone().into_iter().collect(),
+    }
+}
+
 impl PodManager {
     /// Loads the sandboxes and reconnects to their shims; a shim that is gone leaves
     /// its sandbox NotReady (Stop and Remove still clean it up).
@@ -181,7 +227,9 @@ impl PodManager {
                 _ => PathBuf::from("berth-shim"),
             }
         };
+        let net = Arc::new(CniManager::new(cfg.cni_settings()));
         let pm = Arc::new(PodManager {
+            net,
             cfg,
             store,
             images,
@@ -247,6 +295,11 @@ impl PodManager {
     }
     pub(crate) fn netns_path(&self, id: &str) -> PathBuf {
         self.cfg.state.join("netns").join(id)
+    }
+    /// The pod's CNI attachment cache: persistent (in `root`), so that DEL can release
+    /// IPAM leases even after a reboot.
+    pub(crate) fn cni_cache(&self, id: &str) -> PathBuf {
+        self.sandbox_root(id).join("cni.json")
     }
     pub(crate) fn shm_path(&self, id: &str) -> PathBuf {
         self.sandbox_state(id).join("shm")
@@ -461,6 +514,11 @@ impl PodManager {
                     }
                     let _ = c.shutdown().await;
                 }
+                let _ = std::fs::remove_file(self.shim_socket(&id));
+                // Before the netns goes: DEL needs it (and is a no-op without an attachment).
+                if let Err(ne) = self.net.teardown(&self.cni_cache(&id)).await {
+                    warn!(sandbox = id, error = %ne, "undoing the pod network");
+                }
                 tokio::task::spawn_blocking(move || undo.run()).await.ok();
                 Err(e)
             }
@@ -582,7 +640,58 @@ impl PodManager {
             });
         }
 
-        // The shim, then the infra process inside it.
+        // The network (CNI ADD in the pinned netns) and the shim with its infra process
+        // need only the netns, so they are set up side by side.
+        let podnet = (!spec.host_net).then(|| pod_network(id, &self.netns_path(id), config));
+        let cache = self.cni_cache(id);
+        let net = async {
+            match &podnet {
+                Some(p) => self.net.setup(p, &cache).await.map_err(net_status),
+                None => Ok(Vec::new()),
+            }
+        };
+        let infra = self.start_shim_and_infra(id, spec, &state_dir, &join_cgroups, shim_out);
+        let (ips, pid) = tokio::join!(net, infra);
+        let pid = pid?;
+        let ips = ips?;
+        let client = shim_out
+            .clone()
+            .ok_or_else(|| internal("starting the shim", "no connection"))?;
+        failpoint("sandbox-before-record");
+        let rec = SandboxRecord {
+            id: id.to_string(),
+            key: spec.key.clone(),
+            state: SandboxState::Ready,
+            reason: String::new(),
+            created_at: now_unix_nanos(),
+            runtime_handler: spec.handler.clone(),
+            netns: (!spec.host_net).then(|| self.netns_path(id)),
+            infra_pid: pid,
+            cgroup_dirs: created_cgroups
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            config: serde_json::to_value(config).map_err(|e| internal("encoding config", e))?,
+            ips: ips.iter().map(|ip| ip.to_string()).collect(),
+        };
+        self.store
+            .put_sandbox(&rec)
+            .map_err(|e| internal("recording sandbox", e))?;
+        self.watch(id, client.clone()).await;
+        self.shims.lock().await.insert(id.to_string(), client);
+        info!(sandbox = id, key = %spec.key, infra_pid = pid, "sandbox ready");
+        Ok(())
+    }
+
+    /// Starts the pod's shim, then the infra process inside it; returns the infra pid.
+    async fn start_shim_and_infra(
+        &self,
+        id: &str,
+        spec: &PodSpec,
+        state_dir: &Path,
+        join_cgroups: &[PathBuf],
+        shim_out: &mut Option<ShimClient>,
+    ) -> Result<u32, Status> {
         let handler = self
             .cfg
             .runtimes
@@ -639,29 +748,7 @@ impl PodManager {
             .start_infra(infra)
             .await
             .map_err(|e| internal("starting the infra process", e))?;
-        failpoint("sandbox-before-record");
-        let rec = SandboxRecord {
-            id: id.to_string(),
-            key: spec.key.clone(),
-            state: SandboxState::Ready,
-            reason: String::new(),
-            created_at: now_unix_nanos(),
-            runtime_handler: spec.handler.clone(),
-            netns: (!spec.host_net).then(|| self.netns_path(id)),
-            infra_pid: pid,
-            cgroup_dirs: created_cgroups
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect(),
-            config: serde_json::to_value(config).map_err(|e| internal("encoding config", e))?,
-        };
-        self.store
-            .put_sandbox(&rec)
-            .map_err(|e| internal("recording sandbox", e))?;
-        self.watch(id, client.clone()).await;
-        self.shims.lock().await.insert(id.to_string(), client);
-        info!(sandbox = id, key = %spec.key, infra_pid = pid, "sandbox ready");
-        Ok(())
+        Ok(pid)
     }
 
     pub(crate) fn resolve(&self, id: &str, field: &str) -> Result<Option<SandboxRecord>, Status> {
@@ -736,6 +823,12 @@ impl PodManager {
                 }
             }
         }
+        // CNI DEL while the netns still exists; an error keeps the netns and the attachment
+        // for kubelet's retry of the stop.
+        self.net
+            .teardown(&self.cni_cache(&rec.id))
+            .await
+            .map_err(|e| Status::internal(format!("tearing down the pod network: {e}")))?;
         let (shm, ns) = (self.shm_path(&rec.id), rec.netns.clone());
         tokio::task::spawn_blocking(move || -> Result<(), Status> {
             match nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH) {
@@ -831,7 +924,15 @@ impl PodManager {
             metadata: config.metadata.clone(),
             state: Self::cri_state(&rec),
             created_at: rec.created_at,
-            network: Some(cri::PodSandboxNetworkStatus::default()),
+            network: Some(cri::PodSandboxNetworkStatus {
+                ip: rec.ips.first().cloned().unwrap_or_default(),
+                additional_ips: rec
+                    .ips
+                    .iter()
+                    .skip(1)
+                    .map(|ip| cri::PodIp { ip: ip.clone() })
+                    .collect(),
+            }),
             linux: Some(cri::LinuxPodSandboxStatus {
                 namespaces: Some(cri::Namespace { options: ns }),
             }),

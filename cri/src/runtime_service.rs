@@ -71,15 +71,16 @@ impl RuntimeService for CriRuntimeService {
         &self,
         req: Request<cri::StatusRequest>,
     ) -> Result<Response<cri::StatusResponse>, Status> {
-        let conditions = vec![
-            condition("RuntimeReady", true, "", ""),
-            condition(
+        let network = match self.pods.net.status().await {
+            Ok(()) => condition("NetworkReady", true, "", ""),
+            Err(e) => condition(
                 "NetworkReady",
                 false,
                 "NetworkPluginNotReady",
-                "berth: pod networking (CNI) is not implemented yet",
+                &format!("berth: the CNI network is not ready: {e}"),
             ),
-        ];
+        };
+        let conditions = vec![condition("RuntimeReady", true, "", ""), network];
         let mut info = HashMap::new();
         if req.into_inner().verbose {
             let cfg =
@@ -289,9 +290,19 @@ impl RuntimeService for CriRuntimeService {
     }
     async fn update_runtime_config(
         &self,
-        _req: Request<cri::UpdateRuntimeConfigRequest>,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
     ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
-        Err(not_yet("update_runtime_config", "pod networking (CNI)"))
+        let cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        self.pods
+            .net
+            .set_pod_cidr(&cidr)
+            .map_err(crate::pods::net_status)?;
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
     async fn checkpoint_container(
         &self,

@@ -110,6 +110,9 @@ impl PodManager {
             .collect();
         for id in pod_dirs {
             info!(sandbox = %id, "sweep: removing what an unrecorded pod left");
+            if let Err(e) = self.net.teardown(&self.cni_cache(&id)).await {
+                warn!(sandbox = %id, error = %e, "sweep: CNI DEL of an unrecorded pod");
+            }
             let (root_dir, state_dir) = (self.sandbox_root(&id), self.sandbox_state(&id));
             let (shm, ns) = (self.shm_path(&id), self.netns_path(&id));
             let _ = tokio::task::spawn_blocking(move || {

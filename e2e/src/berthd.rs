@@ -75,6 +75,44 @@ pub struct Berthd {
     pub log: PathBuf,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// CNI config dir (holds this instance's own network, see `Berthd::start`).
+    pub cni_dir: PathBuf,
+    /// This instance's bridge device.
+    pub bridge: String,
+    /// Its pod subnet.
+    pub subnet: String,
+    /// host-local's lease dir.
+    pub ipam_dir: PathBuf,
+}
+
+/// Distinct networks for berthds running at once in this process.
+static NETWORKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A network config like `deploy/cni/10-berth.conflist` (bridge, host-local, portmap,
+/// loopback), with its own bridge, subnet and lease dir.
+pub fn conflist(name: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": true,
+                "ipMasq": true,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": ipam_dir,
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+            {"type": "loopback"}
+        ]
+    })
+    .to_string()
 }
 
 impl Berthd {
@@ -86,9 +124,19 @@ impl Berthd {
         let socket = state.join("berth.sock");
         let config = dir.path().join("config.toml");
         let log = dir.path().join("berthd.log");
+        let n = NETWORKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let bridge = format!("be{}n{n}", std::process::id() % 100_000);
+        let subnet = format!("10.{}.{}.0/24", 200 + n / 250, n % 250);
+        let cni_dir = dir.path().join("cni");
+        let ipam_dir = dir.path().join("ipam");
+        std::fs::create_dir_all(&cni_dir)?;
+        std::fs::write(
+            cni_dir.join("10-e2e.conflist"),
+            conflist(&format!("e2e-{n}"), &bridge, &subnet, &ipam_dir),
+        )?;
         let text = format!(
-            "root = {:?}\nstate = {:?}\nlisten = {:?}\nlog_level = \"info,berth_image=debug\"\n{extra_config}\n",
-            root, state, socket
+            "root = {:?}\nstate = {:?}\nlisten = {:?}\nlog_level = \"info,berth_image=debug\"\n{extra_config}\n[cni]\nconf_dir = {:?}\n",
+            root, state, socket, cni_dir
         );
         std::fs::write(&config, text)?;
         let mut b = Berthd {
@@ -100,6 +148,10 @@ impl Berthd {
             log,
             child: None,
             env: Vec::new(),
+            cni_dir,
+            bridge,
+            subnet,
+            ipam_dir,
         };
         b.spawn()?;
         Ok(b)
@@ -240,6 +292,11 @@ impl Drop for Berthd {
         // A test that failed may have left pods: their shims and infra processes name
         // this directory on their command line, and their mounts live below it.
         sweep_leftovers(self.dir.path());
+        // The bridge the CNI bridge plugin made for this instance's network.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -274,5 +331,117 @@ pub fn sweep_leftovers(dir: &Path) {
     below.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in below {
         let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Removes, on drop, the iptables rules and chains (nat and filter tables) that
+/// appeared since it was made: the CNI plugins' shared chains (portmap's
+/// `CNI-HOSTPORT-*`) outlive the pods that needed them.
+pub struct IptablesGuard {
+    before: Vec<(&'static str, Vec<String>)>,
+}
+
+fn iptables_rules(table: &str) -> Vec<String> {
+    Command::new("iptables")
+        .args(["-w", "-t", table, "-S"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Splits an `iptables -S` line into arguments, keeping quoted comments whole.
+fn iptables_args(line: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => cur.extend(chars.next()),
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+impl IptablesGuard {
+    /// Records the current rules.
+    pub fn new() -> IptablesGuard {
+        IptablesGuard {
+            before: ["nat", "filter"]
+                .into_iter()
+                .map(|t| (t, iptables_rules(t)))
+                .collect(),
+        }
+    }
+}
+
+impl Default for IptablesGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for IptablesGuard {
+    fn drop(&mut self) {
+        for (table, before) in &self.before {
+            let now = iptables_rules(table);
+            let new: Vec<&String> = now.iter().filter(|l| !before.contains(l)).collect();
+            for rule in new.iter().rev().filter(|l| l.starts_with("-A ")) {
+                let mut args = iptables_args(rule);
+                args[0] = "-D".into();
+                let _ = Command::new("iptables")
+                    .args(["-w", "-t", table])
+                    .args(&args)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            // Flush every new chain before deleting any: they may jump to each other.
+            for op in ["-F", "-X"] {
+                for chain in new.iter().filter_map(|l| l.strip_prefix("-N ")) {
+                    let _ = Command::new("iptables")
+                        .args(["-w", "-t", table, op, chain])
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iptables_lines_split_like_a_shell() {
+        let line = r#"-A POSTROUTING -s 10.200.0.2/32 -m comment --comment "name: \"e2e-0\" id: \"76\"" -j CNI-41a"#;
+        assert_eq!(
+            iptables_args(line),
+            [
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "10.200.0.2/32",
+                "-m",
+                "comment",
+                "--comment",
+                r#"name: "e2e-0" id: "76""#,
+                "-j",
+                "CNI-41a"
+            ]
+        );
     }
 }

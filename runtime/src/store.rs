@@ -67,6 +67,9 @@ pub struct SandboxRecord {
     pub cgroup_dirs: Vec<String>,
     /// The CRI config as JSON (kept for status and later containers).
     pub config: serde_json::Value,
+    /// The pod's IP addresses from CNI, IPv4 first.
+    #[serde(default)]
+    pub ips: Vec<String>,
 }
 
 /// A container's lifecycle state.
