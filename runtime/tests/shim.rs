@@ -22,6 +22,29 @@ fn cgroup_parent() -> String {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // A test that failed left its shim and containers: kill every process whose
+        // command line names this test's dir (the shim), then the containers by their
+        // runtime state, before the cgroups go.
+        let needle = self.dir.path().display().to_string();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if pid as u32 != std::process::id() && String::from_utf8_lossy(&cmd).contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for id in self.runc_list().split_whitespace() {
+            let _ = std::process::Command::new(&self.cfg.runtime)
+                .arg("--root")
+                .arg(&self.cfg.runtime_root)
+                .args(["delete", "--force", id])
+                .output();
+        }
         // Remove this run's (empty) parent cgroup in every hierarchy, by its path.
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
             for h in rd.flatten() {
