@@ -1465,6 +1465,24 @@ async fn pod_status(
     Ok((r.status.unwrap_or_default(), info))
 }
 
+/// Every pod sandbox berthd lists.
+async fn list_pods(c: &mut CriClient) -> Result<Vec<cri::PodSandbox>, tonic::Status> {
+    Ok(c.runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await?
+        .into_inner()
+        .items)
+}
+
+/// Every container berthd lists.
+async fn list_ctrs(c: &mut CriClient) -> Result<Vec<cri::Container>, tonic::Status> {
+    Ok(c.runtime
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await?
+        .into_inner()
+        .containers)
+}
+
 async fn stop_pod(c: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
     c.runtime
         .stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -1797,14 +1815,7 @@ fn pod_sandbox_bad_input() -> Result<(), Failed> {
             Code::InvalidArgument,
             "pod_sandbox_id",
         )?;
-        ensure!(
-            c.runtime
-                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-                .await?
-                .into_inner()
-                .items
-                .is_empty()
-        );
+        ensure!(list_pods(&mut c).await?.is_empty());
         assert_no_pod_leftovers(&b, "shared")?;
         Ok(())
     })
@@ -2339,14 +2350,7 @@ fn container_bad_input_leaves_nothing() -> Result<(), Failed> {
             Code::FailedPrecondition,
             "not ready",
         )?;
-        ensure!(
-            c.runtime
-                .list_containers(cri::ListContainersRequest { filter: None })
-                .await?
-                .into_inner()
-                .containers
-                .is_empty()
-        );
+        ensure!(list_ctrs(&mut c).await?.is_empty());
         ensure!(
             entries(&b.state.join("containers"))?.is_empty()
                 && entries(&b.root.join("containers"))?.is_empty(),
@@ -2461,12 +2465,7 @@ fn containers_survive_berthd_kill9() -> Result<(), Failed> {
         b.restart()?;
         let mut c = b.client().await?;
 
-        let pods = c
-            .runtime
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await?
-            .into_inner()
-            .items;
+        let pods = list_pods(&mut c).await?;
         ensure!(pods.len() == 10, "{} pods listed after restart", pods.len());
         for p in &pods {
             let want = if p.id == stopped.pod {
@@ -2476,12 +2475,7 @@ fn containers_survive_berthd_kill9() -> Result<(), Failed> {
             };
             ensure!(p.state == want as i32, "pod {} in state {}", p.id, p.state);
         }
-        let listed = c
-            .runtime
-            .list_containers(cri::ListContainersRequest { filter: None })
-            .await?
-            .into_inner()
-            .containers;
+        let listed = list_ctrs(&mut c).await?;
         ensure!(
             listed.len() == 23,
             "{} containers listed after restart",
@@ -2688,12 +2682,7 @@ fn crun_runtime_handler() -> Result<(), Failed> {
             .await;
             expect_code(e, Code::Internal, "hybrid")?;
             ensure!(
-                c.runtime
-                    .list_containers(cri::ListContainersRequest { filter: None })
-                    .await?
-                    .into_inner()
-                    .containers
-                    .is_empty(),
+                list_ctrs(&mut c).await?.is_empty(),
                 "a failed container is listed"
             );
             ensure!(
@@ -2769,12 +2758,7 @@ fn crash_mid_create_is_swept_at_restart() -> Result<(), Failed> {
         b.set_env("BERTH_FAILPOINT", None);
         b.restart()?;
         let mut c = b.client().await?;
-        let pods = c
-            .runtime
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await?
-            .into_inner()
-            .items;
+        let pods = list_pods(&mut c).await?;
         ensure!(pods.is_empty(), "a half-made pod is listed: {pods:?}");
         assert_no_pod_leftovers(&b, "crashsweep")?;
         ensure!(
@@ -2811,12 +2795,7 @@ fn crash_mid_create_is_swept_at_restart() -> Result<(), Failed> {
         b.restart()?;
         let mut c = b.client().await?;
         ensure!(
-            c.runtime
-                .list_containers(cri::ListContainersRequest { filter: None })
-                .await?
-                .into_inner()
-                .containers
-                .is_empty(),
+            list_ctrs(&mut c).await?.is_empty(),
             "a half-made container is listed"
         );
         ensure!(
@@ -3151,14 +3130,7 @@ fn broken_cni_config() -> Result<(), Failed> {
         )?;
         let e = run_pod(&mut c, pod_cfg.clone()).await;
         expect_code(e, Code::Internal, "not-a-subnet")?;
-        ensure!(
-            c.runtime
-                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-                .await?
-                .into_inner()
-                .items
-                .is_empty()
-        );
+        ensure!(list_pods(&mut c).await?.is_empty());
         assert_no_pod_leftovers(&b, "brokencni")?;
         // Fixed without a restart.
         std::fs::remove_file(&broken)?;

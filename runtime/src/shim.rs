@@ -676,19 +676,7 @@ impl Shim {
             )
         };
         let pid_file = self.state_dir.join(format!("{}.pid", r.id));
-        let (stdio, io) = if r.terminal {
-            (None, ProcessIo::none())
-        } else {
-            let (stdio, io) = ProcessStdio::pipes(r.stdin).map_err(|e| internal("pipe", e))?;
-            (Some(stdio), io)
-        };
-        let console = match r.terminal {
-            true => Some(
-                self.console_socket()
-                    .map_err(|e| internal("console socket", e))?,
-            ),
-            false => None,
-        };
+        let (stdio, io, console) = self.process_io(r.terminal, r.stdin)?;
         let created = self.runc.create(
             &r.id,
             Path::new(&r.bundle),
@@ -732,6 +720,24 @@ impl Shim {
         };
         self.tasks.insert(r.id, task);
         Ok(pb::PidResponse { pid }.encode_to_vec())
+    }
+
+    /// A new process's streams: pipes (the shim's ends, the process's ends), or for a
+    /// terminal the console socket its runtime will send the pty to.
+    fn process_io(
+        &self,
+        terminal: bool,
+        stdin: bool,
+    ) -> Result<(Option<ProcessStdio>, ProcessIo, Option<ConsoleSocket>), (u32, String)> {
+        let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
+        if terminal {
+            let console = self
+                .console_socket()
+                .map_err(|e| internal("console socket", e))?;
+            return Ok((None, ProcessIo::none(), Some(console)));
+        }
+        let (stdio, io) = ProcessStdio::pipes(stdin).map_err(|e| internal("pipe", e))?;
+        Ok((Some(stdio), io, None))
     }
 
     /// The console socket for the next terminal process. Commands run one at a time,
@@ -865,19 +871,7 @@ impl Shim {
         let process_json = serde_json::to_vec(&process_spec)
             .map_err(|e| (code::INTERNAL, format!("encoding process: {e}")))?;
         std::fs::write(&process, &process_json).map_err(|e| internal("writing process.json", e))?;
-        let (stdio, io) = if r.terminal {
-            (None, ProcessIo::none())
-        } else {
-            let (stdio, io) = ProcessStdio::pipes(r.stdin).map_err(|e| internal("pipe", e))?;
-            (Some(stdio), io)
-        };
-        let console = match r.terminal {
-            true => Some(
-                self.console_socket()
-                    .map_err(|e| internal("console socket", e))?,
-            ),
-            false => None,
-        };
+        let (stdio, io, console) = self.process_io(r.terminal, r.stdin)?;
         let result = self.runc.exec(
             &r.id,
             &process,

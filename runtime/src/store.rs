@@ -299,6 +299,7 @@ mod tests {
             infra_pid: 2,
             cgroup_dirs: vec![],
             config: serde_json::json!({}),
+            ips: vec![],
         };
         s.put_sandbox(&rec("abc1")).unwrap();
         s.put_sandbox(&rec("abc2")).unwrap();
