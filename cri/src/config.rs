@@ -264,6 +264,14 @@ impl Config {
         Ok(())
     }
 
+    /// A runtime handler's state root: its own `root`, else `<state>/runtimes/<name>`.
+    pub fn runtime_root(&self, name: &str) -> PathBuf {
+        match self.runtimes.get(name) {
+            Some(h) if !h.root.as_os_str().is_empty() => h.root.clone(),
+            _ => self.state.join("runtimes").join(name),
+        }
+    }
+
     /// The CNI manager's part.
     pub fn cni_settings(&self) -> berth_network::CniSettings {
         berth_network::CniSettings {

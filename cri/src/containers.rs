@@ -107,11 +107,7 @@ impl PodManager {
             .get(&pod.runtime_handler)
             .cloned()
             .unwrap_or_default();
-        let root = if handler.root.as_os_str().is_empty() {
-            self.cfg.state.join("runtimes").join(&pod.runtime_handler)
-        } else {
-            handler.root.clone()
-        };
+        let root = self.cfg.runtime_root(&pod.runtime_handler);
         let log = self.sandbox_state(sandbox).join("shim").join("runtime.log");
         let runc = berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone());
         for c in self.containers_of(sandbox) {

@@ -698,11 +698,7 @@ impl PodManager {
             .get(&spec.handler)
             .cloned()
             .unwrap_or_default();
-        let runtime_root = if handler.root.as_os_str().is_empty() {
-            self.cfg.state.join("runtimes").join(&spec.handler)
-        } else {
-            handler.root.clone()
-        };
+        let runtime_root = self.cfg.runtime_root(&spec.handler);
         let shim_cfg = ShimConfig {
             socket: self.shim_socket(id),
             state_dir: state_dir.join("shim"),

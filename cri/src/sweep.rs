@@ -140,21 +140,14 @@ impl PodManager {
 
         // Runtime containers no shim tracks any more (their shim died with berthd).
         for (name, handler) in &self.cfg.runtimes {
-            let root = if handler.root.as_os_str().is_empty() {
-                self.cfg.state.join("runtimes").join(name)
-            } else {
-                handler.root.clone()
-            };
+            let root = self.cfg.runtime_root(name);
             for id in names(&root) {
                 if !is_berth_id(&id) || ctrs.contains(&id) {
                     continue;
                 }
                 warn!(container = %id, runtime = %name, "sweep: deleting an unrecorded runtime container");
-                let log = self
-                    .cfg
-                    .state
-                    .join("runtimes")
-                    .join(format!("{name}-sweep.log"));
+                // Beside the root, which exists since it holds this container.
+                let log = root.with_extension("sweep.log");
                 let runc = berth_runtime::runc::Runc::new(
                     &handler.path,
                     &root,

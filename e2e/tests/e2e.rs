@@ -29,7 +29,8 @@ struct World {
     reg: TestRegistry,
     auth_reg: TestRegistry,
     token_server: TokenServer,
-    token_reg: TestRegistry,
+    /// Held for its Drop, which stops the registry; tests use `token_private`.
+    _token_reg: TestRegistry,
     token_private: PushedImage,
     busybox: PushedImage,
     hub_busybox: PushedImage,
@@ -259,7 +260,7 @@ async fn build_world() -> Result<World> {
         reg,
         auth_reg,
         token_server,
-        token_reg,
+        _token_reg: token_reg,
         token_private,
         busybox,
         hub_busybox,
@@ -2726,6 +2727,17 @@ fn mounts_under(dir: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Waits up to 2 s for berthd to kill itself at its failpoint.
+async fn died_at_failpoint(b: &mut Berthd) -> bool {
+    for _ in 0..100 {
+        if b.exited() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 fn crash_mid_create_is_swept_at_restart() -> Result<(), Failed> {
     run(|| async {
         let w = world();
@@ -2743,13 +2755,10 @@ fn crash_mid_create_is_swept_at_restart() -> Result<(), Failed> {
             run_pod(&mut c, pod_cfg.clone()).await.is_err(),
             "RunPodSandbox survived its failpoint"
         );
-        for _ in 0..100 {
-            if b.exited() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ensure!(b.exited(), "berthd did not die at the failpoint");
+        ensure!(
+            died_at_failpoint(&mut b).await,
+            "berthd did not die at the failpoint"
+        );
         ensure!(
             !entries(&b.state.join("netns"))?.is_empty()
                 && !entries(&b.state.join("s"))?.is_empty(),
@@ -2778,13 +2787,10 @@ fn crash_mid_create_is_swept_at_restart() -> Result<(), Failed> {
                 .await
                 .is_err()
         );
-        for _ in 0..100 {
-            if b.exited() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ensure!(b.exited(), "berthd did not die at the failpoint");
+        ensure!(
+            died_at_failpoint(&mut b).await,
+            "berthd did not die at the failpoint"
+        );
         ensure!(
             !entries(&b.state.join("containers"))?.is_empty()
                 && !entries(&b.state.join("runtimes/runc"))?.is_empty()

@@ -350,16 +350,6 @@ impl CniManager {
         Ok(att.result.as_ref().map(pod_ips).unwrap_or_default())
     }
 
-    /// The pod's addresses from its cached attachment.
-    pub fn cached_ips(cache: &Path) -> Vec<IpAddr> {
-        Attachment::load(cache)
-            .ok()
-            .flatten()
-            .and_then(|a| a.result)
-            .map(|r| pod_ips(&r))
-            .unwrap_or_default()
-    }
-
     async fn del(&self, list: &CniConfList, att: &Attachment) -> Result<(), NetError> {
         let with_prev = version_tuple(&list.cni_version) >= (0, 4, 0);
         // A netns that is gone is not passed: plugins then only release what they hold

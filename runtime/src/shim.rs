@@ -684,10 +684,7 @@ impl Shim {
             io,
             console.as_ref().map(|c| c.path()),
         );
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-        let _ = std::fs::remove_file(&pid_file);
+        let pid = take_pid_file(&pid_file);
         let outcome = created
             .map_err(|e| (code::INTERNAL, e.to_string()))
             .and_then(|()| pid.ok_or((code::INTERNAL, "the runtime wrote no pid file".into())))
@@ -880,10 +877,7 @@ impl Shim {
             console.as_ref().map(|c| c.path()),
         );
         let _ = std::fs::remove_file(&process);
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-        let _ = std::fs::remove_file(&pid_file);
+        let pid = take_pid_file(&pid_file);
         result.map_err(|e| (code::INTERNAL, e.to_string()))?;
         let pid = pid.ok_or((
             code::INTERNAL,
@@ -1150,4 +1144,13 @@ fn shares_pid_namespace(bundle: &Path) -> bool {
             .any(|ns| ns["type"] == "pid" && ns["path"].as_str().is_none_or(str::is_empty))
     });
     !own
+}
+
+/// The pid a runtime wrote to `path`; the file is removed.
+fn take_pid_file(path: &Path) -> Option<u32> {
+    let pid = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let _ = std::fs::remove_file(path);
+    pid
 }
