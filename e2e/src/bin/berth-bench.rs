@@ -82,6 +82,12 @@ enum Cmd {
     },
     /// Print ratios of two `pods --json` results (first / second).
     ComparePods { first: PathBuf, second: PathBuf },
+    /// Stop and remove every pod in the `bench` namespace (after an interrupted run).
+    Clean {
+        /// CRI endpoint.
+        #[arg(long)]
+        endpoint: String,
+    },
 }
 
 const LARGE_REPO: &str = "berth-bench/large";
@@ -518,6 +524,26 @@ async fn remove_pod(c: &mut CriClient, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes the pods a run left behind; only the `bench` namespace, so other pods stay.
+async fn clean(endpoint: &str) -> Result<()> {
+    let mut c = CriClient::connect(endpoint).await?;
+    let pods = c
+        .runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items;
+    let mut n = 0;
+    for p in pods {
+        if p.metadata.as_ref().is_some_and(|m| m.namespace == "bench") {
+            remove_pod(&mut c, &p.id).await?;
+            n += 1;
+        }
+    }
+    println!("removed {n} bench pods");
+    Ok(())
+}
+
 async fn infra_pid(c: &mut CriClient, id: &str) -> Result<u32> {
     let r = c
         .runtime
@@ -857,6 +883,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Clean { endpoint } => rt.block_on(clean(&endpoint)),
         Cmd::ComparePods { first, second } => {
             let a: PodReport = serde_json::from_slice(&std::fs::read(&first)?)?;
             let b: PodReport = serde_json::from_slice(&std::fs::read(&second)?)?;
