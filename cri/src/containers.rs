@@ -39,7 +39,25 @@ fn exit_reason(code: i32) -> &'static str {
     if code == 0 { "Completed" } else { "Error" }
 }
 
+/// The reason the shim's exit report implies: `OOMKilled` when the kernel OOM-killed
+/// a process of the container (as containerd reports it, whatever the exit code).
+pub(crate) fn shim_exit_reason(oom_killed: bool) -> Option<&'static str> {
+    oom_killed.then_some("OOMKilled")
+}
+
 impl PodManager {
+    /// The OCI `cgroupsPath` of a container: under the pod's `cgroup_parent` (as a
+    /// systemd scope with that driver), or `/berth/<id>` when the pod has none.
+    pub(crate) fn container_cgroups_path(&self, cgroup_parent: &str, id: &str) -> String {
+        match (self.cfg.cgroup_driver, cgroup_parent.is_empty()) {
+            (crate::config::CgroupDriver::Systemd, false) => {
+                format!("{cgroup_parent}:berth:{id}")
+            }
+            (_, true) => format!("/berth/{id}"),
+            (_, false) => format!("{}/{id}", cgroup_parent.trim_end_matches('/')),
+        }
+    }
+
     pub(crate) fn container_dir(&self, id: &str) -> PathBuf {
         self.cfg.root.join("containers").join(id)
     }
@@ -62,7 +80,7 @@ impl PodManager {
             .map_err(|e| invalid_field(field, &e))
     }
 
-    fn must_container(&self, id: &str) -> Result<ContainerRecord, Status> {
+    pub(crate) fn must_container(&self, id: &str) -> Result<ContainerRecord, Status> {
         self.resolve_container(id, "container_id")?
             .ok_or_else(|| Status::not_found(format!("container {id:?} not found")))
     }
@@ -92,7 +110,9 @@ impl PodManager {
         if let Err(e) = self.store.put_container(&rec) {
             warn!(container = id, error = %e, "recording exit");
         }
-        info!(container = id, code, "container exited");
+        info!(container = id, code, reason = %rec.reason, "container exited");
+        self.events
+            .publish(crate::events::Topic::TaskExit, id, &rec.sandbox_id);
     }
 
     /// A pod's shim died: its containers run on, orphaned. Kill them through the runtime
@@ -145,7 +165,7 @@ impl PodManager {
                             &rec.id,
                             st.exit_status as i32,
                             st.exited_at_unix_nanos,
-                            None,
+                            shim_exit_reason(st.oom_killed),
                             "",
                         ),
                     Ok(_) => {}
@@ -190,6 +210,9 @@ impl PodManager {
             .ok_or_else(|| invalid_field("config.metadata", "is required"))?;
         if meta.name.is_empty() {
             return Err(invalid_field("config.metadata.name", "must not be empty"));
+        }
+        if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+            crate::resources::validate(r, "config.linux.resources", &self.cgroups)?;
         }
         if !config.log_path.is_empty() {
             let p = Path::new(&config.log_path);
@@ -332,13 +355,7 @@ impl PodManager {
                 .as_ref()
                 .map(|l| l.cgroup_parent.clone())
                 .unwrap_or_default();
-            let cgroups_path = match (self.cfg.cgroup_driver, cgroup_parent.is_empty()) {
-                (crate::config::CgroupDriver::Systemd, false) => {
-                    format!("{cgroup_parent}:berth:{id}")
-                }
-                (_, true) => format!("/berth/{id}"),
-                (_, false) => format!("{}/{id}", cgroup_parent.trim_end_matches('/')),
-            };
+            let cgroups_path = self.container_cgroups_path(&cgroup_parent, &id);
             let min_oom = {
                 let clamped = clamp_oom_score_adj(-1000);
                 (clamped > -1000).then_some(clamped)
@@ -414,6 +431,7 @@ impl PodManager {
                 stop_signal,
                 config: serde_json::to_value(&config)
                     .map_err(|e| internal("encoding config", e))?,
+                cgroups_path: cgroups_path.clone(),
             };
             crate::failpoint::failpoint("container-before-record");
             if let Err(e) = self.store.put_container(&rec) {
@@ -522,7 +540,7 @@ impl PodManager {
                 &rec.id,
                 st.exit_status as i32,
                 st.exited_at_unix_nanos,
-                None,
+                shim_exit_reason(st.oom_killed),
                 "",
             ),
             Err(ShimError::Remote { code: 5, .. }) => self.on_container_exit(

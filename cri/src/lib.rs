@@ -3,10 +3,14 @@
 
 pub mod config;
 pub mod containers;
+pub mod events;
 pub mod failpoint;
 pub mod image_service;
+pub mod metrics;
 pub mod pods;
+pub mod resources;
 pub mod runtime_service;
 pub mod server;
+pub mod stats;
 pub mod status;
 pub mod sweep;

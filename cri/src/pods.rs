@@ -19,9 +19,13 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use crate::config::{CgroupDriver, Config};
+use crate::containers::shim_exit_reason;
+use crate::events::{Exchange, Topic};
 use crate::failpoint::failpoint;
+use crate::stats::CpuSample;
 use crate::status::invalid_field;
 use crate::sweep::CREATED_CGROUPS_FILE;
+use berth_cgroups::Hierarchy;
 
 /// The infra process's oom_score_adj (kubelet's pause value), clamped where the host forbids it.
 const INFRA_OOM_SCORE_ADJ: i32 = -998;
@@ -41,6 +45,12 @@ pub struct PodManager {
     create_lock: tokio::sync::Mutex<()>,
     /// Serialises read-modify-write of container records (RPCs vs. exit events).
     pub(crate) record_lock: Mutex<()>,
+    /// The event exchange (`/tasks/oom`, `/tasks/exit`).
+    pub events: Exchange,
+    /// Mounted cgroup hierarchies, read once at start.
+    pub(crate) cgroups: Hierarchy,
+    /// The previous CPU sample per container and pod, for usage_nano_cores.
+    pub(crate) cpu_samples: Mutex<HashMap<String, CpuSample>>,
 }
 
 /// Validated parts of a RunPodSandbox request.
@@ -238,6 +248,13 @@ impl PodManager {
             locks: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             record_lock: Mutex::new(()),
+            events: Exchange::default(),
+            cgroups: {
+                let h = Hierarchy::detect().unwrap_or_default();
+                info!(mode = ?h.mode(), "cgroup hierarchies");
+                h
+            },
+            cpu_samples: Mutex::new(HashMap::new()),
         });
         for rec in pm.store.sandboxes() {
             if rec.state != SandboxState::Ready {
@@ -341,7 +358,7 @@ impl PodManager {
                                 if e.id == id {
                                     pm.mark_not_ready(&id, &format!("the infra process exited with {}", e.exit_status));
                                 } else {
-                                    pm.on_container_exit(&e.id, e.exit_status as i32, e.exited_at_unix_nanos, None, "");
+                                    pm.on_container_exit(&e.id, e.exit_status as i32, e.exited_at_unix_nanos, shim_exit_reason(e.oom_killed), "");
                                 }
                             }
                         }
@@ -353,9 +370,15 @@ impl PodManager {
                                     if t.id == id {
                                         pm.mark_not_ready(&id, &format!("the infra process exited with {}", t.exit_status));
                                     } else {
-                                        pm.on_container_exit(&t.id, t.exit_status as i32, t.exited_at_unix_nanos, None, "");
+                                        pm.on_container_exit(&t.id, t.exit_status as i32, t.exited_at_unix_nanos, shim_exit_reason(t.oom_killed), "");
                                     }
                                 }
+                            }
+                        }
+                        Ok(pb::Event { event: Some(pb::event::Event::Oom(o)) }) => {
+                            warn!(sandbox = %id, container = %o.id, "the kernel OOM-killed a process of the container");
+                            if let Some(pm) = me.upgrade() {
+                                pm.events.publish(Topic::TaskOom, &o.id, &id);
                             }
                         }
                         Ok(_) => {}
@@ -900,7 +923,7 @@ impl PodManager {
         }
     }
 
-    fn config_of(rec: &SandboxRecord) -> cri::PodSandboxConfig {
+    pub(crate) fn config_of(rec: &SandboxRecord) -> cri::PodSandboxConfig {
         serde_json::from_value(rec.config.clone()).unwrap_or_default()
     }
 

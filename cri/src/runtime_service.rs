@@ -25,6 +25,17 @@ pub struct CriRuntimeService {
 
 impl CriRuntimeService {
     /// Serves runtime calls with the effective `config`.
+    /// Runs a reader of cgroup and proc files off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&PodManager) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let pods = self.pods.clone();
+        tokio::task::spawn_blocking(move || f(&pods))
+            .await
+            .map_err(|e| Status::internal(format!("stats reader: {e}")))
+    }
+
     pub fn new(config: Config, pods: Arc<PodManager>) -> Self {
         CriRuntimeService { config, pods }
     }
@@ -214,14 +225,15 @@ impl RuntimeService for CriRuntimeService {
             self.pods.container_status(&r.container_id, r.verbose)?,
         ))
     }
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn update_container_resources(
         &self,
-        _req: Request<cri::UpdateContainerResourcesRequest>,
+        req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(not_yet(
-            "update_container_resources",
-            "cgroup stats and resources",
-        ))
+        self.pods
+            .update_container_resources(req.into_inner())
+            .await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
     #[instrument(skip_all)]
     async fn reopen_container_log(
@@ -258,35 +270,49 @@ impl RuntimeService for CriRuntimeService {
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
         Err(not_yet("port_forward", "streaming"))
     }
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn container_stats(
         &self,
-        _req: Request<cri::ContainerStatsRequest>,
+        req: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
-        Err(not_yet("container_stats", "cgroup stats and resources"))
+        let id = req.into_inner().container_id;
+        let stats = self.blocking(move |p| p.container_stats(&id)).await??;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats),
+        }))
     }
+    #[instrument(skip_all)]
     async fn list_container_stats(
         &self,
-        _req: Request<cri::ListContainerStatsRequest>,
+        req: Request<cri::ListContainerStatsRequest>,
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
-        Err(not_yet(
-            "list_container_stats",
-            "cgroup stats and resources",
-        ))
+        let filter = req.into_inner().filter;
+        let stats = self
+            .blocking(move |p| p.list_container_stats(filter))
+            .await?;
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
+    #[instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
     async fn pod_sandbox_stats(
         &self,
-        _req: Request<cri::PodSandboxStatsRequest>,
+        req: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        Err(not_yet("pod_sandbox_stats", "cgroup stats and resources"))
+        let id = req.into_inner().pod_sandbox_id;
+        let stats = self.blocking(move |p| p.pod_sandbox_stats(&id)).await??;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
     }
+    #[instrument(skip_all)]
     async fn list_pod_sandbox_stats(
         &self,
-        _req: Request<cri::ListPodSandboxStatsRequest>,
+        req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(not_yet(
-            "list_pod_sandbox_stats",
-            "cgroup stats and resources",
-        ))
+        let filter = req.into_inner().filter;
+        let stats = self
+            .blocking(move |p| p.list_pod_sandbox_stats(filter))
+            .await?;
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
     async fn update_runtime_config(
         &self,
@@ -326,18 +352,18 @@ impl RuntimeService for CriRuntimeService {
         &self,
         _req: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        Err(not_yet(
-            "list_metric_descriptors",
-            "cgroup stats and resources",
-        ))
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: crate::metrics::descriptors(),
+        }))
     }
+    #[instrument(skip_all)]
     async fn list_pod_sandbox_metrics(
         &self,
         _req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Err(not_yet(
-            "list_pod_sandbox_metrics",
-            "cgroup stats and resources",
-        ))
+        let pod_metrics = self.blocking(|p| p.list_pod_sandbox_metrics()).await?;
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics,
+        }))
     }
 }

@@ -3322,6 +3322,636 @@ fn shim_kill9_kills_and_reports_its_containers() -> Result<(), Failed> {
     })
 }
 
+// ------------------------------------------------------------ stats, OOM ----
+
+fn start(id: &str) -> cri::StartContainerRequest {
+    cri::StartContainerRequest {
+        container_id: id.into(),
+    }
+}
+
+async fn list_ctr_stats(
+    c: &mut CriClient,
+    filter: cri::ContainerStatsFilter,
+) -> Result<Vec<cri::ContainerStats>, tonic::Status> {
+    Ok(c.runtime
+        .list_container_stats(cri::ListContainerStatsRequest {
+            filter: Some(filter),
+        })
+        .await?
+        .into_inner()
+        .stats)
+}
+
+fn stats_of<'a>(all: &'a [cri::ContainerStats], id: &str) -> Result<&'a cri::ContainerStats> {
+    all.iter()
+        .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == id))
+        .with_context(|| format!("no stats for {id}"))
+}
+
+fn val(v: &Option<cri::UInt64Value>) -> u64 {
+    v.as_ref().map_or(0, |v| v.value)
+}
+
+fn nano_cores(s: &cri::ContainerStats) -> u64 {
+    s.cpu.as_ref().map_or(0, |c| val(&c.usage_nano_cores))
+}
+
+fn working_set(s: &cri::ContainerStats) -> u64 {
+    s.memory.as_ref().map_or(0, |m| val(&m.working_set_bytes))
+}
+
+/// Allocates `mib` MiB of anonymous memory (busybox tail buffers a line-less stream)
+/// once `/trigger/<name>` exists; with `hold` it keeps it, else the script ends when
+/// the allocation does (so an OOM kill ends the container).
+fn alloc_script(name: &str, mib: u32, hold: bool) -> String {
+    let keep = if hold { "; exec sleep 100000" } else { "" };
+    format!(
+        "until [ -e /trigger/{name} ]; do sleep 0.05; done; \
+         (busybox head -c {mib}m /dev/zero{keep}) | busybox tail >/dev/null"
+    )
+}
+
+fn with_trigger(mut cfg: cri::ContainerConfig, dir: &Path) -> cri::ContainerConfig {
+    cfg.mounts = vec![cri::Mount {
+        container_path: "/trigger".into(),
+        host_path: dir.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    cfg
+}
+
+fn with_memory_limit(mut cfg: cri::ContainerConfig, bytes: i64) -> cri::ContainerConfig {
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: bytes,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    cfg
+}
+
+fn container_and_pod_stats_and_metrics() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let _cg = CgroupParentGuard;
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let trigger = b.dir().join("trigger");
+        std::fs::create_dir_all(&trigger)?;
+        let pod_cfg = container_pod("stats", "st-1", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let img = &w.busybox.reference;
+        let burn = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("burn", img, "while :; do :; done"),
+        )
+        .await?;
+        let idle = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("idle", img, "exec sleep 100000"),
+        )
+        .await?;
+        let mem = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            with_trigger(
+                container_config("mem", img, &alloc_script("mem", 48, true)),
+                &trigger,
+            ),
+        )
+        .await?;
+        let created = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("never", img, "true"),
+        )
+        .await?;
+        for id in [&burn, &idle, &mem] {
+            c.runtime.start_container(start(id)).await?;
+        }
+
+        // Only running containers are listed; each carries its attributes.
+        let first = list_ctr_stats(&mut c, Default::default()).await?;
+        ensure!(
+            stats_of(&first, &created).is_err(),
+            "a created container has no live stats"
+        );
+        let s = stats_of(&first, &burn)?;
+        let a = s.attributes.as_ref().context("attributes")?;
+        ensure!(
+            a.metadata.as_ref().is_some_and(|m| m.name == "burn"),
+            "{a:?}"
+        );
+        ensure!(a.labels.get("c").map(String::as_str) == Some("burn"));
+        let burn_cpu0 = val(&s.cpu.as_ref().context("cpu")?.usage_core_nano_seconds);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let second = list_ctr_stats(&mut c, Default::default()).await?;
+        let (b2, i2) = (stats_of(&second, &burn)?, stats_of(&second, &idle)?);
+        let burn_cpu1 = val(&b2.cpu.as_ref().context("cpu")?.usage_core_nano_seconds);
+        ensure!(
+            burn_cpu1 >= burn_cpu0 + 800_000_000,
+            "a busy loop used {} ns of CPU in 2 s",
+            burn_cpu1 - burn_cpu0
+        );
+        ensure!(
+            (500_000_000..=1_300_000_000).contains(&nano_cores(b2)),
+            "busy loop: usage_nano_cores {} should be near one core",
+            nano_cores(b2)
+        );
+        ensure!(
+            nano_cores(i2) < 50_000_000,
+            "idle: usage_nano_cores {}",
+            nano_cores(i2)
+        );
+        ensure!(b2.cpu.as_ref().is_some_and(|c| c.timestamp > 0));
+
+        // Memory follows an allocation of 48 MiB.
+        let ws0 = working_set(stats_of(&second, &mem)?);
+        ensure!(ws0 < 16 << 20, "before allocating: working set {ws0}");
+        std::fs::write(trigger.join("mem"), "")?;
+        let mut after = None;
+        for _ in 0..200 {
+            let s = c
+                .runtime
+                .container_stats(cri::ContainerStatsRequest {
+                    container_id: mem.clone(),
+                })
+                .await?
+                .into_inner()
+                .stats
+                .context("stats")?;
+            if working_set(&s) >= ws0 + (44 << 20) {
+                after = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let after = after.context("working set never grew by 44 MiB")?;
+        let m = after.memory.as_ref().context("memory")?;
+        ensure!(val(&m.usage_bytes) >= val(&m.working_set_bytes), "{m:?}");
+        ensure!(val(&m.rss_bytes) >= 44 << 20, "rss {}", val(&m.rss_bytes));
+        ensure!(
+            val(&m.page_faults) > 10_000 / 4,
+            "page faults {}",
+            val(&m.page_faults)
+        );
+        ensure!(
+            val(&m.available_bytes) == 0,
+            "no limit, so nothing is 'available': {m:?}"
+        );
+
+        // The writable layer counts what the container writes.
+        let (code, _, err) = exec_in(
+            &mut c,
+            &idle,
+            &[
+                "busybox",
+                "dd",
+                "if=/dev/zero",
+                "of=/blob",
+                "bs=1M",
+                "count=6",
+            ],
+        )
+        .await?;
+        ensure!(code == 0, "dd: {err}");
+        let s = c
+            .runtime
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: idle.clone(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .context("stats")?;
+        let wl = s.writable_layer.as_ref().context("writable layer")?;
+        ensure!(val(&wl.used_bytes) >= 6 << 20, "{wl:?}");
+        ensure!(val(&wl.inodes_used) >= 2, "{wl:?}");
+
+        // Filters: id prefix, pod, labels; bad ids.
+        let by_id = list_ctr_stats(
+            &mut c,
+            cri::ContainerStatsFilter {
+                id: burn[..12].into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(by_id.len() == 1 && stats_of(&by_id, &burn).is_ok());
+        let by_pod = list_ctr_stats(
+            &mut c,
+            cri::ContainerStatsFilter {
+                pod_sandbox_id: pod.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(by_pod.len() == 3, "{} in the pod", by_pod.len());
+        let by_label = list_ctr_stats(
+            &mut c,
+            cri::ContainerStatsFilter {
+                label_selector: [("c".to_string(), "idle".to_string())].into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(by_label.len() == 1 && stats_of(&by_label, &idle).is_ok());
+        expect_code(
+            c.runtime
+                .container_stats(cri::ContainerStatsRequest {
+                    container_id: "0".repeat(64),
+                })
+                .await,
+            Code::NotFound,
+            "",
+        )?;
+        expect_code(
+            c.runtime
+                .container_stats(cri::ContainerStatsRequest {
+                    container_id: "../x".into(),
+                })
+                .await,
+            Code::InvalidArgument,
+            "container_id",
+        )?;
+
+        // Pod stats: its cgroup holds every container, plus the infra process.
+        let (ps, _) = pod_status(&mut c, &pod).await?;
+        let ip = ps
+            .network
+            .as_ref()
+            .map(|n| n.ip.clone())
+            .unwrap_or_default();
+        ensure!(!ip.is_empty(), "pod has an IP");
+        // Traffic to the pod: a refused TCP connection is a packet each way.
+        let _ = std::net::TcpStream::connect_timeout(
+            &format!("{ip}:1").parse()?,
+            Duration::from_secs(2),
+        );
+        let cs = list_ctr_stats(
+            &mut c,
+            cri::ContainerStatsFilter {
+                pod_sandbox_id: pod.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let p = c
+            .runtime
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .context("pod stats")?;
+        ensure!(
+            p.attributes
+                .as_ref()
+                .is_some_and(|a| a.id == pod && a.labels.get("app").is_some())
+        );
+        let l = p.linux.as_ref().context("linux")?;
+        ensure!(
+            l.containers.len() == 3,
+            "{} container stats in the pod",
+            l.containers.len()
+        );
+        let sum = |f: &dyn Fn(&cri::ContainerStats) -> u64| cs.iter().map(f).sum::<u64>();
+        let pod_cpu = val(&l.cpu.as_ref().context("pod cpu")?.usage_core_nano_seconds);
+        let ctr_cpu = sum(&|s| val(&s.cpu.as_ref().map(|c| c.usage_core_nano_seconds).flatten()));
+        ensure!(
+            pod_cpu >= ctr_cpu,
+            "pod cpu {pod_cpu} < containers' {ctr_cpu}"
+        );
+        ensure!(
+            pod_cpu < ctr_cpu + 2_000_000_000,
+            "pod cpu {pod_cpu} far above containers' {ctr_cpu}"
+        );
+        let pod_mem = val(&l.memory.as_ref().context("pod memory")?.usage_bytes);
+        let ctr_mem = sum(&|s| val(&s.memory.as_ref().map(|m| m.usage_bytes).flatten()));
+        ensure!(
+            pod_mem >= ctr_mem && pod_mem < ctr_mem + (16 << 20),
+            "pod memory {pod_mem} vs containers' {ctr_mem}"
+        );
+        let procs = val(&l.process.as_ref().context("process")?.process_count);
+        ensure!(
+            procs >= 6,
+            "{procs} processes (infra, burn, idle, mem's sh+head/sleep+tail)"
+        );
+        let net = l.network.as_ref().context("network")?;
+        let eth0 = net.default_interface.as_ref().context("eth0")?;
+        ensure!(
+            eth0.name == "eth0" && val(&eth0.rx_bytes) > 0 && val(&eth0.tx_bytes) > 0,
+            "{eth0:?}"
+        );
+        let listed = c
+            .runtime
+            .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest {
+                filter: Some(cri::PodSandboxStatsFilter {
+                    label_selector: [("app".to_string(), "ctr-st-1".to_string())].into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .stats;
+        ensure!(
+            listed.len() == 1 && listed[0].attributes.as_ref().is_some_and(|a| a.id == pod),
+            "{}",
+            listed.len()
+        );
+        expect_code(
+            c.runtime
+                .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                    pod_sandbox_id: "f".repeat(64),
+                })
+                .await,
+            Code::NotFound,
+            "",
+        )?;
+
+        // Metrics: cAdvisor names, [id, name] labels, values matching the stats.
+        let descs = c
+            .runtime
+            .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+            .await?
+            .into_inner()
+            .descriptors;
+        for want in [
+            "container_cpu_usage_seconds_total",
+            "container_memory_working_set_bytes",
+            "container_memory_rss",
+            "container_network_receive_bytes_total",
+        ] {
+            ensure!(descs.iter().any(|d| d.name == want), "no descriptor {want}");
+        }
+        let pm = c
+            .runtime
+            .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await?
+            .into_inner()
+            .pod_metrics;
+        let ours = pm
+            .iter()
+            .find(|p| p.pod_sandbox_id == pod)
+            .context("our pod's metrics")?;
+        let rx = ours
+            .metrics
+            .iter()
+            .find(|m| {
+                m.name == "container_network_receive_bytes_total"
+                    && m.label_values.last().map(String::as_str) == Some("eth0")
+            })
+            .context("eth0 receive metric")?;
+        ensure!(val(&rx.value) > 0 && rx.label_values[0] == pod);
+        let bm = ours
+            .container_metrics
+            .iter()
+            .find(|m| m.container_id == burn)
+            .context("burn metrics")?;
+        let cpu = bm
+            .metrics
+            .iter()
+            .find(|m| m.name == "container_cpu_usage_seconds_total")
+            .context("cpu metric")?;
+        ensure!(
+            cpu.label_values == [burn.clone(), "burn".to_string()],
+            "{:?}",
+            cpu.label_values
+        );
+        ensure!(
+            val(&cpu.value) >= 2 && cpu.metric_type == cri::MetricType::Counter as i32,
+            "{cpu:?}"
+        );
+        let names: BTreeSet<&str> = descs.iter().map(|d| d.name.as_str()).collect();
+        for m in ours
+            .metrics
+            .iter()
+            .chain(ours.container_metrics.iter().flat_map(|c| c.metrics.iter()))
+        {
+            ensure!(
+                names.contains(m.name.as_str()),
+                "{} has no descriptor",
+                m.name
+            );
+        }
+
+        stop_pod(&mut c, &pod).await?;
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "stats")?;
+        Ok(())
+    })
+}
+
+fn oom_kills_and_resource_updates() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let _cg = CgroupParentGuard;
+        let mut b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let trigger = b.dir().join("trigger");
+        std::fs::create_dir_all(&trigger)?;
+        let pod_cfg = container_pod("oom", "oom-1", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let img = &w.busybox.reference;
+        let limit = 32 << 20;
+        let ctr = |name: &str, mib: u32, hold: bool| {
+            with_memory_limit(
+                with_trigger(
+                    container_config(name, img, &alloc_script(name, mib, hold)),
+                    &trigger,
+                ),
+                limit,
+            )
+        };
+
+        // Over its 32 MiB limit: OOMKilled, 137.
+        let hog = create_ctr(&mut c, &pod, &pod_cfg, ctr("hog", 64, false)).await?;
+        c.runtime.start_container(start(&hog)).await?;
+        std::fs::write(trigger.join("hog"), "")?;
+        let st = wait_exited(&mut c, &hog).await?;
+        ensure!(
+            st.exit_code == 137 && st.reason == "OOMKilled",
+            "{} {:?}: {}",
+            st.exit_code,
+            st.reason,
+            st.message
+        );
+
+        // Raising a running container's limit lets it allocate what it could not.
+        let grow = create_ctr(&mut c, &pod, &pod_cfg, ctr("grow", 48, true)).await?;
+        c.runtime.start_container(start(&grow)).await?;
+        let new = cri::LinuxContainerResources {
+            memory_limit_in_bytes: 128 << 20,
+            cpu_shares: 512,
+            ..Default::default()
+        };
+        c.runtime
+            .update_container_resources(cri::UpdateContainerResourcesRequest {
+                container_id: grow.clone(),
+                linux: Some(new.clone()),
+                ..Default::default()
+            })
+            .await?;
+        let (st, info) = ctr_status(&mut c, &grow).await?;
+        let r = st
+            .resources
+            .as_ref()
+            .and_then(|r| r.linux.as_ref())
+            .context("status resources")?;
+        ensure!(
+            r.memory_limit_in_bytes == 128 << 20 && r.cpu_shares == 512,
+            "{r:?}"
+        );
+        let _ = info;
+        let s = c
+            .runtime
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: grow.clone(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .context("stats")?;
+        let m = s.memory.as_ref().context("memory")?;
+        let avail = val(&m.available_bytes);
+        ensure!(
+            avail > 100 << 20 && avail <= 128 << 20,
+            "available {avail} under the new 128 MiB limit"
+        );
+        std::fs::write(trigger.join("grow"), "")?;
+        let mut grown = false;
+        for _ in 0..200 {
+            let s = c
+                .runtime
+                .container_stats(cri::ContainerStatsRequest {
+                    container_id: grow.clone(),
+                })
+                .await?
+                .into_inner()
+                .stats
+                .context("stats")?;
+            if working_set(&s) >= 44 << 20 {
+                grown = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (st, _) = ctr_status(&mut c, &grow).await?;
+        ensure!(
+            grown && st.state == cri::ContainerState::ContainerRunning as i32,
+            "grew {grown}, {:?} {}",
+            st.reason,
+            st.exit_code
+        );
+
+        // Bad values, gone and exited containers.
+        let upd =
+            |id: &str, r: cri::LinuxContainerResources| cri::UpdateContainerResourcesRequest {
+                container_id: id.into(),
+                linux: Some(r),
+                ..Default::default()
+            };
+        expect_code(
+            c.runtime
+                .update_container_resources(upd(
+                    &grow,
+                    cri::LinuxContainerResources {
+                        cpu_period: 10,
+                        ..Default::default()
+                    },
+                ))
+                .await,
+            Code::InvalidArgument,
+            "linux.cpu_period",
+        )?;
+        expect_code(
+            c.runtime
+                .update_container_resources(upd(
+                    &grow,
+                    cri::LinuxContainerResources {
+                        cpuset_cpus: "0-".into(),
+                        ..Default::default()
+                    },
+                ))
+                .await,
+            Code::InvalidArgument,
+            "linux.cpuset_cpus",
+        )?;
+        expect_code(
+            c.runtime
+                .update_container_resources(upd(&hog, new.clone()))
+                .await,
+            Code::FailedPrecondition,
+            "exited",
+        )?;
+        expect_code(
+            c.runtime
+                .update_container_resources(upd(&"a".repeat(64), new.clone()))
+                .await,
+            Code::NotFound,
+            "",
+        )?;
+        let (st, _) = ctr_status(&mut c, &grow).await?;
+        ensure!(
+            st.resources
+                .and_then(|r| r.linux)
+                .is_some_and(|r| r.memory_limit_in_bytes == 128 << 20),
+            "a refused update changed nothing"
+        );
+
+        // OOM while berthd is down, and after it restarted: both reported.
+        let down = create_ctr(&mut c, &pod, &pod_cfg, ctr("down", 64, false)).await?;
+        let later = create_ctr(&mut c, &pod, &pod_cfg, ctr("later", 64, false)).await?;
+        c.runtime.start_container(start(&down)).await?;
+        c.runtime.start_container(start(&later)).await?;
+        drop(c);
+        b.kill9()?;
+        std::fs::write(trigger.join("down"), "")?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        b.restart()?;
+        let mut c = b.client().await?;
+        let st = wait_exited(&mut c, &down).await?;
+        ensure!(
+            st.exit_code == 137 && st.reason == "OOMKilled",
+            "OOM while down: {} {:?}",
+            st.exit_code,
+            st.reason
+        );
+        let (st, _) = ctr_status(&mut c, &later).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "later still runs"
+        );
+        std::fs::write(trigger.join("later"), "")?;
+        let st = wait_exited(&mut c, &later).await?;
+        ensure!(
+            st.exit_code == 137 && st.reason == "OOMKilled",
+            "OOM after restart: {} {:?}",
+            st.exit_code,
+            st.reason
+        );
+
+        stop_pod(&mut c, &pod).await?;
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "oom")?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -3399,6 +4029,14 @@ fn main() -> anyhow::Result<()> {
         Trial::test("crun_runtime_handler", crun_runtime_handler),
         Trial::test("pod_networking_with_cni", pod_networking_with_cni),
         Trial::test("broken_cni_config", broken_cni_config),
+        Trial::test(
+            "container_and_pod_stats_and_metrics",
+            container_and_pod_stats_and_metrics,
+        ),
+        Trial::test(
+            "oom_kills_and_resource_updates",
+            oom_kills_and_resource_updates,
+        ),
         Trial::test(
             "crash_mid_create_is_swept_at_restart",
             crash_mid_create_is_swept_at_restart,

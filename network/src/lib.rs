@@ -6,6 +6,7 @@ pub mod cache;
 pub mod conf;
 pub mod exec;
 pub mod manager;
+pub mod netdev;
 pub mod quantity;
 pub mod result;
 

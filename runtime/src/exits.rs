@@ -16,6 +16,9 @@ pub struct ExitRecord {
     pub exit_status: u32,
     /// When the shim reaped it.
     pub exited_at_unix_nanos: i64,
+    /// The kernel OOM-killed a process of the container's cgroup before it ended.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 /// The exit records of one shim (`<state dir>/exits/<task key>.json`).
@@ -92,8 +95,16 @@ mod tests {
             pid: 42,
             exit_status: 137,
             exited_at_unix_nanos: 5,
+            oom_killed: true,
         };
         s.record("c1", &r).unwrap();
+        // Records written before the field existed still load.
+        std::fs::write(
+            dir.path().join("old.json"),
+            r#"{"pid":1,"exit_status":0,"exited_at_unix_nanos":2}"#,
+        )
+        .unwrap();
+        assert!(!s.get("old").unwrap().unwrap().oom_killed);
         assert_eq!(
             ExitStore::open(dir.path()).unwrap().get("c1").unwrap(),
             Some(r)

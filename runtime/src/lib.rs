@@ -8,9 +8,11 @@ pub mod criolog;
 pub mod exits;
 pub mod infra;
 pub mod netns;
-pub mod podcgroup;
 pub mod runc;
 pub mod shim;
 pub mod spec;
 pub mod store;
 pub mod timefmt;
+
+/// Pod cgroup directories (kept under this name for callers; lives in berth-cgroups).
+pub use berth_cgroups::pod as podcgroup;

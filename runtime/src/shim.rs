@@ -4,6 +4,10 @@
 //! It is the child subreaper of every container it creates, so all exits come to
 //! its one `waitpid` loop; runtime commands run synchronously between polls, so they
 //! never race with that loop. Each exit is written to disk before it is reported.
+//!
+//! It also watches each container's memory cgroup for OOM kills (an fd in the same
+//! poll), publishes `TaskOom`, and marks the exit `oom_killed`; since the shim
+//! outlives berthd restarts, so do the watches.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
@@ -12,6 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use berth_cgroups::{Cgroup, Hierarchy, OomWatch, oom_kill_count};
 use berth_proto::frame::{Frame, FrameBuffer, Kind};
 use berth_proto::shim as pb;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -88,6 +93,14 @@ struct Task {
     console: Option<OwnedFd>,
     exit: Option<ExitRecord>,
     waiters: Vec<(u64, u32)>,
+    /// The container's cgroup (containers only), for its OOM-kill counter.
+    cgroup: Option<Cgroup>,
+    /// The armed OOM watch while the container runs.
+    oom: Option<OomWatch>,
+    /// OOM kills counted before the container started (normally 0).
+    oom_baseline: u64,
+    /// An OOM kill was seen (and published).
+    oom_killed: bool,
 }
 
 impl Task {
@@ -106,6 +119,10 @@ impl Task {
             console: None,
             exit: None,
             waiters: Vec::new(),
+            cgroup: None,
+            oom: None,
+            oom_baseline: 0,
+            oom_killed: false,
         }
     }
 }
@@ -130,6 +147,8 @@ pub struct Shim {
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     shutdown: bool,
+    /// Mounted cgroup hierarchies, for OOM watches (`None` if unreadable).
+    cgroups: Option<Hierarchy>,
 }
 
 /// The task table key: the container id, or `id/exec_id` for an exec process.
@@ -153,6 +172,7 @@ fn exit_payload(t: &Task, e: ExitRecord) -> Vec<u8> {
         stdout,
         stderr,
         truncated,
+        oom_killed: e.oom_killed,
     }
     .encode_to_vec()
 }
@@ -202,6 +222,9 @@ impl Shim {
             conns: HashMap::new(),
             next_conn: 1,
             shutdown: false,
+            cgroups: Hierarchy::detect()
+                .map_err(|e| eprintln!("berth-shim: no OOM watching: {e}"))
+                .ok(),
         })
     }
 
@@ -222,6 +245,7 @@ impl Shim {
             Signal,
             Conn(u64),
             Pipe(String, Stream),
+            Oom(String),
         }
         let mut slots = Vec::new();
         let mut fds: Vec<PollFd<'_>> = Vec::new();
@@ -243,6 +267,10 @@ impl Shim {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                     slots.push(Slot::Pipe(id.clone(), s));
                 }
+            }
+            if let Some(w) = &t.oom {
+                fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
+                slots.push(Slot::Oom(id.clone()));
             }
         }
         match poll(&mut fds, PollTimeout::NONE) {
@@ -272,6 +300,7 @@ impl Shim {
                     }
                 }
                 Slot::Pipe(id, s) => self.drain_pipe(id, *s, false),
+                Slot::Oom(id) => self.check_oom(id),
             }
         }
         self.conns.retain(|_, c| !(c.closed && c.out.is_empty()));
@@ -481,10 +510,17 @@ impl Shim {
         // Whatever the process wrote before exiting belongs before its exit.
         self.drain_pipe(&id, Stream::Stdout, true);
         self.drain_pipe(&id, Stream::Stderr, true);
+        // The counter, not only the watch: the kill and the exit may arrive in one poll.
+        self.check_oom(&id);
+        let oom_killed = self.tasks.get_mut(&id).is_some_and(|t| {
+            t.oom = None; // released: nothing more to watch once init is gone
+            t.oom_killed
+        });
         let rec = ExitRecord {
             pid,
             exit_status,
             exited_at_unix_nanos: now_unix_nanos(),
+            oom_killed,
         };
         let is_exec = self.tasks.get(&id).is_some_and(|t| t.exec);
         if self.tasks.get(&id).is_some_and(|t| t.kill_all_on_exit) {
@@ -528,6 +564,7 @@ impl Shim {
                 pid,
                 exit_status,
                 exited_at_unix_nanos: rec.exited_at_unix_nanos,
+                oom_killed,
             })),
         });
     }
@@ -540,6 +577,7 @@ impl Shim {
             status: t.status as i32,
             exit_status: t.exit.map_or(0, |e| e.exit_status),
             exited_at_unix_nanos: t.exit.map_or(0, |e| e.exited_at_unix_nanos),
+            oom_killed: t.exit.is_some_and(|e| e.oom_killed),
         }
     }
 
@@ -706,8 +744,17 @@ impl Shim {
             }
         };
         let _ = self.exits.remove(&r.id);
+        let cgroup = self.container_cgroup(Path::new(&r.bundle));
+        let oom = cgroup.as_ref().and_then(|cg| {
+            OomWatch::arm(cg)
+                .map_err(|e| eprintln!("berth-shim: no OOM watch for {}: {e}", r.id))
+                .ok()
+        });
         let task = Task {
             kill_all_on_exit: shares_pid_namespace(Path::new(&r.bundle)),
+            oom_baseline: oom.as_ref().map_or(0, OomWatch::total),
+            cgroup,
+            oom,
             log,
             stdout: stdio.stdout,
             stderr: stdio.stderr,
@@ -744,6 +791,46 @@ impl Shim {
         let mut path = self.socket.clone().into_os_string();
         path.push(".console");
         ConsoleSocket::bind(Path::new(&path))
+    }
+
+    /// The cgroup named by a bundle's `linux.cgroupsPath`.
+    fn container_cgroup(&self, bundle: &Path) -> Option<Cgroup> {
+        let h = self.cgroups.as_ref()?;
+        let spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+        let path = spec["linux"]["cgroupsPath"].as_str()?;
+        berth_cgroups::relative_path_of(path)
+            .map(|rel| h.cgroup(&rel))
+            .map_err(|e| eprintln!("berth-shim: {e}"))
+            .ok()
+    }
+
+    /// Counts new OOM kills of a task's cgroup; the first one is published.
+    fn check_oom(&mut self, id: &str) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if t.exit.is_some() {
+            return;
+        }
+        if let Some(w) = t.oom.as_mut() {
+            w.check(); // drains the fd, or poll would spin
+            if w.is_gone() {
+                t.oom = None;
+            }
+        }
+        if t.oom_killed {
+            return;
+        }
+        let total = t.cgroup.as_ref().and_then(oom_kill_count).unwrap_or(0);
+        if total <= t.oom_baseline {
+            return;
+        }
+        t.oom_killed = true;
+        eprintln!("berth-shim: the kernel OOM-killed a process of {id}");
+        self.publish(pb::Event {
+            event: Some(pb::event::Event::Oom(pb::TaskOom { id: id.to_string() })),
+        });
     }
 
     fn resize_pty(&mut self, r: pb::ResizePtyRequest) -> Reply {
@@ -971,6 +1058,7 @@ impl Shim {
                 Ok(pb::ExitStatus {
                     exit_status: exit.exit_status,
                     exited_at_unix_nanos: exit.exited_at_unix_nanos,
+                    oom_killed: exit.oom_killed,
                     ..Default::default()
                 }
                 .encode_to_vec())

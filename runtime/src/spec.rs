@@ -531,47 +531,8 @@ pub fn build_spec(inp: &SpecInputs<'_>) -> Result<Value, SpecError> {
 
     // Resources.
     let r = linux_cfg.resources.clone().unwrap_or_default();
-    let mut cpu = serde_json::Map::new();
-    if r.cpu_shares > 0 {
-        cpu.insert("shares".into(), json!(r.cpu_shares));
-    }
-    if r.cpu_quota != 0 {
-        cpu.insert("quota".into(), json!(r.cpu_quota));
-    }
-    if r.cpu_period > 0 {
-        cpu.insert("period".into(), json!(r.cpu_period));
-    }
-    if !r.cpuset_cpus.is_empty() {
-        cpu.insert("cpus".into(), json!(r.cpuset_cpus));
-    }
-    if !r.cpuset_mems.is_empty() {
-        cpu.insert("mems".into(), json!(r.cpuset_mems));
-    }
-    let mut memory = serde_json::Map::new();
-    if r.memory_limit_in_bytes > 0 {
-        memory.insert("limit".into(), json!(r.memory_limit_in_bytes));
-    }
-    if r.memory_swap_limit_in_bytes > 0 {
-        memory.insert("swap".into(), json!(r.memory_swap_limit_in_bytes));
-    }
-    let hugepages: Vec<Value> = r
-        .hugepage_limits
-        .iter()
-        .map(|h| json!({"pageSize": h.page_size, "limit": h.limit}))
-        .collect();
-    let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
-    if !cpu.is_empty() {
-        resources["cpu"] = Value::Object(cpu);
-    }
-    if !memory.is_empty() {
-        resources["memory"] = Value::Object(memory);
-    }
-    if !hugepages.is_empty() {
-        resources["hugepageLimits"] = Value::Array(hugepages);
-    }
-    if !r.unified.is_empty() {
-        resources["unified"] = json!(r.unified);
-    }
+    let mut resources = resources_json(&r);
+    resources["devices"] = json!([{"allow": false, "access": "rwm"}]);
     let mut devices = Vec::new();
     for (i, d) in c.devices.iter().enumerate() {
         let field = format!("config.devices[{i}]");
@@ -679,6 +640,53 @@ pub fn build_spec(inp: &SpecInputs<'_>) -> Result<Value, SpecError> {
         "annotations": annotations,
         "linux": linux,
     }))
+}
+
+/// The OCI `linux.resources` (cpu, memory, hugepages, unified) for CRI resources; the
+/// same object `runc update --resources` takes.
+pub fn resources_json(r: &cri::LinuxContainerResources) -> Value {
+    let mut cpu = serde_json::Map::new();
+    if r.cpu_shares > 0 {
+        cpu.insert("shares".into(), json!(r.cpu_shares));
+    }
+    if r.cpu_quota != 0 {
+        cpu.insert("quota".into(), json!(r.cpu_quota));
+    }
+    if r.cpu_period > 0 {
+        cpu.insert("period".into(), json!(r.cpu_period));
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu.insert("cpus".into(), json!(r.cpuset_cpus));
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu.insert("mems".into(), json!(r.cpuset_mems));
+    }
+    let mut memory = serde_json::Map::new();
+    if r.memory_limit_in_bytes > 0 {
+        memory.insert("limit".into(), json!(r.memory_limit_in_bytes));
+    }
+    if r.memory_swap_limit_in_bytes > 0 {
+        memory.insert("swap".into(), json!(r.memory_swap_limit_in_bytes));
+    }
+    let hugepages: Vec<Value> = r
+        .hugepage_limits
+        .iter()
+        .map(|h| json!({"pageSize": h.page_size, "limit": h.limit}))
+        .collect();
+    let mut resources = json!({});
+    if !cpu.is_empty() {
+        resources["cpu"] = Value::Object(cpu);
+    }
+    if !memory.is_empty() {
+        resources["memory"] = Value::Object(memory);
+    }
+    if !hugepages.is_empty() {
+        resources["hugepageLimits"] = Value::Array(hugepages);
+    }
+    if !r.unified.is_empty() {
+        resources["unified"] = json!(r.unified);
+    }
+    resources
 }
 
 #[cfg(test)]

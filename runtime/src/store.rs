@@ -120,6 +120,9 @@ pub struct ContainerRecord {
     pub stop_signal: u32,
     /// The CRI config as JSON.
     pub config: serde_json::Value,
+    /// The OCI `linux.cgroupsPath` it was created with ("" in records older than it).
+    #[serde(default)]
+    pub cgroups_path: String,
 }
 
 /// One redb table of JSON records keyed by id, mirrored in a map.

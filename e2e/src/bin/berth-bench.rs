@@ -82,6 +82,29 @@ enum Cmd {
     },
     /// Print ratios of two `pods --json` results (first / second).
     ComparePods { first: PathBuf, second: PathBuf },
+    /// Measure ListContainerStats / ListPodSandboxStats with `pods` running pods.
+    Stats {
+        /// CRI endpoint.
+        #[arg(long)]
+        endpoint: String,
+        /// Registry host:port holding the images of `push`.
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        registry: String,
+        /// Name for this runtime in the output.
+        #[arg(long)]
+        label: String,
+        /// Pods (one running container each) present while measuring.
+        #[arg(long, default_value_t = 50)]
+        pods: usize,
+        /// Calls of each RPC.
+        #[arg(long, default_value_t = 100)]
+        iterations: usize,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Print ratios of two `stats --json` results (first / second).
+    CompareStats { first: PathBuf, second: PathBuf },
     /// Stop and remove every pod in the `bench` namespace (after an interrupted run).
     Clean {
         /// CRI endpoint.
@@ -524,6 +547,157 @@ async fn remove_pod(c: &mut CriClient, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Stats latency with many pods.
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct StatsReport {
+    label: String,
+    pods: usize,
+    /// Entries the last call returned (checks both runtimes answer about the same set).
+    containers_listed: usize,
+    pods_listed: usize,
+    list_container_stats: Latency,
+    list_pod_sandbox_stats: Latency,
+}
+
+/// The cgroup parent the stats bench gives its pods, as kubelet gives one per pod.
+const STATS_CGROUP: &str = "berth-bench-stats";
+
+/// Removes the bench's cgroup parents in every hierarchy (deepest first; empty ones only).
+fn remove_stats_cgroups() {
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let top = h.path().join(STATS_CGROUP);
+        let mut dirs = vec![top];
+        let mut i = 0;
+        while i < dirs.len() {
+            let kids: Vec<PathBuf> = std::fs::read_dir(&dirs[i])
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            dirs.extend(kids);
+            i += 1;
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+async fn stats_bench(
+    endpoint: &str,
+    registry: &str,
+    label: &str,
+    pods: usize,
+    iterations: usize,
+) -> Result<StatsReport> {
+    let mut c = CriClient::connect(endpoint).await?;
+    let image = format!("{registry}/{BUSYBOX_REPO}:1");
+    pull(&mut c, &image).await?;
+    let mut held = Vec::new();
+    for i in 0..pods {
+        let mut cfg = pod_config(&format!("stats-{i}"));
+        if let Some(l) = cfg.linux.as_mut() {
+            l.cgroup_parent = format!("/{STATS_CGROUP}/pod{i}");
+        }
+        let pod = run_pod(&mut c, &cfg).await?;
+        held.push(pod.clone());
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod,
+            config: Some(ctr_config(&image)),
+            sandbox_config: Some(cfg),
+        };
+        let ctr = c
+            .runtime
+            .create_container(req)
+            .await?
+            .into_inner()
+            .container_id;
+        c.runtime
+            .start_container(cri::StartContainerRequest { container_id: ctr })
+            .await?;
+    }
+    let (mut ctr_l, mut pod_l) = (Vec::new(), Vec::new());
+    let (mut containers_listed, mut pods_listed) = (0, 0);
+    for i in 0..iterations + 3 {
+        let t = Instant::now();
+        let r = c
+            .runtime
+            .list_container_stats(cri::ListContainerStatsRequest::default())
+            .await?
+            .into_inner();
+        let dc = t.elapsed();
+        let t = Instant::now();
+        let p = c
+            .runtime
+            .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest::default())
+            .await?
+            .into_inner();
+        let dp = t.elapsed();
+        if i >= 3 {
+            // The first calls warm caches on both sides.
+            ctr_l.push(dc);
+            pod_l.push(dp);
+        }
+        containers_listed = r.stats.len();
+        pods_listed = p.stats.len();
+    }
+    for pod in &held {
+        remove_pod(&mut c, pod).await?;
+    }
+    remove_stats_cgroups();
+    Ok(StatsReport {
+        label: label.into(),
+        pods,
+        containers_listed,
+        pods_listed,
+        list_container_stats: latency(ctr_l),
+        list_pod_sandbox_stats: latency(pod_l),
+    })
+}
+
+fn print_stats(r: &StatsReport) {
+    println!(
+        "runtime {} ({} pods; last lists had {} containers, {} pods)",
+        r.label, r.pods, r.containers_listed, r.pods_listed
+    );
+    for (name, l) in [
+        ("ListContainerStats", r.list_container_stats),
+        ("ListPodSandboxStats", r.list_pod_sandbox_stats),
+    ] {
+        println!(
+            "  {name:<24} p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms (n={})",
+            l.p50, l.p90, l.p99, l.n
+        );
+    }
+}
+
+fn compare_stats(a: &StatsReport, b: &StatsReport) {
+    println!(
+        "metric (p50)                    {:>10} {:>12}    ratio",
+        a.label, b.label
+    );
+    for (name, x, y) in [
+        (
+            "ListContainerStats ms",
+            a.list_container_stats.p50,
+            b.list_container_stats.p50,
+        ),
+        (
+            "ListPodSandboxStats ms",
+            a.list_pod_sandbox_stats.p50,
+            b.list_pod_sandbox_stats.p50,
+        ),
+    ] {
+        println!("{name:<30} {x:>10.2} {y:>12.2}    {:.2}x", x / y);
+    }
+}
+
 /// Removes the pods a run left behind; only the `bench` namespace, so other pods stay.
 async fn clean(endpoint: &str) -> Result<()> {
     let mut c = CriClient::connect(endpoint).await?;
@@ -540,6 +714,7 @@ async fn clean(endpoint: &str) -> Result<()> {
             n += 1;
         }
     }
+    remove_stats_cgroups();
     println!("removed {n} bench pods");
     Ok(())
 }
@@ -884,6 +1059,27 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Clean { endpoint } => rt.block_on(clean(&endpoint)),
+        Cmd::Stats {
+            endpoint,
+            registry,
+            label,
+            pods,
+            iterations,
+            json,
+        } => {
+            let r = rt.block_on(stats_bench(&endpoint, &registry, &label, pods, iterations))?;
+            print_stats(&r);
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
+            }
+            Ok(())
+        }
+        Cmd::CompareStats { first, second } => {
+            let a: StatsReport = serde_json::from_slice(&std::fs::read(&first)?)?;
+            let b: StatsReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            compare_stats(&a, &b);
+            Ok(())
+        }
         Cmd::ComparePods { first, second } => {
             let a: PodReport = serde_json::from_slice(&std::fs::read(&first)?)?;
             let b: PodReport = serde_json::from_slice(&std::fs::read(&second)?)?;

@@ -1,7 +1,6 @@
 //! Pod cgroup directories: the `cgroup_parent` kubelet gives, as a path in every
-//! mounted hierarchy (cgroup v1 controllers and the v2/unified mount). Full cgroup
-//! management (stats, limits, OOM) lives in the cgroups crate later; this only
-//! creates, lists and removes the pod's directories.
+//! mounted hierarchy (cgroup v1 controllers and the v2/unified mount). Creates, lists
+//! and removes the pod's directories; reading them is `Hierarchy::cgroup`.
 
 use std::io;
 use std::path::{Path, PathBuf};

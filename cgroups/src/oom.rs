@@ -1,0 +1,147 @@
+//! OOM kills: the kernel's per-cgroup counter, and a pollable watch that fires when
+//! it grows (v1: an eventfd registered on `memory.oom_control`; v2: inotify on
+//! `memory.events`). The counter decides; the notification only says "look now",
+//! because v1 also signals the eventfd when the cgroup is removed.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+
+use crate::stats::parse_keyed;
+use crate::{Cgroup, CgroupError};
+
+/// OOM kills counted in the cgroup (v1 `memory.oom_control` `oom_kill`, kernel 4.13+;
+/// v2 `memory.events` `oom_kill`); `None` when there is no memory cgroup.
+pub fn oom_kill_count(cg: &Cgroup) -> Option<u64> {
+    let dir = cg.dir("memory")?;
+    let file = if cg.is_v2("memory") {
+        "memory.events"
+    } else {
+        "memory.oom_control"
+    };
+    count_in(&dir.join(file))
+}
+
+fn count_in(file: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    parse_keyed(&text).get("oom_kill").copied()
+}
+
+enum Notifier {
+    V1 {
+        efd: EventFd,
+        /// Kept open: the registration lives as long as this fd.
+        _control: File,
+    },
+    V2(Inotify),
+}
+
+/// A watch on one cgroup's OOM kills, for a poll loop: poll `fd()` for input, then
+/// call `check()`.
+pub struct OomWatch {
+    notifier: Notifier,
+    counter: PathBuf,
+    seen: u64,
+    gone: bool,
+}
+
+impl OomWatch {
+    /// Arms a watch on `cg`'s memory cgroup (which must exist).
+    pub fn arm(cg: &Cgroup) -> Result<OomWatch, CgroupError> {
+        let dir = cg.dir("memory").ok_or_else(|| {
+            CgroupError::Invalid("no memory cgroup is mounted to watch for OOM".into())
+        })?;
+        if cg.is_v2("memory") {
+            let events = dir.join("memory.events");
+            let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+                .map_err(|e| CgroupError::io(&events, e.into()))?;
+            ino.add_watch(&events, AddWatchFlags::IN_MODIFY)
+                .map_err(|e| CgroupError::io(&events, e.into()))?;
+            return Ok(OomWatch {
+                seen: count_in(&events).unwrap_or(0),
+                counter: events,
+                notifier: Notifier::V2(ino),
+                gone: false,
+            });
+        }
+        let control_path = dir.join("memory.oom_control");
+        let control = File::open(&control_path).map_err(|e| CgroupError::io(&control_path, e))?;
+        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| CgroupError::io(&control_path, e.into()))?;
+        let reg = dir.join("cgroup.event_control");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&reg)
+            .and_then(|mut f| {
+                f.write_all(
+                    format!("{} {}", efd.as_fd().as_raw_fd(), control.as_raw_fd()).as_bytes(),
+                )
+            })
+            .map_err(|e| CgroupError::io(&reg, e))?;
+        Ok(OomWatch {
+            seen: count_in(&control_path).unwrap_or(0),
+            counter: control_path,
+            notifier: Notifier::V1 {
+                efd,
+                _control: control,
+            },
+            gone: false,
+        })
+    }
+
+    /// The fd to poll for input.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match &self.notifier {
+            Notifier::V1 { efd, .. } => efd.as_fd(),
+            Notifier::V2(ino) => ino.as_fd(),
+        }
+    }
+
+    /// After the fd was readable: drains it and returns how many OOM kills happened
+    /// since the last check. A removed cgroup makes the watch `gone`.
+    pub fn check(&mut self) -> u64 {
+        match &self.notifier {
+            Notifier::V1 { efd, .. } => {
+                let _ = efd.read();
+            }
+            Notifier::V2(ino) => {
+                while let Ok(evs) = ino.read_events() {
+                    if evs.is_empty() {
+                        break;
+                    }
+                    if evs
+                        .iter()
+                        .any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED))
+                    {
+                        self.gone = true;
+                    }
+                }
+            }
+        }
+        match count_in(&self.counter) {
+            Some(n) => {
+                let new = n.saturating_sub(self.seen);
+                self.seen = self.seen.max(n);
+                new
+            }
+            None => {
+                self.gone = true;
+                0
+            }
+        }
+    }
+
+    /// The OOM kills counted so far (including those before the watch was armed).
+    pub fn total(&self) -> u64 {
+        self.seen
+    }
+
+    /// The cgroup went away; drop the watch.
+    pub fn is_gone(&self) -> bool {
+        self.gone
+    }
+}
