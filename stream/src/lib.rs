@@ -4,5 +4,17 @@
 //! SPDY/3.1, and the remote-command and port-forward protocols on top; plus the
 //! client side, for `berthctl`.
 
+pub mod client;
+pub mod portforward;
+pub mod remotecommand;
+pub mod runtime;
+pub mod server;
 pub mod spdy;
+pub mod status;
 pub mod tokens;
+
+pub use runtime::{
+    AttachRequest, ExecOutcome, ExecRequest, PortForwardRequest, SessionIo, StreamRequest,
+    StreamRuntime, TermSize,
+};
+pub use server::StreamServer;

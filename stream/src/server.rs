@@ -1,0 +1,217 @@
+//! The HTTP side: `/exec/<token>`, `/attach/<token>`, `/portforward/<token>` (GET or
+//! POST), protocol negotiation with `X-Stream-Protocol-Version`, and the upgrade to
+//! SPDY/3.1, as apimachinery's `httpstream` does it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming as Body;
+use hyper::header::{CONNECTION, HeaderValue, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::runtime::{StreamRequest, StreamRuntime};
+use crate::spdy::Connection;
+use crate::status::{PORT_FORWARD_PROTOCOL, REMOTE_COMMAND_PROTOCOLS};
+use crate::tokens::{RequestCache, TokenError};
+
+/// kubelet's idle timeout for a streaming session.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+/// How long the client has to open its streams.
+pub const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The streaming server: hands out URLs and serves them.
+pub struct StreamServer {
+    cache: RequestCache<StreamRequest>,
+    base_url: String,
+    runtime: Arc<dyn StreamRuntime>,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: &str) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn header_has(req: &Request<Body>, name: hyper::header::HeaderName, needle: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains(needle))
+}
+
+impl StreamServer {
+    /// Binds `addr` (port 0 = any free port) and serves in the background.
+    pub async fn start(
+        addr: SocketAddr,
+        runtime: Arc<dyn StreamRuntime>,
+    ) -> std::io::Result<Arc<StreamServer>> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let server = Arc::new(StreamServer {
+            cache: RequestCache::default(),
+            base_url: format!("http://{local}"),
+            runtime,
+        });
+        let s = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, std::convert::Infallible>(s.handle(req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Ok(server)
+    }
+
+    /// `http://<addr>` of this server.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Stores a request and returns its URL (`<base>/exec/<token>` and so on).
+    pub fn url_for(&self, req: StreamRequest) -> Result<String, TokenError> {
+        let path = match &req {
+            StreamRequest::Exec(_) => "exec",
+            StreamRequest::Attach(_) => "attach",
+            StreamRequest::PortForward(_) => "portforward",
+        };
+        let token = self.cache.insert(req)?;
+        Ok(format!("{}/{path}/{token}", self.base_url))
+    }
+
+    fn handle(self: &Arc<Self>, mut req: Request<Body>) -> Reply {
+        let not_found = || text(StatusCode::NOT_FOUND, "404 page not found\n");
+        if req.method() != hyper::Method::GET && req.method() != hyper::Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        let path = req.uri().path().to_string();
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let (Some(kind), Some(token)) = (parts.next(), parts.next()) else {
+            return not_found();
+        };
+        if token.contains('/') {
+            return not_found();
+        }
+        // Consumed even when the kind does not match, as kubelet does.
+        let Some(stream_req) = self.cache.consume(token) else {
+            return not_found();
+        };
+        let port_forward = match (&stream_req, kind) {
+            (StreamRequest::Exec(_), "exec") | (StreamRequest::Attach(_), "attach") => false,
+            (StreamRequest::PortForward(_), "portforward") => true,
+            _ => return not_found(),
+        };
+        let server_protocols: Vec<&str> = if port_forward {
+            vec![PORT_FORWARD_PROTOCOL]
+        } else {
+            REMOTE_COMMAND_PROTOCOLS.to_vec()
+        };
+        let client: Vec<String> = req
+            .headers()
+            .get_all("x-stream-protocol-version")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if client.is_empty() {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "unable to upgrade: X-Stream-Protocol-Version is required\n",
+            );
+        }
+        let Some(chosen) = client
+            .iter()
+            .find(|c| server_protocols.contains(&c.as_str()))
+            .cloned()
+        else {
+            let mut r = text(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "unable to upgrade: unable to negotiate protocol: client supports [{}], server accepts [{}]\n",
+                    client.join(" "),
+                    server_protocols.join(" ")
+                ),
+            );
+            for p in &server_protocols {
+                r.headers_mut().append(
+                    "x-accepted-stream-protocol-versions",
+                    HeaderValue::from_static(p),
+                );
+            }
+            return r;
+        };
+        if !header_has(&req, CONNECTION, "upgrade") || !header_has(&req, UPGRADE, "spdy/3.1") {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "unable to upgrade: missing upgrade headers in request (want Connection: Upgrade, Upgrade: SPDY/3.1)\n",
+            );
+        }
+        let upgrade = hyper::upgrade::on(&mut req);
+        let me = self.clone();
+        let proto = chosen.clone();
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else {
+                return;
+            };
+            let (conn, incoming) = Connection::server(TokioIo::new(upgraded), IDLE_TIMEOUT);
+            match stream_req {
+                StreamRequest::Exec(r) => {
+                    crate::remotecommand::serve_exec(conn, incoming, &proto, r, me.runtime.clone())
+                        .await
+                }
+                StreamRequest::Attach(r) => {
+                    crate::remotecommand::serve_attach(
+                        conn,
+                        incoming,
+                        &proto,
+                        r,
+                        me.runtime.clone(),
+                    )
+                    .await
+                }
+                StreamRequest::PortForward(r) => {
+                    crate::portforward::serve(conn, incoming, r, me.runtime.clone()).await
+                }
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        r.headers_mut()
+            .insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        if let Ok(v) = HeaderValue::from_str(&chosen) {
+            r.headers_mut().insert("x-stream-protocol-version", v);
+        }
+        r
+    }
+}

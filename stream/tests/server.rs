@@ -1,0 +1,451 @@
+//! The streaming server end to end over real TCP, with a scripted runtime at the
+//! `StreamRuntime` boundary: exec and port-forward through berth's client, the
+//! HTTP refusals, and raw SPDY bytes built by hand (not by berth's encoder).
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_stream::client::{self, ClientError, CommandIo};
+use berth_stream::runtime::BoxFuture;
+use berth_stream::*;
+use bytes::Bytes;
+use flate2::{Compress, Compression, FlushCompress};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Echoes stdin upper-cased to stdout, writes "warn\n" to stderr, exits with the
+/// number in argv[1]; port-forward connects to 127.0.0.1:<port>.
+struct Scripted;
+
+impl StreamRuntime for Scripted {
+    fn exec(&self, req: ExecRequest, mut io: SessionIo) -> BoxFuture<ExecOutcome> {
+        Box::pin(async move {
+            if let Some(err) = &io.stderr {
+                let _ = err.send(Bytes::from_static(b"warn\n")).await;
+            }
+            if let (Some(mut input), Some(out)) = (io.stdin.take(), io.stdout.clone()) {
+                while let Some(b) = input.recv().await {
+                    let _ = out.send(Bytes::from(b.to_ascii_uppercase())).await;
+                }
+            } else if let Some(out) = &io.stdout {
+                let _ = out
+                    .send(Bytes::from(format!("ran {}\n", req.cmd.join(" "))))
+                    .await;
+            }
+            match req.cmd.get(1).and_then(|c| c.parse().ok()) {
+                Some(code) => ExecOutcome::Exited(code),
+                None => ExecOutcome::Failed("no such command".into()),
+            }
+        })
+    }
+    fn attach(&self, _req: AttachRequest, _io: SessionIo) -> BoxFuture<Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn port_forward(
+        &self,
+        _pod: String,
+        port: u16,
+    ) -> BoxFuture<Result<tokio::net::TcpStream, String>> {
+        Box::pin(async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+async fn server() -> Arc<StreamServer> {
+    StreamServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(Scripted))
+        .await
+        .unwrap()
+}
+
+fn exec_req(cmd: &[&str], stdin: bool) -> StreamRequest {
+    StreamRequest::Exec(ExecRequest {
+        container_id: "c1".into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: false,
+        stdin,
+        stdout: true,
+        stderr: true,
+    })
+}
+
+#[tokio::test]
+async fn exec_streams_and_exit_codes() {
+    let s = server().await;
+    let url = s.url_for(exec_req(&["sh", "3"], true)).unwrap();
+    assert!(url.starts_with("http://127.0.0.1:") && url.contains("/exec/"));
+    let (mut out_r, out_w) = tokio::io::duplex(1 << 20);
+    let (mut err_r, err_w) = tokio::io::duplex(1 << 20);
+    let input = &b"hello\nworld\n"[..];
+    let code = client::run_command(
+        &url,
+        CommandIo {
+            stdin: Some(input),
+            stdout: Some(out_w),
+            stderr: Some(err_w),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 3);
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "HELLO\nWORLD\n");
+    let mut err = String::new();
+    err_r.read_to_string(&mut err).await.unwrap();
+    assert_eq!(err, "warn\n");
+
+    // Success, and a runtime failure reported as the server's message.
+    let url = s.url_for(exec_req(&["true", "0"], false)).unwrap();
+    let none: Option<&[u8]> = None;
+    let code = client::run_command(
+        &url,
+        CommandIo {
+            stdin: none,
+            stdout: Some(tokio::io::sink()),
+            stderr: Some(tokio::io::sink()),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 0);
+    let url = s.url_for(exec_req(&["x"], false)).unwrap();
+    let r = client::run_command(
+        &url,
+        CommandIo {
+            stdin: none,
+            stdout: Some(tokio::io::sink()),
+            stderr: Some(tokio::io::sink()),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await;
+    match r {
+        Err(ClientError::Remote(m)) => assert_eq!(
+            m,
+            "Internal error occurred: error executing command in container: no such command"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The token was used up.
+    let again = client::run_command(
+        &url,
+        CommandIo {
+            stdin: none,
+            stdout: Some(tokio::io::sink()),
+            stderr: Some(tokio::io::sink()),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await;
+    assert!(
+        matches!(again, Err(ClientError::Upgrade { status: 404, .. })),
+        "{again:?}"
+    );
+}
+
+/// Sends raw HTTP and returns the response head and the socket.
+fn raw_upgrade(url: &str, protocols: &[&str]) -> (String, std::net::TcpStream) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut tcp = std::net::TcpStream::connect(host).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+    );
+    for p in protocols {
+        req.push_str(&format!("X-Stream-Protocol-Version: {p}\r\n"));
+    }
+    req.push_str("Content-Length: 0\r\n\r\n");
+    tcp.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut b).unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    (String::from_utf8_lossy(&head).into_owned(), tcp)
+}
+
+fn read_exact(tcp: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    tcp.read_exact(&mut v).unwrap();
+    v
+}
+
+/// Reads one frame: (8-byte header, payload).
+fn read_frame(tcp: &mut std::net::TcpStream) -> (Vec<u8>, Vec<u8>) {
+    let h = read_exact(tcp, 8);
+    let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
+    (h, read_exact(tcp, len))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_spdy_bytes_match_the_spec() {
+    let s = server().await;
+    let url = s.url_for(exec_req(&["sh", "0"], false)).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let (head, mut tcp) = raw_upgrade(&url, &["v4.channel.k8s.io", "v3.channel.k8s.io"]);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            lower.contains("upgrade: spdy/3.1") && lower.contains("connection: upgrade"),
+            "{head}"
+        );
+        assert!(
+            lower.contains("x-stream-protocol-version: v4.channel.k8s.io"),
+            "{head}"
+        );
+
+        // Hand-built header blocks: one zlib stream with the SPDY/3 dictionary.
+        let dict = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/spdy/dictionary.bin"
+        ))
+        .unwrap();
+        let mut z = Compress::new(Compression::default(), true);
+        z.set_dictionary(&dict).unwrap();
+        let mut block = |name: &str, value: &str| {
+            let mut raw = vec![0, 0, 0, 1];
+            raw.extend((name.len() as u32).to_be_bytes());
+            raw.extend(name.as_bytes());
+            raw.extend((value.len() as u32).to_be_bytes());
+            raw.extend(value.as_bytes());
+            let mut out = Vec::with_capacity(512);
+            z.compress_vec(&raw, &mut out, FlushCompress::Sync).unwrap();
+            out
+        };
+        let syn = |id: u32, hb: Vec<u8>| {
+            let mut f = vec![0x80, 0x03, 0x00, 0x01, 0x00];
+            f.extend(&((10 + hb.len()) as u32).to_be_bytes()[1..]);
+            f.extend(id.to_be_bytes());
+            f.extend([0, 0, 0, 0, 0, 0]);
+            f.extend(hb);
+            f
+        };
+        // error (1), stdout (3), stderr (5): client-go's order.
+        for (id, t) in [(1u32, "error"), (3, "stdout"), (5, "stderr")] {
+            tcp.write_all(&syn(id, block("streamtype", t))).unwrap();
+            let (h, p) = read_frame(&mut tcp);
+            assert_eq!(
+                &h[..5],
+                &[0x80, 0x03, 0x00, 0x02, 0x00],
+                "SYN_REPLY, no flags"
+            );
+            assert_eq!(&p[..4], &id.to_be_bytes());
+            if id == 1 {
+                assert_eq!(
+                    &p[4..10],
+                    &[0x78, 0xf9, 0xe3, 0xc6, 0xa7, 0xc2],
+                    "zlib header with FDICT"
+                );
+            }
+            assert_eq!(&p[p.len() - 4..], &[0, 0, 0xff, 0xff], "sync flush");
+        }
+        // Our PING (odd id) is echoed verbatim.
+        tcp.write_all(&[0x80, 0x03, 0x00, 0x06, 0, 0, 0, 4, 0, 0, 0, 7])
+            .unwrap();
+        let mut frames = Vec::new();
+        // Until the error stream's FIN; then the client hangs up and the server says GOAWAY.
+        loop {
+            let (h, p) = read_frame(&mut tcp);
+            let fin_on_error = h[..4] == [0, 0, 0, 1] && h[4] & 1 == 1;
+            frames.push((h, p));
+            if fin_on_error {
+                break;
+            }
+        }
+        tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest);
+        let mut at = 0;
+        while at + 8 <= rest.len() {
+            let len = u32::from_be_bytes([0, rest[at + 5], rest[at + 6], rest[at + 7]]) as usize;
+            frames.push((
+                rest[at..at + 8].to_vec(),
+                rest[at + 8..at + 8 + len].to_vec(),
+            ));
+            at += 8 + len;
+        }
+        assert_eq!(at, rest.len(), "whole frames only");
+        let data_of = |id: u32| -> (Vec<u8>, bool) {
+            let mut v = Vec::new();
+            let mut fin = false;
+            for (h, p) in &frames {
+                if h[0] & 0x80 == 0 && u32::from_be_bytes([h[0], h[1], h[2], h[3]]) == id {
+                    v.extend(p);
+                    fin |= h[4] & 1 == 1;
+                }
+            }
+            (v, fin)
+        };
+        assert!(
+            frames
+                .iter()
+                .any(|(h, p)| h[..8] == [0x80, 0x03, 0x00, 0x06, 0, 0, 0, 4]
+                    && p[..] == [0, 0, 0, 7]),
+            "ping echoed"
+        );
+        assert_eq!(data_of(3), (b"ran sh 0\n".to_vec(), true));
+        assert_eq!(data_of(5), (b"warn\n".to_vec(), true));
+        assert_eq!(
+            data_of(1),
+            (br#"{"metadata":{},"status":"Success"}"#.to_vec(), true)
+        );
+        let (gh, gp) = frames.last().unwrap();
+        assert_eq!(&gh[..8], &[0x80, 0x03, 0x00, 0x07, 0, 0, 0, 8]);
+        assert_eq!(
+            gp,
+            &[0, 0, 0, 5, 0, 0, 0, 0],
+            "GOAWAY names the last client stream, status OK"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_kubelets() {
+    let s = server().await;
+    let base = s.base_url().to_string();
+    let (head, _) = tokio::task::spawn_blocking(move || {
+        raw_upgrade(&format!("{base}/exec/AAAAAAAA"), &["v4.channel.k8s.io"])
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let url = s.url_for(exec_req(&["a", "0"], false)).unwrap();
+    let wrong = url.replace("/exec/", "/attach/");
+    let (head, _) =
+        tokio::task::spawn_blocking(move || raw_upgrade(&wrong, &["v4.channel.k8s.io"]))
+            .await
+            .unwrap();
+    assert!(head.starts_with("HTTP/1.1 404"), "wrong kind: {head}");
+    let url2 = url.clone();
+    let (head, _) = tokio::task::spawn_blocking(move || raw_upgrade(&url2, &["v4.channel.k8s.io"]))
+        .await
+        .unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 404"),
+        "consumed by the wrong-kind attempt: {head}"
+    );
+    let url = s.url_for(exec_req(&["a", "0"], false)).unwrap();
+    let (head, _) = tokio::task::spawn_blocking(move || raw_upgrade(&url, &[]))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let url = s.url_for(exec_req(&["a", "0"], false)).unwrap();
+    let (head, mut tcp) =
+        tokio::task::spawn_blocking(move || raw_upgrade(&url, &["v9.channel.k8s.io"]))
+            .await
+            .unwrap();
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-accepted-stream-protocol-versions: v4.channel.k8s.io"),
+        "{head}"
+    );
+    let body = tokio::task::spawn_blocking(move || {
+        let mut b = vec![0u8; 200];
+        let n = tcp.read(&mut b).unwrap_or(0);
+        String::from_utf8_lossy(&b[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        body.starts_with(
+            "unable to upgrade: unable to negotiate protocol: client supports [v9.channel.k8s.io]"
+        ),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_pairs_ten_parallel_connections() {
+    // A TCP echo server standing in for the pod's port.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = echo.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let s = server().await;
+    let url = s
+        .url_for(StreamRequest::PortForward(PortForwardRequest {
+            pod_sandbox_id: "p1".into(),
+            ports: vec![port],
+        }))
+        .unwrap();
+    let conn = client::connect_port_forward(&url).await.unwrap();
+    let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let laddr = local.local_addr().unwrap();
+    let c2 = conn.clone();
+    tokio::spawn(async move {
+        let mut id = 0;
+        loop {
+            let Ok((sock, _)) = local.accept().await else {
+                return;
+            };
+            let c = c2.clone();
+            tokio::spawn(async move { client::forward_one(&c, id, port, sock).await });
+            id += 1;
+        }
+    });
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(laddr).await.unwrap();
+            let msg = format!("request {i} ").repeat(1000);
+            c.write_all(msg.as_bytes()).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut back = String::new();
+            c.read_to_string(&mut back).await.unwrap();
+            assert_eq!(back, msg);
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // A closed port: the error stream says so.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (client_side, server_side) = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ad = l.local_addr().unwrap();
+        let c = tokio::net::TcpStream::connect(ad).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    };
+    drop(client_side);
+    let r = client::forward_one(&conn, 100, dead, server_side).await;
+    match r {
+        Err(ClientError::Remote(m)) => assert!(
+            m.starts_with(&format!("error forwarding port {dead} to pod p1, uid : ")),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    conn.close().await;
+}
