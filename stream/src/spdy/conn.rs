@@ -39,6 +39,9 @@ struct Shared {
     closed: AtomicBool,
     closed_notify: Notify,
     going_away: AtomicBool,
+    /// Held from id allocation until the SYN_STREAM is queued: ids must reach the
+    /// peer in increasing order (spdystream's `nextIdLock`).
+    open_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -266,6 +269,7 @@ impl Connection {
             closed: AtomicBool::new(false),
             closed_notify: Notify::new(),
             going_away: AtomicBool::new(false),
+            open_lock: tokio::sync::Mutex::new(()),
         });
         let (r, w) = tokio::io::split(io);
         tokio::spawn(write_loop(w, out_rx, shared.clone()));
@@ -275,6 +279,7 @@ impl Connection {
 
     /// Opens a stream and waits for the peer's SYN_REPLY.
     pub async fn open(&self, headers: Headers) -> Result<Stream, SpdyError> {
+        let order = self.shared.open_lock.lock().await;
         let id = self.shared.next_id.fetch_add(2, Ordering::SeqCst);
         let (data_tx, data_rx) = mpsc::channel(16);
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -299,6 +304,7 @@ impl Connection {
                 headers: headers.clone(),
             })
             .await?;
+        drop(order);
         match tokio::time::timeout(REPLY_TIMEOUT, reply_rx).await {
             Ok(Ok(())) => Ok(Stream {
                 id,
