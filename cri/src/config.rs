@@ -36,6 +36,33 @@ pub struct Config {
     pub shim: PathBuf,
     /// Pod networking.
     pub cni: CniConfig,
+    /// The exec/attach/port-forward streaming server.
+    pub stream: StreamConfig,
+}
+
+/// `[stream]`: where the streaming server listens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// IP address to listen on (kubelet or clients connect to the URLs it returns).
+    pub address: String,
+    /// TCP port; 0 = any free port.
+    pub port: u16,
+    /// PEM certificate for TLS (not supported yet; must stay empty).
+    pub tls_cert: PathBuf,
+    /// PEM private key for TLS (not supported yet; must stay empty).
+    pub tls_key: PathBuf,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            address: "127.0.0.1".into(),
+            port: 0,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+        }
+    }
 }
 
 /// `[cni]`: where the network config and plugins are.
@@ -106,6 +133,7 @@ impl Default for Config {
             runtimes: BTreeMap::from([("runc".to_string(), RuntimeHandler::default())]),
             shim: PathBuf::new(),
             cni: CniConfig::default(),
+            stream: StreamConfig::default(),
         }
     }
 }
@@ -207,6 +235,20 @@ impl Config {
             return Err(invalid(
                 format!("cni.bin_dirs[{i}]"),
                 "must be an absolute path".into(),
+            ));
+        }
+        if self.stream.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid(
+                "stream.address".into(),
+                format!("{:?} is not an IP address", self.stream.address),
+            ));
+        }
+        if !self.stream.tls_cert.as_os_str().is_empty()
+            || !self.stream.tls_key.as_os_str().is_empty()
+        {
+            return Err(invalid(
+                "stream.tls_cert".into(),
+                "TLS for the streaming server is not supported yet; leave tls_cert and tls_key empty".into(),
             ));
         }
         if self.cni.plugin_timeout_secs == 0 {

@@ -688,6 +688,26 @@ impl PodManager {
 
     /// ExecSync: runs `cmd` in the container with the container's user, env, cwd and
     /// capabilities; kills it when `timeout` seconds pass (0 = no limit).
+    /// An exec's OCI process: the container's own (user, env, cwd, capabilities)
+    /// with new args.
+    pub(crate) fn exec_process_json(
+        &self,
+        id: &str,
+        cmd: &[String],
+        tty: bool,
+    ) -> Result<Vec<u8>, Status> {
+        let spec: serde_json::Value = std::fs::read(self.bundle_dir(id).join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                Status::internal(format!("container {id} has no readable runtime spec"))
+            })?;
+        let mut process = spec["process"].clone();
+        process["args"] = serde_json::json!(cmd);
+        process["terminal"] = tty.into();
+        serde_json::to_vec(&process).map_err(|e| internal("encoding process", e))
+    }
+
     pub async fn exec_sync(
         &self,
         req: cri::ExecSyncRequest,
@@ -705,17 +725,7 @@ impl PodManager {
                 rec.id
             )));
         }
-        let spec: serde_json::Value = std::fs::read(self.bundle_dir(&rec.id).join("config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                Status::internal(format!("container {} has no readable runtime spec", rec.id))
-            })?;
-        let mut process = spec["process"].clone();
-        process["args"] = serde_json::json!(req.cmd);
-        process["terminal"] = false.into();
-        let process_json =
-            serde_json::to_vec(&process).map_err(|e| internal("encoding process", e))?;
+        let process_json = self.exec_process_json(&rec.id, &req.cmd, false)?;
         let shim = self
             .shim(&rec.sandbox_id)
             .await

@@ -13,4 +13,5 @@ pub mod runtime_service;
 pub mod server;
 pub mod stats;
 pub mod status;
+pub mod streaming;
 pub mod sweep;

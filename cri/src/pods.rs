@@ -51,6 +51,8 @@ pub struct PodManager {
     pub(crate) cgroups: Hierarchy,
     /// The previous CPU sample per container and pod, for usage_nano_cores.
     pub(crate) cpu_samples: Mutex<HashMap<String, CpuSample>>,
+    /// The exec/attach/port-forward server, once started.
+    pub stream: std::sync::OnceLock<Arc<berth_stream::StreamServer>>,
 }
 
 /// Validated parts of a RunPodSandbox request.
@@ -255,6 +257,7 @@ impl PodManager {
                 h
             },
             cpu_samples: Mutex::new(HashMap::new()),
+            stream: std::sync::OnceLock::new(),
         });
         for rec in pm.store.sandboxes() {
             if rec.state != SandboxState::Ready {

@@ -252,23 +252,29 @@ impl RuntimeService for CriRuntimeService {
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
         Ok(Response::new(self.pods.exec_sync(req.into_inner()).await?))
     }
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn exec(
         &self,
-        _req: Request<cri::ExecRequest>,
+        req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(not_yet("exec", "streaming"))
+        let url = self.pods.exec_url(req.into_inner())?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn attach(
         &self,
-        _req: Request<cri::AttachRequest>,
+        req: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(not_yet("attach", "streaming"))
+        let url = self.pods.attach_url(req.into_inner())?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
+    #[instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
     async fn port_forward(
         &self,
-        _req: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(not_yet("port_forward", "streaming"))
+        let url = self.pods.port_forward_url(req.into_inner())?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
     #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn container_stats(

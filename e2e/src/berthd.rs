@@ -15,15 +15,20 @@ pub fn berthd_binary() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("BERTHD_BIN") {
         return Ok(PathBuf::from(p));
     }
+    built_binary("berthd")
+}
+
+/// A workspace binary (`berthd`, `berthctl`) in the target dir of the running test.
+pub fn built_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1).take(3) {
-        let cand = dir.join("berthd");
+        let cand = dir.join(name);
         if cand.is_file() {
             return Ok(cand);
         }
     }
     bail!(
-        "berthd binary not found near {} (run `cargo build --bins` first or set BERTHD_BIN)",
+        "{name} binary not found near {} (run `cargo build --bins` first)",
         exe.display()
     )
 }

@@ -3952,6 +3952,364 @@ fn oom_kills_and_resource_updates() -> Result<(), Failed> {
     })
 }
 
+// -------------------------------------------------------------- streaming ----
+
+/// Runs berthctl against `b`; returns (exit code, stdout, stderr).
+fn berthctl(b: &Berthd, args: &[&str], stdin: &[u8]) -> Result<(i32, String, String)> {
+    use std::io::Write;
+    let mut child = Command::new(berth_e2e::berthd::built_binary("berthctl")?)
+        .arg("--socket")
+        .arg(&b.socket)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(stdin)?;
+    }
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Kills a child by pid and reaps it.
+struct ChildGuard(std::process::Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn exec_sync_out(
+    c: &mut CriClient,
+    id: &str,
+    script: &str,
+) -> impl Future<Output = Result<String>> {
+    let mut c = c.clone();
+    let (id, script) = (id.to_string(), script.to_string());
+    async move {
+        let (code, out, err) = exec_in(&mut c, &id, &["/bin/sh", "-c", &script]).await?;
+        ensure!(code == 0, "{script}: {code} {err}");
+        Ok(out)
+    }
+}
+
+fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let _cg = CgroupParentGuard;
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("stream", "str-1", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let img = &w.busybox.reference;
+        let web = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config(
+                "web",
+                img,
+                "mkdir -p /www && echo hello from the pod > /www/index.html && exec busybox httpd -f -p 127.0.0.1:8080 -h /www",
+            ),
+        )
+        .await?;
+        let counter = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config(
+                "counter",
+                img,
+                "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+            ),
+        )
+        .await?;
+        for id in [&web, &counter] {
+            c.runtime.start_container(start(id)).await?;
+        }
+        let bb = b.socket.clone();
+        let _ = bb;
+
+        // exec through berthctl: output, exit codes, stdin.
+        let (code, out, err) = berthctl(
+            &b,
+            &["exec", &web[..12], "--", "busybox", "echo", "hi there"],
+            b"",
+        )?;
+        ensure!(code == 0 && out == "hi there\n", "{code} {out:?} {err:?}");
+        let (code, _, err) = berthctl(
+            &b,
+            &["exec", &web, "--", "sh", "-c", "echo oops >&2; exit 3"],
+            b"",
+        )?;
+        ensure!(code == 3 && err == "oops\n", "{code} {err:?}");
+        let (code, out, _) = berthctl(
+            &b,
+            &["exec", "-i", &web, "--", "busybox", "tr", "a-z", "A-Z"],
+            b"shout\nlouder\n",
+        )?;
+        ensure!(
+            code == 0 && out == "SHOUT\nLOUDER\n",
+            "stdin reached the process and its EOF ended it: {code} {out:?}"
+        );
+
+        // A terminal that follows a resize (driven through the client library).
+        let url = c
+            .runtime
+            .exec(cri::ExecRequest {
+                container_id: web.clone(),
+                cmd: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "sleep 0.5; busybox stty size".into(),
+                ],
+                tty: true,
+                stdin: false,
+                stdout: true,
+                stderr: false,
+            })
+            .await?
+            .into_inner()
+            .url;
+        let (sizes_tx, sizes_rx) = tokio::sync::mpsc::channel(2);
+        sizes_tx
+            .send(berth_stream::TermSize {
+                width: 123,
+                height: 45,
+            })
+            .await?;
+        let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
+        let none: Option<&[u8]> = None;
+        let code = berth_stream::client::run_command(
+            &url,
+            berth_stream::client::CommandIo {
+                stdin: none,
+                stdout: Some(out_w),
+                stderr: None::<tokio::io::Sink>,
+                tty: true,
+                resize: Some(sizes_rx),
+            },
+        )
+        .await?;
+        let mut tty_out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut tty_out).await?;
+        ensure!(
+            code == 0 && tty_out.trim() == "45 123",
+            "stty size saw {tty_out:?} ({code})"
+        );
+
+        // CRI validation.
+        let bad = |tty, stdin, stdout, stderr| cri::ExecRequest {
+            container_id: web.clone(),
+            cmd: vec!["busybox".into(), "true".into()],
+            tty,
+            stdin,
+            stdout,
+            stderr,
+        };
+        expect_code(
+            c.runtime.exec(bad(true, false, true, true)).await,
+            Code::InvalidArgument,
+            "tty and stderr cannot both be true",
+        )?;
+        expect_code(
+            c.runtime.exec(bad(false, false, false, false)).await,
+            Code::InvalidArgument,
+            "one of stdin, stdout, or stderr must be set",
+        )?;
+        expect_code(
+            c.runtime
+                .exec(cri::ExecRequest {
+                    container_id: "0".repeat(64),
+                    cmd: vec!["true".into()],
+                    stdout: true,
+                    ..Default::default()
+                })
+                .await,
+            Code::NotFound,
+            "",
+        )?;
+
+        // Tokens: unknown, reused.
+        let url = c
+            .runtime
+            .exec(bad(false, false, true, false))
+            .await?
+            .into_inner()
+            .url;
+        let first = berth_stream::client::run_command(
+            &url,
+            berth_stream::client::CommandIo {
+                stdin: none,
+                stdout: Some(tokio::io::sink()),
+                stderr: None::<tokio::io::Sink>,
+                tty: false,
+                resize: None,
+            },
+        )
+        .await;
+        ensure!(matches!(first, Ok(0)), "{first:?}");
+        let again = berth_stream::client::run_command(
+            &url,
+            berth_stream::client::CommandIo {
+                stdin: none,
+                stdout: Some(tokio::io::sink()),
+                stderr: None::<tokio::io::Sink>,
+                tty: false,
+                resize: None,
+            },
+        )
+        .await;
+        ensure!(
+            matches!(
+                again,
+                Err(berth_stream::client::ClientError::Upgrade { status: 404, .. })
+            ),
+            "reused token: {again:?}"
+        );
+        let base = url.rsplitn(3, '/').nth(2).context("url base")?.to_string();
+        let unknown = berth_stream::client::run_command(
+            &format!("{base}/exec/AAAAAAAA"),
+            berth_stream::client::CommandIo {
+                stdin: none,
+                stdout: Some(tokio::io::sink()),
+                stderr: None::<tokio::io::Sink>,
+                tty: false,
+                resize: None,
+            },
+        )
+        .await;
+        ensure!(
+            matches!(
+                unknown,
+                Err(berth_stream::client::ClientError::Upgrade { status: 404, .. })
+            ),
+            "{unknown:?}"
+        );
+        ensure!(
+            base.starts_with("http://127.0.0.1:"),
+            "loopback by default: {base}"
+        );
+
+        // Two attachers see the counter.
+        let attach = |b: &Berthd| -> Result<ChildGuard> {
+            Ok(ChildGuard(
+                Command::new(berth_e2e::berthd::built_binary("berthctl")?)
+                    .arg("--socket")
+                    .arg(&b.socket)
+                    .args(["attach", &counter])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?,
+            ))
+        };
+        let (mut a1, mut a2) = (attach(&b)?, attach(&b)?);
+        let read_ticks = |g: &mut ChildGuard| -> Result<Vec<u64>> {
+            use std::io::BufRead;
+            let out = g.0.stdout.take().context("stdout")?;
+            let mut lines = std::io::BufReader::new(out).lines();
+            let mut v = Vec::new();
+            while v.len() < 4 {
+                let l = lines.next().context("attach output ended")??;
+                v.push(l.strip_prefix("tick ").context("tick line")?.parse()?);
+            }
+            Ok(v)
+        };
+        let (t1, t2) = tokio::task::spawn_blocking(move || -> Result<_> {
+            Ok((read_ticks(&mut a1)?, read_ticks(&mut a2)?))
+        })
+        .await??;
+        for t in [&t1, &t2] {
+            ensure!(
+                t.windows(2).all(|w| w[1] == w[0] + 1),
+                "consecutive ticks: {t:?}"
+            );
+        }
+
+        // Port-forward to the pod's loopback: 10 requests at once.
+        let mut pf = ChildGuard(
+            Command::new(berth_e2e::berthd::built_binary("berthctl")?)
+                .arg("--socket")
+                .arg(&b.socket)
+                .args(["port-forward", &pod, "0:8080"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+        let local = {
+            use std::io::BufRead;
+            let out = pf.0.stdout.take().context("stdout")?;
+            let line =
+                tokio::task::spawn_blocking(move || std::io::BufReader::new(out).lines().next())
+                    .await?
+                    .context("no output")??;
+            line.strip_prefix("Forwarding from ")
+                .and_then(|r| r.split(" -> ").next())
+                .context("forwarding line")?
+                .to_string()
+        };
+        let mut gets = Vec::new();
+        for _ in 0..10 {
+            let a = local.clone();
+            gets.push(tokio::task::spawn_blocking(move || http_get(&a)));
+        }
+        for g in gets {
+            let body = g.await??;
+            ensure!(body == "hello from the pod\n", "{body:?}");
+        }
+        drop(pf);
+
+        // A client that disconnects mid-exec leaves no process behind.
+        let mut gone = ChildGuard(
+            Command::new(berth_e2e::berthd::built_binary("berthctl")?)
+                .arg("--socket")
+                .arg(&b.socket)
+                .args(["exec", &web, "--", "busybox", "sleep", "4242"])
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+        let mut seen = false;
+        for _ in 0..50 {
+            if exec_sync_out(&mut c, &web, "busybox ps")
+                .await?
+                .contains("sleep 4242")
+            {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(seen, "the exec'd sleep started");
+        let _ = gone.0.kill();
+        let _ = gone.0.wait();
+        let mut left = true;
+        for _ in 0..100 {
+            if !exec_sync_out(&mut c, &web, "busybox ps")
+                .await?
+                .contains("sleep 4242")
+            {
+                left = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(!left, "the exec'd process outlived its client");
+
+        stop_pod(&mut c, &pod).await?;
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "stream")?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -4036,6 +4394,10 @@ fn main() -> anyhow::Result<()> {
         Trial::test(
             "oom_kills_and_resource_updates",
             oom_kills_and_resource_updates,
+        ),
+        Trial::test(
+            "streaming_exec_attach_port_forward",
+            streaming_exec_attach_port_forward,
         ),
         Trial::test(
             "crash_mid_create_is_swept_at_restart",

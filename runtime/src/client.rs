@@ -373,6 +373,13 @@ impl ShimClient {
             .map(|_| ())
     }
 
+    /// Attaches FIFOs to a running container's stdio (a streaming client).
+    pub async fn attach(&self, req: pb::AttachRequest) -> Result<(), ShimError> {
+        self.call::<_, pb::Empty>(pb::Method::Attach, &req)
+            .await
+            .map(|_| ())
+    }
+
     /// Reopens a task's log file (after rotation).
     pub async fn reopen_log(&self, id: &str) -> Result<(), ShimError> {
         self.call::<_, pb::Empty>(pb::Method::ReopenLog, &Self::task(id))

@@ -8,6 +8,7 @@ pub mod criolog;
 pub mod exits;
 pub mod infra;
 pub mod netns;
+pub mod relay;
 pub mod runc;
 pub mod shim;
 pub mod spec;

@@ -29,6 +29,7 @@ use prost::Message;
 use crate::console::ConsoleSocket;
 use crate::criolog::{CriLogWriter, Stream};
 use crate::exits::{ExitRecord, ExitStore, exit_status_of};
+use crate::relay::Relay;
 use crate::runc::{ProcessIo, Runc};
 use crate::timefmt::now_unix_nanos;
 
@@ -101,6 +102,8 @@ struct Task {
     oom_baseline: u64,
     /// An OOM kill was seen (and published).
     oom_killed: bool,
+    /// Streaming clients (exec sessions, attachers).
+    relays: Vec<Relay>,
 }
 
 impl Task {
@@ -123,6 +126,7 @@ impl Task {
             oom: None,
             oom_baseline: 0,
             oom_killed: false,
+            relays: Vec::new(),
         }
     }
 }
@@ -246,6 +250,9 @@ impl Shim {
             Conn(u64),
             Pipe(String, Stream),
             Oom(String),
+            RelayIn(String, usize),
+            RelayOut(String, usize, bool),
+            StdinOut(String),
         }
         let mut slots = Vec::new();
         let mut fds: Vec<PollFd<'_>> = Vec::new();
@@ -271,6 +278,26 @@ impl Shim {
             if let Some(w) = &t.oom {
                 fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
                 slots.push(Slot::Oom(id.clone()));
+            }
+            let mut input_waiting = false;
+            for (i, r) in t.relays.iter().enumerate() {
+                // Read more input only when the last of it reached the process.
+                match &r.input {
+                    Some(fd) if r.pending_in.is_empty() => {
+                        fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                        slots.push(Slot::RelayIn(id.clone(), i));
+                    }
+                    _ => {}
+                }
+                input_waiting |= !r.pending_in.is_empty();
+                for (fd, err) in r.waiting_outputs() {
+                    fds.push(PollFd::new(fd, PollFlags::POLLOUT));
+                    slots.push(Slot::RelayOut(id.clone(), i, err));
+                }
+            }
+            if let (true, Some(fd)) = (input_waiting, &t.stdin) {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLOUT));
+                slots.push(Slot::StdinOut(id.clone()));
             }
         }
         match poll(&mut fds, PollTimeout::NONE) {
@@ -301,6 +328,9 @@ impl Shim {
                 }
                 Slot::Pipe(id, s) => self.drain_pipe(id, *s, false),
                 Slot::Oom(id) => self.check_oom(id),
+                Slot::RelayIn(id, i) => self.relay_input(id, *i),
+                Slot::RelayOut(id, i, err) => self.relay_flush(id, *i, *err),
+                Slot::StdinOut(id) => self.feed_stdin(id),
             }
         }
         self.conns.retain(|_, c| !(c.closed && c.out.is_empty()));
@@ -466,6 +496,13 @@ impl Shim {
                     } else if let Some(l) = t.log.as_mut() {
                         let _ = l.write(s, &buf[..n]);
                     }
+                    for r in &mut t.relays {
+                        let slot = match s {
+                            Stream::Stdout => &mut r.out,
+                            Stream::Stderr => &mut r.err,
+                        };
+                        Relay::push(slot, &buf[..n]);
+                    }
                     if !until_eof_or_empty {
                         return; // one read per poll round keeps other work moving
                     }
@@ -537,6 +574,11 @@ impl Shim {
         }
         let waiters = match self.tasks.get_mut(&id) {
             Some(t) => {
+                for r in &mut t.relays {
+                    r.finishing = true;
+                    r.close_flushed();
+                }
+                t.relays.retain(|r| !r.is_done());
                 t.exit = Some(rec);
                 t.status = pb::TaskStatus::Stopped;
                 t.stdin = None;
@@ -653,6 +695,10 @@ impl Shim {
                 }
                 self.task_call(method, &key)
             }
+            pb::Method::Attach => match pb::AttachRequest::decode(&f.payload[..]) {
+                Ok(r) => self.attach(r),
+                Err(e) => Err(bad(e)),
+            },
             pb::Method::Exec => match pb::ExecRequest::decode(&f.payload[..]) {
                 Ok(r) => self.exec(r),
                 Err(e) => Err(bad(e)),
@@ -791,6 +837,105 @@ impl Shim {
         let mut path = self.socket.clone().into_os_string();
         path.push(".console");
         ConsoleSocket::bind(Path::new(&path))
+    }
+
+    /// Attaches a streaming client to a running container.
+    fn attach(&mut self, r: pb::AttachRequest) -> Reply {
+        let t = self
+            .tasks
+            .get_mut(&r.id)
+            .ok_or_else(|| (code::NOT_FOUND, format!("task {:?} not found", r.id)))?;
+        if t.infra || t.exec {
+            return Err((
+                code::FAILED_PRECONDITION,
+                format!("task {} cannot be attached to", r.id),
+            ));
+        }
+        if t.exit.is_some() {
+            return Err((
+                code::FAILED_PRECONDITION,
+                format!("task {} has exited", r.id),
+            ));
+        }
+        // Input only reaches a container that was created with stdin open.
+        let stdin = if t.stdin.is_some() {
+            r.stdin_fifo.as_str()
+        } else {
+            ""
+        };
+        let relay = Relay::open(stdin, &r.stdout_fifo, &r.stderr_fifo, r.stdin_once)
+            .map_err(|e| (code::INTERNAL, format!("opening the client's streams: {e}")))?;
+        t.relays.push(relay);
+        Ok(pb::Empty {}.encode_to_vec())
+    }
+
+    /// A client's input is readable: take it, then hand it to the process.
+    fn relay_input(&mut self, id: &str, i: usize) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        let Some(r) = t.relays.get_mut(i) else { return };
+        let Some(fd) = r.input.as_ref() else { return };
+        let mut buf = [0u8; 32 * 1024];
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(0) => {
+                // The client's stdin ended.
+                r.input = None;
+                if r.close_stdin_at_eof && r.pending_in.is_empty() {
+                    t.stdin = None;
+                }
+            }
+            Ok(n) => r.pending_in.extend_from_slice(&buf[..n]),
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => r.input = None,
+        }
+        self.feed_stdin(id);
+        if let Some(t) = self.tasks.get_mut(id) {
+            t.relays
+                .retain(|r| !r.is_done() || !r.pending_in.is_empty());
+        }
+    }
+
+    /// Writes clients' pending input into the process's stdin (non-blocking).
+    fn feed_stdin(&mut self, id: &str) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        let mut close = false;
+        for r in &mut t.relays {
+            let Some(fd) = t.stdin.as_ref() else {
+                r.pending_in.clear();
+                continue;
+            };
+            while !r.pending_in.is_empty() {
+                match nix::unistd::write(fd, &r.pending_in) {
+                    Ok(n) => {
+                        r.pending_in.drain(..n);
+                    }
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(_) => {
+                        r.pending_in.clear();
+                    }
+                }
+            }
+            close |= r.pending_in.is_empty() && r.input.is_none() && r.close_stdin_at_eof;
+        }
+        if close {
+            t.stdin = None;
+        }
+    }
+
+    /// A client's output FIFO has room again.
+    fn relay_flush(&mut self, id: &str, i: usize, err: bool) {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        let Some(r) = t.relays.get_mut(i) else { return };
+        Relay::flush(if err { &mut r.err } else { &mut r.out });
+        r.close_flushed();
+        t.relays
+            .retain(|r| !r.is_done() || !r.pending_in.is_empty());
     }
 
     /// The cgroup named by a bundle's `linux.cgroupsPath`.
@@ -986,8 +1131,24 @@ impl Shim {
             (None, None) => ProcessStdio::default(),
         };
         let limit = r.capture_limit as usize;
+        let relays =
+            if r.stdin_fifo.is_empty() && r.stdout_fifo.is_empty() && r.stderr_fifo.is_empty() {
+                Vec::new()
+            } else {
+                match Relay::open(&r.stdin_fifo, &r.stdout_fifo, &r.stderr_fifo, true) {
+                    Ok(rel) => vec![rel],
+                    Err(e) => {
+                        let _ = nix::sys::signal::kill(
+                            Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                        return Err(internal("opening the client's streams", e));
+                    }
+                }
+            };
         let task = Task {
             exec: true,
+            relays,
             capture: (limit > 0).then(|| Capture {
                 stdout: Vec::new(),
                 stderr: Vec::new(),
@@ -1175,6 +1336,8 @@ impl ProcessStdio {
         let (keep, child) = match stdin {
             true => {
                 let (rd, wr) = pipe()?;
+                // Clients' input is fed from the poll loop: never block it.
+                set_nonblocking(&wr)?;
                 (Some(wr), Some(rd))
             }
             false => (None, None),

@@ -102,6 +102,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let store = Arc::new(berth_runtime::store::RuntimeStore::open(db)?);
     let pods = berth_cri::pods::PodManager::open(config.clone(), store, images.clone()).await?;
     let listener = berth_cri::server::bind(&config.listen)?;
+    let stream_addr = std::net::SocketAddr::new(
+        config.stream.address.parse().context("stream.address")?,
+        config.stream.port,
+    );
+    let streams = berth_stream::StreamServer::start(
+        stream_addr,
+        Arc::new(berth_cri::streaming::BerthStreams::new(&pods)),
+    )
+    .await
+    .with_context(|| format!("binding the streaming server on {stream_addr}"))?;
+    info!(url = %streams.base_url(), "streaming server listening");
+    let _ = pods.stream.set(streams);
     info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving CRI v1");
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};

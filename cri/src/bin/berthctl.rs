@@ -1,0 +1,328 @@
+//! berthctl: a command-line client of berthd. `exec`, `attach` and `port-forward`
+//! ask berthd's CRI socket for a streaming URL and then speak SPDY/3.1 to it, as
+//! kubectl does through kubelet.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use berth_stream::TermSize;
+use berth_stream::client::{self, ClientError, CommandIo};
+use clap::{Parser, Subcommand, ValueEnum};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tokio::io::AsyncRead;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(about = "berth's command-line client", version)]
+struct Cli {
+    /// berthd's CRI socket.
+    #[arg(long, default_value = "/run/berth/berth.sock", env = "BERTH_SOCKET")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Spdy,
+    Websocket,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs a command in a running container.
+    Exec {
+        /// Pass stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// Stream transport.
+        #[arg(long, value_enum, default_value = "spdy")]
+        transport: Transport,
+        /// Container id (or a unique prefix).
+        container: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Attaches to a running container's stdio.
+    Attach {
+        /// Pass stdin to the container.
+        #[arg(short, long)]
+        interactive: bool,
+        /// The container has a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// Stream transport.
+        #[arg(long, value_enum, default_value = "spdy")]
+        transport: Transport,
+        /// Container id (or a unique prefix).
+        container: String,
+    },
+    /// Forwards local ports to ports on a pod's loopback.
+    PortForward {
+        /// Stream transport.
+        #[arg(long, value_enum, default_value = "spdy")]
+        transport: Transport,
+        /// Pod sandbox id (or a unique prefix).
+        pod: String,
+        /// LOCAL:REMOTE pairs (LOCAL 0 = any free port).
+        #[arg(required = true)]
+        ports: Vec<String>,
+    },
+}
+
+async fn runtime(socket: &PathBuf) -> Result<RuntimeServiceClient<Channel>> {
+    let path = socket.clone();
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:50051")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    Ok(RuntimeServiceClient::new(channel))
+}
+
+fn spdy_only(t: Transport) -> Result<()> {
+    if t == Transport::Websocket {
+        bail!("the WebSocket transport is not supported yet; use --transport spdy");
+    }
+    Ok(())
+}
+
+/// Puts the terminal in raw mode while the session runs (restored on drop).
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enter(on: bool) -> RawMode {
+        use nix::sys::termios;
+        let stdin = std::io::stdin();
+        if !on || !nix::unistd::isatty(&stdin).unwrap_or(false) {
+            return RawMode(None);
+        }
+        let Ok(old) = termios::tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
+        let mut raw = old.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
+        RawMode(Some(old))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                old,
+            );
+        }
+    }
+}
+
+/// The local terminal's size now and at every SIGWINCH.
+fn terminal_sizes() -> Option<tokio::sync::mpsc::Receiver<TermSize>> {
+    fn size() -> Option<TermSize> {
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ fills a winsize we own.
+        let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+        (r == 0 && ws.ws_col > 0).then_some(TermSize {
+            width: ws.ws_col,
+            height: ws.ws_row,
+        })
+    }
+    let first = size()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let _ = tx.send(first).await;
+        let Ok(mut winch) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        else {
+            return;
+        };
+        while winch.recv().await.is_some() {
+            if let Some(s) = size() {
+                if tx.send(s).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Some(rx)
+}
+
+async fn run_session(url: &str, interactive: bool, tty: bool) -> Result<i32> {
+    let _raw = RawMode::enter(tty);
+    let stdin: Option<Box<dyn AsyncRead + Unpin + Send>> =
+        interactive.then(|| Box::new(tokio::io::stdin()) as Box<dyn AsyncRead + Unpin + Send>);
+    let r = client::run_command(
+        url,
+        CommandIo {
+            stdin,
+            stdout: Some(tokio::io::stdout()),
+            stderr: (!tty).then(tokio::io::stderr),
+            tty,
+            resize: if tty { terminal_sizes() } else { None },
+        },
+    )
+    .await;
+    match r {
+        Ok(code) => Ok(code),
+        Err(ClientError::Remote(m)) => bail!("{m}"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn port_forward(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    specs: &[String],
+) -> Result<()> {
+    let mut pairs = Vec::new();
+    for s in specs {
+        let (l, r) = s.split_once(':').unwrap_or((s.as_str(), s.as_str()));
+        let local: u16 = l.parse().with_context(|| format!("local port in {s:?}"))?;
+        let remote: u16 = r.parse().with_context(|| format!("remote port in {s:?}"))?;
+        if remote == 0 {
+            bail!("remote port in {s:?} must be > 0");
+        }
+        pairs.push((local, remote));
+    }
+    let url = rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: pairs.iter().map(|p| p.1 as i32).collect(),
+        })
+        .await?
+        .into_inner()
+        .url;
+    let conn = client::connect_port_forward(&url).await?;
+    let mut request_id = 0u32;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    for (local, remote) in pairs {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", local))
+            .await
+            .with_context(|| format!("listening on 127.0.0.1:{local}"))?;
+        println!("Forwarding from {} -> {remote}", l.local_addr()?);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = l.accept().await {
+                if tx.send((sock, remote)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    loop {
+        tokio::select! {
+            got = rx.recv() => {
+                let Some((sock, remote)) = got else { break };
+                let c = conn.clone();
+                let id = request_id;
+                request_id += 1;
+                tokio::spawn(async move {
+                    if let Err(e) = client::forward_one(&c, id, remote, sock).await {
+                        eprintln!("an error occurred forwarding {remote}: {e}");
+                        // As kubectl: a failed forward ends the session.
+                        c.close().await;
+                    }
+                });
+            }
+            _ = conn.closed() => bail!("lost connection to pod"),
+        }
+    }
+    Ok(())
+}
+
+async fn run() -> Result<i32> {
+    let cli = Cli::parse();
+    let mut rt = runtime(&cli.socket).await?;
+    match cli.cmd {
+        Cmd::Exec {
+            interactive,
+            tty,
+            transport,
+            container,
+            cmd,
+        } => {
+            spdy_only(transport)?;
+            let url = rt
+                .exec(cri::ExecRequest {
+                    container_id: container,
+                    cmd,
+                    tty,
+                    stdin: interactive,
+                    stdout: true,
+                    stderr: !tty,
+                })
+                .await?
+                .into_inner()
+                .url;
+            run_session(&url, interactive, tty).await
+        }
+        Cmd::Attach {
+            interactive,
+            tty,
+            transport,
+            container,
+        } => {
+            spdy_only(transport)?;
+            let url = rt
+                .attach(cri::AttachRequest {
+                    container_id: container,
+                    stdin: interactive,
+                    tty,
+                    stdout: true,
+                    stderr: !tty,
+                })
+                .await?
+                .into_inner()
+                .url;
+            run_session(&url, interactive, tty).await
+        }
+        Cmd::PortForward {
+            transport,
+            pod,
+            ports,
+        } => {
+            spdy_only(transport)?;
+            port_forward(&mut rt, &pod, &ports).await?;
+            Ok(0)
+        }
+    }
+}
+
+fn main() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berthctl: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match rt.block_on(run()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berthctl: {e:#}");
+            1
+        }
+    };
+    rt.shutdown_timeout(Duration::from_millis(100));
+    std::process::exit(code);
+}
