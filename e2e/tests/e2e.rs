@@ -4061,6 +4061,26 @@ fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
             "stdin reached the process and its EOF ended it: {code} {out:?}"
         );
 
+        // The same over WebSocket (v5: stdin EOF is the close message).
+        let ws = |args: &[&str]| -> Vec<String> {
+            let mut v = vec!["exec".to_string(), "--transport".into(), "websocket".into()];
+            v.extend(args.iter().map(|a| a.to_string()));
+            v
+        };
+        let run_ws = |args: Vec<String>, input: &[u8]| {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            berthctl(&b, &refs, input)
+        };
+        let (code, out, err) = run_ws(ws(&[&web, "--", "busybox", "echo", "over ws"]), b"")?;
+        ensure!(code == 0 && out == "over ws\n", "{code} {out:?} {err:?}");
+        let (code, _, err) = run_ws(ws(&[&web, "--", "sh", "-c", "echo oops >&2; exit 4"]), b"")?;
+        ensure!(code == 4 && err == "oops\n", "{code} {err:?}");
+        let (code, out, _) = run_ws(
+            ws(&["-i", &web, "--", "busybox", "tr", "a-z", "A-Z"]),
+            b"web socket\n",
+        )?;
+        ensure!(code == 0 && out == "WEB SOCKET\n", "{code} {out:?}");
+
         // A terminal that follows a resize (driven through the client library).
         let url = c
             .runtime
@@ -4264,6 +4284,37 @@ fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
         for g in gets {
             let body = g.await??;
             ensure!(body == "hello from the pod\n", "{body:?}");
+        }
+        drop(pf);
+        let mut pf = ChildGuard(
+            Command::new(berth_e2e::berthd::built_binary("berthctl")?)
+                .arg("--socket")
+                .arg(&b.socket)
+                .args(["port-forward", "--transport", "websocket", &pod, "0:8080"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+        let local = {
+            use std::io::BufRead;
+            let out = pf.0.stdout.take().context("stdout")?;
+            let line =
+                tokio::task::spawn_blocking(move || std::io::BufReader::new(out).lines().next())
+                    .await?
+                    .context("no output")??;
+            line.strip_prefix("Forwarding from ")
+                .and_then(|r| r.split(" -> ").next())
+                .context("forwarding line")?
+                .to_string()
+        };
+        let mut gets = Vec::new();
+        for _ in 0..10 {
+            let a = local.clone();
+            gets.push(tokio::task::spawn_blocking(move || http_get(&a)));
+        }
+        for g in gets {
+            let body = g.await??;
+            ensure!(body == "hello from the pod\n", "over websocket: {body:?}");
         }
         drop(pf);
 

@@ -326,3 +326,189 @@ pub async fn connect_port_forward(url: &str) -> Result<Connection, ClientError> 
     }
     Ok(conn)
 }
+
+/// Opens a WebSocket to `url` offering `protocols`; returns it and the chosen one.
+pub async fn ws_connect(
+    url: &str,
+    protocols: &[&str],
+) -> Result<(tokio_tungstenite::WebSocketStream<TcpStream>, String), ClientError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| ClientError::Url(url.into()))?;
+    let host = rest.split('/').next().unwrap_or(rest).to_string();
+    let mut req = format!("ws://{rest}")
+        .into_client_request()
+        .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+    if let Ok(v) = protocols.join(", ").parse() {
+        req.headers_mut().insert("sec-websocket-protocol", v);
+    }
+    let tcp = TcpStream::connect(&host)
+        .await
+        .map_err(|e| ClientError::Http(format!("connecting to {host}: {e}")))?;
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(r) => ClientError::Upgrade {
+                status: r.status().as_u16(),
+                body: String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+            },
+            e => ClientError::Http(e.to_string()),
+        })?;
+    let proto = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Ok((ws, proto))
+}
+
+/// Runs an exec or attach session over WebSocket (`v5.channel.k8s.io`, then v4);
+/// stdin EOF is the v5 close message `[255, 0]`.
+pub async fn run_command_ws<I, O, E>(url: &str, io: CommandIo<I, O, E>) -> Result<i32, ClientError>
+where
+    I: AsyncRead + Unpin + Send + 'static,
+    O: AsyncWrite + Unpin + Send + 'static,
+    E: AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (ws, proto) = ws_connect(url, &["v5.channel.k8s.io", "v4.channel.k8s.io"]).await?;
+    let version = if proto.starts_with("v5.") {
+        5
+    } else if proto.starts_with("v4.") {
+        4
+    } else {
+        1
+    };
+    let framing = crate::ws::Framing::of(&proto);
+    let (mut sink, mut source) = ws.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(16);
+    let send_task = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if sink.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    if let Some(mut input) = io.stdin {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(framing.encode(0, &buf[..n])).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            if version >= 5 {
+                let _ = tx.send(Message::Binary(vec![255u8, 0].into())).await;
+            }
+        });
+    }
+    if let (Some(mut sizes), true) = (io.resize, io.tty) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(s) = sizes.recv().await {
+                if let Ok(j) = serde_json::to_vec(&s) {
+                    if tx.send(framing.encode(4, &j)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let (mut out, mut err) = (io.stdout, io.stderr);
+    let mut status = Vec::new();
+    while let Some(Ok(m)) = source.next().await {
+        if m.is_close() {
+            break;
+        }
+        let Some((ch, data)) = framing.decode(&m) else {
+            continue;
+        };
+        match ch {
+            1 => {
+                if let Some(o) = out.as_mut() {
+                    let _ = o.write_all(&data).await;
+                    let _ = o.flush().await;
+                }
+            }
+            2 => {
+                if let Some(e) = err.as_mut() {
+                    let _ = e.write_all(&data).await;
+                    let _ = e.flush().await;
+                }
+            }
+            3 => status.extend_from_slice(&data),
+            _ => {}
+        }
+    }
+    drop(tx);
+    send_task.abort();
+    if let Some(o) = out.as_mut() {
+        let _ = o.shutdown().await;
+    }
+    decode_status(version, &status)
+}
+
+/// Forwards one local connection over its own WebSocket session (`url` came from a
+/// PortForward call naming just `port`).
+pub async fn forward_one_ws(url: &str, local: TcpStream) -> Result<(), ClientError> {
+    use futures_util::{SinkExt, StreamExt};
+    let (ws, proto) = ws_connect(url, &["v4.channel.k8s.io"]).await?;
+    let framing = crate::ws::Framing::of(&proto);
+    let (mut sink, mut source) = ws.split();
+    let (mut lr, mut lw) = local.into_split();
+    let up = tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match lr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink.send(framing.encode(0, &buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        // Keep the session until the pod side is done.
+        std::future::pending::<()>().await;
+    });
+    // The first message on each channel is the port number.
+    let (mut seen_data, mut seen_err) = (false, false);
+    let mut error = Vec::new();
+    while let Some(Ok(m)) = source.next().await {
+        if m.is_close() {
+            break;
+        }
+        let Some((ch, data)) = framing.decode(&m) else {
+            continue;
+        };
+        match ch {
+            0 if !seen_data => seen_data = true,
+            0 => {
+                if lw.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+            1 if !seen_err => seen_err = true,
+            1 => error.extend_from_slice(&data),
+            _ => {}
+        }
+    }
+    let _ = lw.shutdown().await;
+    up.abort();
+    if error.is_empty() {
+        Ok(())
+    } else {
+        Err(ClientError::Remote(
+            String::from_utf8_lossy(&error).into_owned(),
+        ))
+    }
+}

@@ -12,6 +12,7 @@ pub mod server;
 pub mod spdy;
 pub mod status;
 pub mod tokens;
+pub mod ws;
 
 pub use runtime::{
     AttachRequest, ExecOutcome, ExecRequest, PortForwardRequest, SessionIo, StreamRequest,

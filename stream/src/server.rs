@@ -128,6 +128,9 @@ impl StreamServer {
             (StreamRequest::PortForward(_), "portforward") => true,
             _ => return not_found(),
         };
+        if header_has(&req, UPGRADE, "websocket") && header_has(&req, CONNECTION, "upgrade") {
+            return self.upgrade_websocket(req, stream_req);
+        }
         let server_protocols: Vec<&str> = if port_forward {
             vec![PORT_FORWARD_PROTOCOL]
         } else {
@@ -211,6 +214,101 @@ impl StreamServer {
             .insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
         if let Ok(v) = HeaderValue::from_str(&chosen) {
             r.headers_mut().insert("x-stream-protocol-version", v);
+        }
+        r
+    }
+
+    /// The WebSocket handshake (RFC 6455) with `wsstream`'s subprotocol choice: the
+    /// client's first offer the server knows; none offered means binary framing.
+    fn upgrade_websocket(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+        stream_req: StreamRequest,
+    ) -> Reply {
+        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+        if req.method() != hyper::Method::GET {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "websocket upgrades use GET\n",
+            );
+        }
+        let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        };
+        if req
+            .headers()
+            .get("sec-websocket-version")
+            .and_then(|v| v.to_str().ok())
+            != Some("13")
+        {
+            let mut r = text(
+                StatusCode::BAD_REQUEST,
+                "unsupported Sec-WebSocket-Version\n",
+            );
+            r.headers_mut()
+                .insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return r;
+        }
+        let server: &[&str] = match stream_req {
+            StreamRequest::PortForward(_) => crate::ws::PORT_FORWARD_PROTOCOLS,
+            _ => crate::ws::REMOTE_COMMAND_PROTOCOLS,
+        };
+        let offered: Vec<String> = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        let chosen = if offered.is_empty() {
+            String::new()
+        } else {
+            match offered.iter().find(|o| server.contains(&o.as_str())) {
+                Some(c) => c.clone(),
+                None => return text(StatusCode::FORBIDDEN, ""),
+            }
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        let me = self.clone();
+        let proto = chosen.clone();
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else {
+                return;
+            };
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            let rt = me.runtime.clone();
+            match stream_req {
+                StreamRequest::Exec(r) => {
+                    crate::ws::serve_command(ws, proto, Some(r), None, rt).await
+                }
+                StreamRequest::Attach(r) => {
+                    crate::ws::serve_command(ws, proto, None, Some(r), rt).await
+                }
+                StreamRequest::PortForward(r) => {
+                    crate::ws::serve_port_forward(ws, proto, r, rt).await
+                }
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        r.headers_mut()
+            .insert(UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+            r.headers_mut().insert("sec-websocket-accept", v);
+        }
+        if !chosen.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&chosen) {
+                r.headers_mut().insert("sec-websocket-protocol", v);
+            }
         }
         r
     }

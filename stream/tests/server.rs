@@ -449,3 +449,160 @@ async fn port_forward_pairs_ten_parallel_connections() {
     }
     conn.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_exec_v5_and_raw_channel_frames() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = server().await;
+    // v5 through berth's client: stdin, its close signal, the exit code.
+    let url = s.url_for(exec_req(&["sh", "7"], true)).unwrap();
+    let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
+    let (mut err_r, err_w) = tokio::io::duplex(1 << 16);
+    let code = client::run_command_ws(
+        &url,
+        CommandIo {
+            stdin: Some(&b"quiet\n"[..]),
+            stdout: Some(out_w),
+            stderr: Some(err_w),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 7);
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "QUIET\n");
+    let mut err = String::new();
+    err_r.read_to_string(&mut err).await.unwrap();
+    assert_eq!(err, "warn\n");
+
+    // Raw messages, binary framing (v4).
+    let url = s.url_for(exec_req(&["sh", "0"], false)).unwrap();
+    let (ws, proto) = client::ws_connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    assert_eq!(proto, "v4.channel.k8s.io");
+    let msgs: Vec<Message> = ws.filter_map(|m| async move { m.ok() }).collect().await;
+    assert_eq!(
+        msgs[0],
+        Message::Binary(vec![0x01].into()),
+        "the empty message on stdout opens the session"
+    );
+    let data: Vec<Vec<u8>> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Message::Binary(b) => Some(b.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert!(data.contains(&b"\x01ran sh 0\n".to_vec()), "{data:?}");
+    assert!(data.contains(&b"\x02warn\n".to_vec()), "{data:?}");
+    assert_eq!(
+        data.last().unwrap(),
+        &b"\x03{\"metadata\":{},\"status\":\"Success\"}".to_vec()
+    );
+    match msgs.last().unwrap() {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1000),
+        other => panic!("{other:?}"),
+    }
+
+    // base64 framing: an ASCII channel digit and base64 text.
+    let url = s.url_for(exec_req(&["sh", "0"], false)).unwrap();
+    let (ws, _) = client::ws_connect(&url, &["v4.base64.channel.k8s.io"])
+        .await
+        .unwrap();
+    let msgs: Vec<Message> = ws.filter_map(|m| async move { m.ok() }).collect().await;
+    assert_eq!(msgs[0], Message::Text("1".into()));
+    assert!(
+        msgs.contains(&Message::Text("1cmFuIHNoIDAK".into())),
+        "{msgs:?}"
+    ); // "ran sh 0\n"
+
+    // An unknown subprotocol is refused with 403.
+    let url = s.url_for(exec_req(&["sh", "0"], false)).unwrap();
+    match client::ws_connect(&url, &["v9.channel.k8s.io"]).await {
+        Err(ClientError::Upgrade { status: 403, .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("upgraded"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_port_forward_announces_ports_and_relays() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    // A pod-side server that answers one line and closes (WebSocket port-forward
+    // cannot half-close, as in kubelet).
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 1024];
+                while !buf.ends_with(b"\n") {
+                    match c.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = c.write_all(&buf.to_ascii_uppercase()).await;
+            });
+        }
+    });
+    let s = server().await;
+    let pf = |p: u16| {
+        StreamRequest::PortForward(PortForwardRequest {
+            pod_sandbox_id: "p1".into(),
+            ports: vec![p],
+        })
+    };
+    // Raw: the port number, little-endian, opens both channels.
+    let url = s.url_for(pf(port)).unwrap();
+    let (mut ws, _) = client::ws_connect(&url, &["v4.channel.k8s.io"])
+        .await
+        .unwrap();
+    let le = port.to_le_bytes();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Binary(vec![0, le[0], le[1]].into())
+    );
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Binary(vec![1, le[0], le[1]].into())
+    );
+    drop(ws);
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let url = s.url_for(pf(port)).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let (a, b) = {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let ad = l.local_addr().unwrap();
+                let c = tokio::net::TcpStream::connect(ad).await.unwrap();
+                (c, l.accept().await.unwrap().0)
+            };
+            let fwd = tokio::spawn(async move { client::forward_one_ws(&url, b).await });
+            let mut a = a;
+            a.write_all(format!("hello {i}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut back = String::new();
+            a.read_to_string(&mut back).await.unwrap();
+            assert_eq!(back, format!("HELLO {i}\n"));
+            fwd.await.unwrap().unwrap();
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -92,13 +92,6 @@ async fn runtime(socket: &PathBuf) -> Result<RuntimeServiceClient<Channel>> {
     Ok(RuntimeServiceClient::new(channel))
 }
 
-fn spdy_only(t: Transport) -> Result<()> {
-    if t == Transport::Websocket {
-        bail!("the WebSocket transport is not supported yet; use --transport spdy");
-    }
-    Ok(())
-}
-
 /// Puts the terminal in raw mode while the session runs (restored on drop).
 struct RawMode(Option<nix::sys::termios::Termios>);
 
@@ -162,21 +155,21 @@ fn terminal_sizes() -> Option<tokio::sync::mpsc::Receiver<TermSize>> {
     Some(rx)
 }
 
-async fn run_session(url: &str, interactive: bool, tty: bool) -> Result<i32> {
+async fn run_session(url: &str, interactive: bool, tty: bool, transport: Transport) -> Result<i32> {
     let _raw = RawMode::enter(tty);
     let stdin: Option<Box<dyn AsyncRead + Unpin + Send>> =
         interactive.then(|| Box::new(tokio::io::stdin()) as Box<dyn AsyncRead + Unpin + Send>);
-    let r = client::run_command(
-        url,
-        CommandIo {
-            stdin,
-            stdout: Some(tokio::io::stdout()),
-            stderr: (!tty).then(tokio::io::stderr),
-            tty,
-            resize: if tty { terminal_sizes() } else { None },
-        },
-    )
-    .await;
+    let io = CommandIo {
+        stdin,
+        stdout: Some(tokio::io::stdout()),
+        stderr: (!tty).then(tokio::io::stderr),
+        tty,
+        resize: if tty { terminal_sizes() } else { None },
+    };
+    let r = match transport {
+        Transport::Spdy => client::run_command(url, io).await,
+        Transport::Websocket => client::run_command_ws(url, io).await,
+    };
     match r {
         Ok(code) => Ok(code),
         Err(ClientError::Remote(m)) => bail!("{m}"),
@@ -188,6 +181,7 @@ async fn port_forward(
     rt: &mut RuntimeServiceClient<Channel>,
     pod: &str,
     specs: &[String],
+    transport: Transport,
 ) -> Result<()> {
     let mut pairs = Vec::new();
     for s in specs {
@@ -198,6 +192,9 @@ async fn port_forward(
             bail!("remote port in {s:?} must be > 0");
         }
         pairs.push((local, remote));
+    }
+    if transport == Transport::Websocket {
+        return port_forward_ws(rt, pod, &pairs).await;
     }
     let url = rt
         .port_forward(cri::PortForwardRequest {
@@ -246,6 +243,47 @@ async fn port_forward(
     Ok(())
 }
 
+/// Over WebSocket a session carries its ports once, so each local connection gets
+/// its own PortForward URL and session.
+async fn port_forward_ws(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pairs: &[(u16, u16)],
+) -> Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    for &(local, remote) in pairs {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", local))
+            .await
+            .with_context(|| format!("listening on 127.0.0.1:{local}"))?;
+        println!("Forwarding from {} -> {remote}", l.local_addr()?);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = l.accept().await {
+                if tx.send((sock, remote)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    while let Some((sock, remote)) = rx.recv().await {
+        let url = rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: vec![remote as i32],
+            })
+            .await?
+            .into_inner()
+            .url;
+        tokio::spawn(async move {
+            if let Err(e) = client::forward_one_ws(&url, sock).await {
+                eprintln!("an error occurred forwarding {remote}: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
 async fn run() -> Result<i32> {
     let cli = Cli::parse();
     let mut rt = runtime(&cli.socket).await?;
@@ -257,7 +295,6 @@ async fn run() -> Result<i32> {
             container,
             cmd,
         } => {
-            spdy_only(transport)?;
             let url = rt
                 .exec(cri::ExecRequest {
                     container_id: container,
@@ -270,7 +307,7 @@ async fn run() -> Result<i32> {
                 .await?
                 .into_inner()
                 .url;
-            run_session(&url, interactive, tty).await
+            run_session(&url, interactive, tty, transport).await
         }
         Cmd::Attach {
             interactive,
@@ -278,7 +315,6 @@ async fn run() -> Result<i32> {
             transport,
             container,
         } => {
-            spdy_only(transport)?;
             let url = rt
                 .attach(cri::AttachRequest {
                     container_id: container,
@@ -290,15 +326,14 @@ async fn run() -> Result<i32> {
                 .await?
                 .into_inner()
                 .url;
-            run_session(&url, interactive, tty).await
+            run_session(&url, interactive, tty, transport).await
         }
         Cmd::PortForward {
             transport,
             pod,
             ports,
         } => {
-            spdy_only(transport)?;
-            port_forward(&mut rt, &pod, &ports).await?;
+            port_forward(&mut rt, &pod, &ports, transport).await?;
             Ok(0)
         }
     }
