@@ -342,7 +342,7 @@ impl RuntimeService for CriRuntimeService {
     ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
         Err(not_yet(
             "checkpoint_container",
-            "pod and container lifecycle",
+            "container checkpointing (CRIU)",
         ))
     }
     async fn get_container_events(
@@ -351,7 +351,7 @@ impl RuntimeService for CriRuntimeService {
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
         Err(not_yet(
             "get_container_events",
-            "pod and container lifecycle",
+            "evented PLEG (container events)",
         ))
     }
     async fn list_metric_descriptors(

@@ -105,6 +105,26 @@ enum Cmd {
     },
     /// Print ratios of two `stats --json` results (first / second).
     CompareStats { first: PathBuf, second: PathBuf },
+    /// Measure ExecSync and a streaming exec round trip (CRI Exec + SPDY session).
+    Exec {
+        /// CRI endpoint.
+        #[arg(long)]
+        endpoint: String,
+        /// Registry host:port holding the images of `push`.
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        registry: String,
+        /// Name for this runtime in the output.
+        #[arg(long)]
+        label: String,
+        /// Calls of each.
+        #[arg(long, default_value_t = 100)]
+        iterations: usize,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Print ratios of two `exec --json` results (first / second).
+    CompareExec { first: PathBuf, second: PathBuf },
     /// Stop and remove every pod in the `bench` namespace (after an interrupted run).
     Clean {
         /// CRI endpoint.
@@ -545,6 +565,125 @@ async fn remove_pod(c: &mut CriClient, id: &str) -> Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// Exec latency.
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct ExecReport {
+    label: String,
+    exec_sync: Latency,
+    streaming_exec: Latency,
+}
+
+async fn exec_bench(
+    endpoint: &str,
+    registry: &str,
+    label: &str,
+    iterations: usize,
+) -> Result<ExecReport> {
+    let mut c = CriClient::connect(endpoint).await?;
+    let image = format!("{registry}/{BUSYBOX_REPO}:1");
+    pull(&mut c, &image).await?;
+    let cfg = pod_config("exec-bench");
+    let pod = run_pod(&mut c, &cfg).await?;
+    let result = async {
+        let ctr = c
+            .runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ctr_config(&image)),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await?
+            .into_inner()
+            .container_id;
+        c.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: ctr.clone(),
+            })
+            .await?;
+        let (mut sync_l, mut stream_l) = (Vec::new(), Vec::new());
+        for i in 0..iterations + 3 {
+            let t = Instant::now();
+            let r = c
+                .runtime
+                .exec_sync(cri::ExecSyncRequest {
+                    container_id: ctr.clone(),
+                    cmd: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
+                    timeout: 10,
+                })
+                .await?
+                .into_inner();
+            let d = t.elapsed();
+            anyhow::ensure!(
+                r.exit_code == 0 && r.stdout == b"hi\n",
+                "ExecSync answered {r:?}"
+            );
+            if i >= 3 {
+                sync_l.push(d);
+            }
+        }
+        for i in 0..iterations + 3 {
+            let t = Instant::now();
+            let url = c
+                .runtime
+                .exec(cri::ExecRequest {
+                    container_id: ctr.clone(),
+                    cmd: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
+                    tty: false,
+                    stdin: false,
+                    stdout: true,
+                    stderr: false,
+                })
+                .await?
+                .into_inner()
+                .url;
+            let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
+            let code = berth_stream::client::run_command(
+                &url,
+                berth_stream::client::CommandIo {
+                    stdin: None::<tokio::io::Empty>,
+                    stdout: Some(out_w),
+                    stderr: None::<tokio::io::Sink>,
+                    tty: false,
+                    resize: None,
+                },
+            )
+            .await?;
+            let d = t.elapsed();
+            let mut out = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out).await?;
+            anyhow::ensure!(
+                code == 0 && out == "hi\n",
+                "streaming exec gave {code} {out:?}"
+            );
+            if i >= 3 {
+                stream_l.push(d);
+            }
+        }
+        Ok::<_, anyhow::Error>((sync_l, stream_l))
+    }
+    .await;
+    remove_pod(&mut c, &pod).await?;
+    let (sync_l, stream_l) = result?;
+    Ok(ExecReport {
+        label: label.into(),
+        exec_sync: latency(sync_l),
+        streaming_exec: latency(stream_l),
+    })
+}
+
+fn print_exec(r: &ExecReport) {
+    println!("runtime {}", r.label);
+    for (name, l) in [
+        ("ExecSync", r.exec_sync),
+        ("streaming exec round trip", r.streaming_exec),
+    ] {
+        println!(
+            "  {name:<26} p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms (n={})",
+            l.p50, l.p90, l.p99, l.n
+        );
+    }
 }
 
 /// Stats latency with many pods.
@@ -1059,6 +1198,39 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Clean { endpoint } => rt.block_on(clean(&endpoint)),
+        Cmd::Exec {
+            endpoint,
+            registry,
+            label,
+            iterations,
+            json,
+        } => {
+            let r = rt.block_on(exec_bench(&endpoint, &registry, &label, iterations))?;
+            print_exec(&r);
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
+            }
+            Ok(())
+        }
+        Cmd::CompareExec { first, second } => {
+            let a: ExecReport = serde_json::from_slice(&std::fs::read(&first)?)?;
+            let b: ExecReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            println!(
+                "metric (p50)                    {:>10} {:>12}    ratio",
+                a.label, b.label
+            );
+            for (name, x, y) in [
+                ("ExecSync ms", a.exec_sync.p50, b.exec_sync.p50),
+                (
+                    "streaming exec ms",
+                    a.streaming_exec.p50,
+                    b.streaming_exec.p50,
+                ),
+            ] {
+                println!("{name:<30} {x:>10.2} {y:>12.2}    {:.2}x", x / y);
+            }
+            Ok(())
+        }
         Cmd::Stats {
             endpoint,
             registry,
