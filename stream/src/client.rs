@@ -51,6 +51,7 @@ pub async fn connect(url: &str, protocols: &[&str]) -> Result<(Connection, Strin
     let tcp = TcpStream::connect(host)
         .await
         .map_err(|e| ClientError::Http(format!("connecting to {host}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -346,6 +347,7 @@ pub async fn ws_connect(
     let tcp = TcpStream::connect(&host)
         .await
         .map_err(|e| ClientError::Http(format!("connecting to {host}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
     let (ws, resp) = tokio_tungstenite::client_async(req, tcp)
         .await
         .map_err(|e| match e {

@@ -74,6 +74,8 @@ impl StreamServer {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                // Interactive traffic: small frames must not wait for Nagle.
+                let _ = tcp.set_nodelay(true);
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
