@@ -4257,6 +4257,23 @@ fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
             );
         }
 
+        // stdin_once: the first attacher's EOF closes the container's stdin.
+        let mut once_cfg = container_config("once", img, "busybox cat; echo done");
+        once_cfg.stdin = true;
+        once_cfg.stdin_once = true;
+        let once = create_ctr(&mut c, &pod, &pod_cfg, once_cfg).await?;
+        c.runtime.start_container(start(&once)).await?;
+        let (code, out, err) = berthctl(&b, &["attach", "-i", &once], b"to cat\n")?;
+        ensure!(
+            code == 0 && out == "to cat\ndone\n",
+            "attach: {code} {out:?} {err:?}"
+        );
+        let st = wait_exited(&mut c, &once).await?;
+        ensure!(
+            st.exit_code == 0,
+            "cat saw EOF and the container ended: {st:?}"
+        );
+
         // Port-forward to the pod's loopback: 10 requests at once.
         let mut pf = ChildGuard(
             Command::new(berth_e2e::berthd::built_binary("berthctl")?)
