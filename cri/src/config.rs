@@ -48,9 +48,9 @@ pub struct StreamConfig {
     pub address: String,
     /// TCP port; 0 = any free port.
     pub port: u16,
-    /// PEM certificate for TLS (not supported yet; must stay empty).
+    /// PEM certificate chain: serve TLS (`https://` URLs). Empty = plain HTTP.
     pub tls_cert: PathBuf,
-    /// PEM private key for TLS (not supported yet; must stay empty).
+    /// PEM private key of `tls_cert`.
     pub tls_key: PathBuf,
 }
 
@@ -243,12 +243,19 @@ impl Config {
                 format!("{:?} is not an IP address", self.stream.address),
             ));
         }
-        if !self.stream.tls_cert.as_os_str().is_empty()
-            || !self.stream.tls_key.as_os_str().is_empty()
-        {
+        let (no_cert, no_key) = (
+            self.stream.tls_cert.as_os_str().is_empty(),
+            self.stream.tls_key.as_os_str().is_empty(),
+        );
+        if no_cert != no_key {
             return Err(invalid(
-                "stream.tls_cert".into(),
-                "TLS for the streaming server is not supported yet; leave tls_cert and tls_key empty".into(),
+                if no_cert {
+                    "stream.tls_cert"
+                } else {
+                    "stream.tls_key"
+                }
+                .into(),
+                "tls_cert and tls_key go together: set both or neither".into(),
             ));
         }
         if self.cni.plugin_timeout_secs == 0 {
@@ -421,5 +428,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`root`"), "{e}");
+        let e = Config::parse("[stream]\ntls_cert = \"/a.pem\"", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stream.tls_key"), "{e}");
+        let e = Config::parse("[stream]\naddress = \"localhost\"", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stream.address"), "{e}");
     }
 }

@@ -4381,6 +4381,144 @@ fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
     })
 }
 
+fn streaming_over_tls() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let _cg = CgroupParentGuard;
+        let pki = tempfile::tempdir()?;
+        let sh = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(pki.path())
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        std::fs::write(pki.path().join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n")?;
+        sh(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=berth e2e CA",
+        ])?;
+        sh(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])?;
+        sh(&[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ])?;
+        let p = pki.path().display().to_string();
+        let b = Berthd::start(&format!(
+            "[stream]\ntls_cert = \"{p}/srv.crt\"\ntls_key = \"{p}/srv.key\"\n"
+        ))?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let pod_cfg = container_pod("tls", "tls-1", &b.dir().join("logs"));
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let id = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("svc", &w.busybox.reference, "exec sleep 100000"),
+        )
+        .await?;
+        c.runtime.start_container(start(&id)).await?;
+        let url = c
+            .runtime
+            .exec(cri::ExecRequest {
+                container_id: id.clone(),
+                cmd: vec!["true".into()],
+                stdout: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .url;
+        ensure!(url.starts_with("https://127.0.0.1:"), "{url}");
+        let ca = format!("{p}/ca.crt");
+        let (code, out, err) = berthctl(
+            &b,
+            &[
+                "--stream-ca",
+                &ca,
+                "exec",
+                &id,
+                "--",
+                "busybox",
+                "echo",
+                "over tls",
+            ],
+            b"",
+        )?;
+        ensure!(code == 0 && out == "over tls\n", "{code} {out:?} {err:?}");
+        let (code, out, err) = berthctl(
+            &b,
+            &[
+                "--stream-ca",
+                &ca,
+                "exec",
+                "--transport",
+                "websocket",
+                &id,
+                "--",
+                "busybox",
+                "echo",
+                "wss",
+            ],
+            b"",
+        )?;
+        ensure!(code == 0 && out == "wss\n", "{code} {out:?} {err:?}");
+        let (code, _, err) = berthctl(&b, &["exec", &id, "--", "busybox", "true"], b"")?;
+        ensure!(
+            code != 0 && err.contains("--stream-ca"),
+            "without the CA: {code} {err:?}"
+        );
+        stop_pod(&mut c, &pod).await?;
+        remove_pod(&mut c, &pod).await?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -4470,6 +4608,7 @@ fn main() -> anyhow::Result<()> {
             "streaming_exec_attach_port_forward",
             streaming_exec_attach_port_forward,
         ),
+        Trial::test("streaming_over_tls", streaming_over_tls),
         Trial::test(
             "crash_mid_create_is_swept_at_restart",
             crash_mid_create_is_swept_at_restart,

@@ -41,18 +41,50 @@ pub enum ClientError {
     Remote(String),
 }
 
-/// Upgrades `url` to SPDY offering `protocols`; returns the session and the
-/// negotiated protocol.
-pub async fn connect(url: &str, protocols: &[&str]) -> Result<(Connection, String), ClientError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ClientError::Url(url.into()))?;
+/// Any stream a session can run over (plain TCP or TLS).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// Connects to the host of an `http://` or `https://` URL; returns the stream, the
+/// host and the path.
+async fn dial(url: &str) -> Result<(Box<dyn Io>, String, String), ClientError> {
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(r), _) => (false, r),
+        (_, Some(r)) => (true, r),
+        _ => return Err(ClientError::Url(url.into())),
+    };
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let tcp = TcpStream::connect(host)
         .await
         .map_err(|e| ClientError::Http(format!("connecting to {host}: {e}")))?;
     let _ = tcp.set_nodelay(true);
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    if !tls {
+        return Ok((Box::new(tcp), host.to_string(), path.to_string()));
+    }
+    let cfg = crate::tls::client_config().ok_or_else(|| {
+        ClientError::Http(format!(
+            "{url}: an https streaming URL needs a trusted CA (--stream-ca)"
+        ))
+    })?;
+    let name = host
+        .rsplit_once(':')
+        .map_or(host, |(h, _)| h)
+        .trim_matches(|c| c == '[' || c == ']');
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| ClientError::Http(format!("TLS to {host}: {e}")))?;
+    Ok((Box::new(stream), host.to_string(), path.to_string()))
+}
+
+/// Upgrades `url` to SPDY offering `protocols`; returns the session and the
+/// negotiated protocol.
+pub async fn connect(url: &str, protocols: &[&str]) -> Result<(Connection, String), ClientError> {
+    let (io, host, path) = dial(url).await?;
+    let (host, path) = (host.as_str(), path.as_str());
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
     tokio::spawn(conn.with_upgrades());
@@ -332,23 +364,17 @@ pub async fn connect_port_forward(url: &str) -> Result<Connection, ClientError> 
 pub async fn ws_connect(
     url: &str,
     protocols: &[&str],
-) -> Result<(tokio_tungstenite::WebSocketStream<TcpStream>, String), ClientError> {
+) -> Result<(tokio_tungstenite::WebSocketStream<Box<dyn Io>>, String), ClientError> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ClientError::Url(url.into()))?;
-    let host = rest.split('/').next().unwrap_or(rest).to_string();
-    let mut req = format!("ws://{rest}")
+    let (io, host, path) = dial(url).await?;
+    // The stream is already (TLS-)connected; the scheme only shapes the request.
+    let mut req = format!("ws://{host}{path}")
         .into_client_request()
         .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
     if let Ok(v) = protocols.join(", ").parse() {
         req.headers_mut().insert("sec-websocket-protocol", v);
     }
-    let tcp = TcpStream::connect(&host)
-        .await
-        .map_err(|e| ClientError::Http(format!("connecting to {host}: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    let (ws, resp) = tokio_tungstenite::client_async(req, tcp)
+    let (ws, resp) = tokio_tungstenite::client_async(req, io)
         .await
         .map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(r) => ClientError::Upgrade {

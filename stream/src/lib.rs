@@ -11,6 +11,7 @@ pub mod runtime;
 pub mod server;
 pub mod spdy;
 pub mod status;
+pub mod tls;
 pub mod tokens;
 pub mod ws;
 

@@ -56,18 +56,22 @@ fn header_has(req: &Request<Body>, name: hyper::header::HeaderName, needle: &str
 }
 
 impl StreamServer {
-    /// Binds `addr` (port 0 = any free port) and serves in the background.
+    /// Binds `addr` (port 0 = any free port) and serves in the background, over TLS
+    /// when a config is given (then URLs are `https://`).
     pub async fn start(
         addr: SocketAddr,
         runtime: Arc<dyn StreamRuntime>,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Arc<StreamServer>> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let server = Arc::new(StreamServer {
             cache: RequestCache::default(),
-            base_url: format!("http://{local}"),
+            base_url: format!("{scheme}://{local}"),
             runtime,
         });
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let s = server.clone();
         tokio::spawn(async move {
             loop {
@@ -77,22 +81,39 @@ impl StreamServer {
                 // Interactive traffic: small frames must not wait for Nagle.
                 let _ = tcp.set_nodelay(true);
                 let s = s.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let s = s.clone();
-                        async move { Ok::<_, std::convert::Infallible>(s.handle(req)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .with_upgrades()
-                        .await;
+                    match acceptor {
+                        Some(a) => match a.accept(tcp).await {
+                            Ok(t) => s.serve_io(t).await,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "streaming: TLS handshake failed")
+                            }
+                        },
+                        None => s.serve_io(tcp).await,
+                    }
                 });
             }
         });
         Ok(server)
     }
 
-    /// `http://<addr>` of this server.
+    /// HTTP/1.1 with upgrades on one connection.
+    async fn serve_io<I>(self: Arc<Self>, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req| {
+            let s = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(s.handle(req)) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
+            .await;
+    }
+
+    /// `http(s)://<addr>` of this server.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }

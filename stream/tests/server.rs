@@ -55,7 +55,7 @@ impl StreamRuntime for Scripted {
 }
 
 async fn server() -> Arc<StreamServer> {
-    StreamServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(Scripted))
+    StreamServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(Scripted), None)
         .await
         .unwrap()
 }
@@ -605,4 +605,141 @@ async fn websocket_port_forward_announces_ports_and_relays() {
             .unwrap()
             .unwrap();
     }
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1 with openssl; returns
+/// (ca.crt, server.crt, server.key).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=berth test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (dir.join("ca.crt"), dir.join("srv.crt"), dir.join("srv.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_https_urls_over_spdy_and_websocket() {
+    let dir = std::env::temp_dir().join(format!("berth-stream-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, crt, key) = test_pki(&dir);
+    let cfg = berth_stream::tls::server_config(&crt, &key).unwrap();
+    let s = StreamServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(Scripted),
+        Some(cfg),
+    )
+    .await
+    .unwrap();
+    assert!(s.base_url().starts_with("https://127.0.0.1:"));
+    let url = s.url_for(exec_req(&["sh", "5"], false)).unwrap();
+    // Without trusting the CA the client refuses.
+    let none: Option<&[u8]> = None;
+    let r = client::run_command(
+        &url,
+        CommandIo {
+            stdin: none,
+            stdout: Some(tokio::io::sink()),
+            stderr: Some(tokio::io::sink()),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await;
+    assert!(r.is_err());
+    berth_stream::tls::trust_ca(&ca).unwrap();
+    let url = s.url_for(exec_req(&["sh", "5"], false)).unwrap();
+    let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
+    let code = client::run_command(
+        &url,
+        CommandIo {
+            stdin: none,
+            stdout: Some(out_w),
+            stderr: Some(tokio::io::sink()),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 5);
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "ran sh 5\n");
+    let url = s.url_for(exec_req(&["sh", "6"], false)).unwrap();
+    let code = client::run_command_ws(
+        &url,
+        CommandIo {
+            stdin: none,
+            stdout: Some(tokio::io::sink()),
+            stderr: Some(tokio::io::sink()),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 6);
+    // A wrong key for the certificate is refused at start, naming the file.
+    let bad = berth_stream::tls::server_config(&crt, &dir.join("ca.key"));
+    assert!(bad.is_err());
+    let missing = berth_stream::tls::server_config(&dir.join("nope.crt"), &key).unwrap_err();
+    assert!(missing.to_string().contains("nope.crt"), "{missing}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,6 +20,9 @@ struct Cli {
     /// berthd's CRI socket.
     #[arg(long, default_value = "/run/berth/berth.sock", env = "BERTH_SOCKET")]
     socket: PathBuf,
+    /// PEM CA certificate(s) to verify a TLS streaming server (`[stream] tls_cert`).
+    #[arg(long, env = "BERTH_STREAM_CA")]
+    stream_ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -286,6 +289,9 @@ async fn port_forward_ws(
 
 async fn run() -> Result<i32> {
     let cli = Cli::parse();
+    if let Some(ca) = &cli.stream_ca {
+        berth_stream::tls::trust_ca(ca)?;
+    }
     let mut rt = runtime(&cli.socket).await?;
     match cli.cmd {
         Cmd::Exec {

@@ -106,9 +106,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.stream.address.parse().context("stream.address")?,
         config.stream.port,
     );
+    let stream_tls = if config.stream.tls_cert.as_os_str().is_empty() {
+        None
+    } else {
+        Some(
+            berth_stream::tls::server_config(&config.stream.tls_cert, &config.stream.tls_key)
+                .context("stream.tls_cert / stream.tls_key")?,
+        )
+    };
     let streams = berth_stream::StreamServer::start(
         stream_addr,
         Arc::new(berth_cri::streaming::BerthStreams::new(&pods)),
+        stream_tls,
     )
     .await
     .with_context(|| format!("binding the streaming server on {stream_addr}"))?;
