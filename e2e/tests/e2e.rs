@@ -4519,6 +4519,141 @@ fn streaming_over_tls() -> Result<(), Failed> {
     })
 }
 
+/// Raw SPDY against berthd's real streaming server: the upgrade, hand-built
+/// SYN_STREAM frames (header block compressed with flate2 and the SPDY/3
+/// dictionary, not berth's encoder), and the reply bytes as the spec lays them out.
+fn streaming_raw_spdy_frames() -> Result<(), Failed> {
+    run(|| async {
+        use std::io::{Read, Write};
+        let w = world();
+        let _cg = CgroupParentGuard;
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let pod_cfg = container_pod("raw", "raw-1", &b.dir().join("logs"));
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let id = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("svc", &w.busybox.reference, "exec sleep 100000"),
+        )
+        .await?;
+        c.runtime.start_container(start(&id)).await?;
+        let url = c
+            .runtime
+            .exec(cri::ExecRequest {
+                container_id: id.clone(),
+                cmd: vec!["/bin/sh".into(), "-c".into(), "echo hi; exit 3".into()],
+                stdout: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .url;
+        let frames = tokio::task::spawn_blocking(move || -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            let rest = url.strip_prefix("http://").context("http url")?;
+            let (host, path) = rest.split_at(rest.find('/').context("path")?);
+            let mut tcp = std::net::TcpStream::connect(host)?;
+            tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
+            write!(tcp, "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n")?;
+            let mut head = Vec::new();
+            let mut one = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                ensure!(tcp.read(&mut one)? == 1, "connection closed in the response head");
+                head.push(one[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            ensure!(head.starts_with("http/1.1 101") && head.contains("x-stream-protocol-version: v4.channel.k8s.io"), "{head}");
+            let dict = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../stream/src/spdy/dictionary.bin"))?;
+            let mut z = flate2::Compress::new(flate2::Compression::default(), true);
+            z.set_dictionary(&dict)?;
+            let mut frames = Vec::new();
+            for (sid, kind) in [(1u32, "error"), (3, "stdout")] {
+                let mut raw = vec![0, 0, 0, 1, 0, 0, 0, 10];
+                raw.extend(b"streamtype");
+                raw.extend((kind.len() as u32).to_be_bytes());
+                raw.extend(kind.as_bytes());
+                let mut block = Vec::with_capacity(256);
+                z.compress_vec(&raw, &mut block, flate2::FlushCompress::Sync)?;
+                let mut f = vec![0x80, 0x03, 0x00, 0x01, 0x00];
+                f.extend(&((10 + block.len()) as u32).to_be_bytes()[1..]);
+                f.extend(sid.to_be_bytes());
+                f.extend([0, 0, 0, 0, 0, 0]);
+                f.extend(block);
+                tcp.write_all(&f)?;
+            }
+            // Frames until the error stream's FIN, then hang up and read the rest.
+            let read_frame = |tcp: &mut std::net::TcpStream| -> Result<(Vec<u8>, Vec<u8>)> {
+                let mut h = vec![0u8; 8];
+                tcp.read_exact(&mut h)?;
+                let mut p = vec![0u8; u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize];
+                tcp.read_exact(&mut p)?;
+                Ok((h, p))
+            };
+            loop {
+                let f = read_frame(&mut tcp)?;
+                let done = f.0[..4] == [0, 0, 0, 1] && f.0[4] & 1 == 1;
+                frames.push(f);
+                if done {
+                    break;
+                }
+            }
+            tcp.shutdown(std::net::Shutdown::Write)?;
+            while let Ok(f) = read_frame(&mut tcp) {
+                frames.push(f);
+            }
+            Ok(frames)
+        })
+        .await??;
+        // SYN_REPLY for 1 then 3: control bit, version 3, type 2, no flags; the first
+        // header block opens the zlib stream with the dictionary id.
+        let replies: Vec<_> = frames
+            .iter()
+            .filter(|(h, _)| h[..4] == [0x80, 0x03, 0x00, 0x02])
+            .collect();
+        ensure!(replies.len() == 2, "two SYN_REPLYs: {frames:?}");
+        ensure!(
+            replies[0].0[4] == 0 && replies[0].1[..4] == [0, 0, 0, 1],
+            "{:?}",
+            replies[0]
+        );
+        ensure!(
+            replies[0].1[4..10] == [0x78, 0xf9, 0xe3, 0xc6, 0xa7, 0xc2],
+            "{:?}",
+            replies[0]
+        );
+        ensure!(replies[1].1[..4] == [0, 0, 0, 3], "{:?}", replies[1]);
+        let data = |sid: u32| -> (Vec<u8>, bool) {
+            let mut v = Vec::new();
+            let mut fin = false;
+            for (h, p) in &frames {
+                if h[0] & 0x80 == 0 && h[..4] == sid.to_be_bytes() {
+                    v.extend(p);
+                    fin |= h[4] == 1;
+                }
+            }
+            (v, fin)
+        };
+        ensure!(data(3) == (b"hi\n".to_vec(), true), "stdout: {:?}", data(3));
+        let (status, fin) = data(1);
+        let want = br#"{"metadata":{},"status":"Failure","message":"command terminated with non-zero exit code: error executing command [/bin/sh -c echo hi; exit 3], exit code 3","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"3"}]}}"#;
+        ensure!(
+            fin && status == want.to_vec(),
+            "status: {}",
+            String::from_utf8_lossy(&status)
+        );
+        let (gh, gp) = frames.last().context("frames")?;
+        ensure!(
+            gh[..8] == [0x80, 0x03, 0x00, 0x07, 0, 0, 0, 8] && gp[..] == [0, 0, 0, 3, 0, 0, 0, 0],
+            "GOAWAY(last=3, OK): {gh:?} {gp:?}"
+        );
+        stop_pod(&mut c, &pod).await?;
+        remove_pod(&mut c, &pod).await?;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arguments::from_args();
     let tests = vec![
@@ -4609,6 +4744,7 @@ fn main() -> anyhow::Result<()> {
             streaming_exec_attach_port_forward,
         ),
         Trial::test("streaming_over_tls", streaming_over_tls),
+        Trial::test("streaming_raw_spdy_frames", streaming_raw_spdy_frames),
         Trial::test(
             "crash_mid_create_is_swept_at_restart",
             crash_mid_create_is_swept_at_restart,
