@@ -3988,6 +3988,37 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Starts `berthctl port-forward` and returns it with the local address it printed.
+async fn berthctl_port_forward(
+    b: &Berthd,
+    pod: &str,
+    transport: &str,
+    ports: &str,
+) -> Result<(ChildGuard, String)> {
+    let mut pf = ChildGuard(
+        Command::new(berth_e2e::berthd::built_binary("berthctl")?)
+            .arg("--socket")
+            .arg(&b.socket)
+            .args(["port-forward", "--transport", transport, pod, ports])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let out = pf.0.stdout.take().context("stdout")?;
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(out).lines().next()
+    })
+    .await?
+    .context("no output")??;
+    let local = line
+        .strip_prefix("Forwarding from ")
+        .and_then(|r| r.split(" -> ").next())
+        .context("forwarding line")?
+        .to_string();
+    Ok((pf, local))
+}
+
 fn exec_sync_out(
     c: &mut CriClient,
     id: &str,
@@ -4274,69 +4305,20 @@ fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
             "cat saw EOF and the container ended: {st:?}"
         );
 
-        // Port-forward to the pod's loopback: 10 requests at once.
-        let mut pf = ChildGuard(
-            Command::new(berth_e2e::berthd::built_binary("berthctl")?)
-                .arg("--socket")
-                .arg(&b.socket)
-                .args(["port-forward", &pod, "0:8080"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()?,
-        );
-        let local = {
-            use std::io::BufRead;
-            let out = pf.0.stdout.take().context("stdout")?;
-            let line =
-                tokio::task::spawn_blocking(move || std::io::BufReader::new(out).lines().next())
-                    .await?
-                    .context("no output")??;
-            line.strip_prefix("Forwarding from ")
-                .and_then(|r| r.split(" -> ").next())
-                .context("forwarding line")?
-                .to_string()
-        };
-        let mut gets = Vec::new();
-        for _ in 0..10 {
-            let a = local.clone();
-            gets.push(tokio::task::spawn_blocking(move || http_get(&a)));
+        // Port-forward to the pod's loopback: 10 requests at once, over both transports.
+        for transport in ["spdy", "websocket"] {
+            let (_pf, local) = berthctl_port_forward(&b, &pod, transport, "0:8080").await?;
+            let gets: Vec<_> = (0..10)
+                .map(|_| {
+                    let a = local.clone();
+                    tokio::task::spawn_blocking(move || http_get(&a))
+                })
+                .collect();
+            for g in gets {
+                let body = g.await??;
+                ensure!(body == "hello from the pod\n", "{transport}: {body:?}");
+            }
         }
-        for g in gets {
-            let body = g.await??;
-            ensure!(body == "hello from the pod\n", "{body:?}");
-        }
-        drop(pf);
-        let mut pf = ChildGuard(
-            Command::new(berth_e2e::berthd::built_binary("berthctl")?)
-                .arg("--socket")
-                .arg(&b.socket)
-                .args(["port-forward", "--transport", "websocket", &pod, "0:8080"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()?,
-        );
-        let local = {
-            use std::io::BufRead;
-            let out = pf.0.stdout.take().context("stdout")?;
-            let line =
-                tokio::task::spawn_blocking(move || std::io::BufReader::new(out).lines().next())
-                    .await?
-                    .context("no output")??;
-            line.strip_prefix("Forwarding from ")
-                .and_then(|r| r.split(" -> ").next())
-                .context("forwarding line")?
-                .to_string()
-        };
-        let mut gets = Vec::new();
-        for _ in 0..10 {
-            let a = local.clone();
-            gets.push(tokio::task::spawn_blocking(move || http_get(&a)));
-        }
-        for g in gets {
-            let body = g.await??;
-            ensure!(body == "hello from the pod\n", "over websocket: {body:?}");
-        }
-        drop(pf);
 
         // A client that disconnects mid-exec leaves no process behind.
         let mut gone = ChildGuard(

@@ -79,6 +79,18 @@ async fn dial(url: &str) -> Result<(Box<dyn Io>, String, String), ClientError> {
     Ok((Box::new(stream), host.to_string(), path.to_string()))
 }
 
+/// Collects everything the peer sends on a stream until its FIN or reset.
+fn read_to_end(st: crate::spdy::Stream) -> tokio::task::JoinHandle<Vec<u8>> {
+    let (mut rx, _) = st.split();
+    tokio::spawn(async move {
+        let mut v = Vec::new();
+        while let Some(b) = rx.recv().await {
+            v.extend_from_slice(&b);
+        }
+        v
+    })
+}
+
 /// Upgrades `url` to SPDY offering `protocols`; returns the session and the
 /// negotiated protocol.
 pub async fn connect(url: &str, protocols: &[&str]) -> Result<(Connection, String), ClientError> {
@@ -187,14 +199,7 @@ where
     } else {
         None
     };
-    let (mut err_rx, _) = error.split();
-    let err_task = tokio::spawn(async move {
-        let mut v = Vec::new();
-        while let Some(b) = err_rx.recv().await {
-            v.extend_from_slice(&b);
-        }
-        v
-    });
+    let err_task = read_to_end(error);
     if let (Some(mut input), Some(st)) = (io.stdin, stdin) {
         let w = st.writer();
         tokio::spawn(async move {
@@ -305,14 +310,7 @@ pub async fn forward_one(
     let error = conn.open(hdr("error")).await?;
     let ew = error.writer();
     let _ = ew.close().await;
-    let (mut err_rx, _) = error.split();
-    let err_task = tokio::spawn(async move {
-        let mut v = Vec::new();
-        while let Some(b) = err_rx.recv().await {
-            v.extend_from_slice(&b);
-        }
-        v
-    });
+    let err_task = read_to_end(error);
     let data = conn.open(hdr("data")).await?;
     let (mut rx, w) = data.split();
     let (mut lr, mut lw) = local.into_split();

@@ -179,61 +179,69 @@ async fn finish(
     conn.close().await;
 }
 
+/// Waits for the client's streams and wires them; `None` (after closing the
+/// session) when they did not all come.
+async fn open_session(
+    conn: &Connection,
+    mut incoming: mpsc::Receiver<Incoming>,
+    version: u8,
+    (stdin, stdout, stderr, tty): (bool, bool, bool, bool),
+    container: &str,
+) -> Option<(Option<Stream>, Wired)> {
+    let Some(mut s) =
+        wait_streams(&mut incoming, (stdin, stdout, stderr && !tty, tty), version).await
+    else {
+        tracing::info!(container, "timed out waiting for client to create streams");
+        conn.close().await;
+        return None;
+    };
+    tokio::spawn(refuse_more(incoming));
+    let wired = wire(conn, &mut s);
+    Some((s.error.take(), wired))
+}
+
 /// Serves one exec session.
 pub async fn serve_exec(
     conn: Connection,
-    mut incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::Receiver<Incoming>,
     protocol: &str,
     req: ExecRequest,
     runtime: Arc<dyn StreamRuntime>,
 ) {
     let version = version_of(protocol);
-    let Some(mut s) = wait_streams(
-        &mut incoming,
-        (req.stdin, req.stdout, req.stderr && !req.tty, req.tty),
-        version,
-    )
-    .await
+    let want = (req.stdin, req.stdout, req.stderr, req.tty);
+    let Some((error, wired)) =
+        open_session(&conn, incoming, version, want, &req.container_id).await
     else {
-        tracing::info!(container = %req.container_id, "exec: timed out waiting for client to create streams");
-        conn.close().await;
         return;
     };
-    tokio::spawn(refuse_more(incoming));
-    let wired = wire(&conn, &mut s);
     let cmd = req.cmd.clone();
     let outcome = match runtime.exec(req, wired.io).await {
         ExecOutcome::Exited(code) => Ok(code),
         ExecOutcome::Failed(e) => Err(e),
     };
     let status = error_stream_message(version, &cmd, &outcome, "executing command in container");
-    finish(conn, s.error.take(), wired.outputs, wired.inputs, status).await;
+    finish(conn, error, wired.outputs, wired.inputs, status).await;
 }
 
 /// Serves one attach session.
 pub async fn serve_attach(
     conn: Connection,
-    mut incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::Receiver<Incoming>,
     protocol: &str,
     req: AttachRequest,
     runtime: Arc<dyn StreamRuntime>,
 ) {
     let version = version_of(protocol);
-    let Some(mut s) = wait_streams(
-        &mut incoming,
-        (req.stdin, req.stdout, req.stderr && !req.tty, req.tty),
-        version,
-    )
-    .await
+    let want = (req.stdin, req.stdout, req.stderr, req.tty);
+    let Some((error, wired)) =
+        open_session(&conn, incoming, version, want, &req.container_id).await
     else {
-        conn.close().await;
         return;
     };
-    tokio::spawn(refuse_more(incoming));
-    let wired = wire(&conn, &mut s);
     let outcome = runtime.attach(req, wired.io).await.map(|()| 0);
     let status = error_stream_message(version, &[], &outcome, "attaching to container");
-    finish(conn, s.error.take(), wired.outputs, wired.inputs, status).await;
+    finish(conn, error, wired.outputs, wired.inputs, status).await;
 }
 
 /// Streams opened after the session is set up are refused.

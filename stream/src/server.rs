@@ -47,6 +47,22 @@ fn text(status: StatusCode, body: &str) -> Reply {
     r
 }
 
+/// `101 Switching Protocols` to `upgrade`, with extra headers.
+fn switching(upgrade: &'static str, extra: &[(&'static str, String)]) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    r.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static(upgrade));
+    for (k, v) in extra {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            r.headers_mut().insert(*k, v);
+        }
+    }
+    r
+}
+
 fn header_has(req: &Request<Body>, name: hyper::header::HeaderName, needle: &str) -> bool {
     req.headers()
         .get_all(name)
@@ -229,16 +245,7 @@ impl StreamServer {
                 }
             }
         });
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        r.headers_mut()
-            .insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
-        if let Ok(v) = HeaderValue::from_str(&chosen) {
-            r.headers_mut().insert("x-stream-protocol-version", v);
-        }
-        r
+        switching("SPDY/3.1", &[("x-stream-protocol-version", chosen)])
     }
 
     /// The WebSocket handshake (RFC 6455) with `wsstream`'s subprotocol choice: the
@@ -319,20 +326,10 @@ impl StreamServer {
                 }
             }
         });
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        r.headers_mut()
-            .insert(UPGRADE, HeaderValue::from_static("websocket"));
-        if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-            r.headers_mut().insert("sec-websocket-accept", v);
-        }
+        let mut extra = vec![("sec-websocket-accept", derive_accept_key(key.as_bytes()))];
         if !chosen.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&chosen) {
-                r.headers_mut().insert("sec-websocket-protocol", v);
-            }
+            extra.push(("sec-websocket-protocol", chosen));
         }
-        r
+        switching("websocket", &extra)
     }
 }

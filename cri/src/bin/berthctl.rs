@@ -209,22 +209,7 @@ async fn port_forward(
         .url;
     let conn = client::connect_port_forward(&url).await?;
     let mut request_id = 0u32;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    for (local, remote) in pairs {
-        let l = tokio::net::TcpListener::bind(("127.0.0.1", local))
-            .await
-            .with_context(|| format!("listening on 127.0.0.1:{local}"))?;
-        println!("Forwarding from {} -> {remote}", l.local_addr()?);
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = l.accept().await {
-                if tx.send((sock, remote)).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(tx);
+    let mut rx = listen(&pairs).await?;
     loop {
         tokio::select! {
             got = rx.recv() => {
@@ -246,14 +231,12 @@ async fn port_forward(
     Ok(())
 }
 
-/// Over WebSocket a session carries its ports once, so each local connection gets
-/// its own PortForward URL and session.
-async fn port_forward_ws(
-    rt: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
+/// Listens on 127.0.0.1 for each LOCAL:REMOTE pair (printing where, as kubectl
+/// does); accepted connections arrive with the remote port they are for.
+async fn listen(
     pairs: &[(u16, u16)],
-) -> Result<()> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+) -> Result<tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, u16)>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
     for &(local, remote) in pairs {
         let l = tokio::net::TcpListener::bind(("127.0.0.1", local))
             .await
@@ -268,7 +251,17 @@ async fn port_forward_ws(
             }
         });
     }
-    drop(tx);
+    Ok(rx)
+}
+
+/// Over WebSocket a session carries its ports once, so each local connection gets
+/// its own PortForward URL and session.
+async fn port_forward_ws(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pairs: &[(u16, u16)],
+) -> Result<()> {
+    let mut rx = listen(pairs).await?;
     while let Some((sock, remote)) = rx.recv().await {
         let url = rt
             .port_forward(cri::PortForwardRequest {
