@@ -676,8 +676,8 @@ fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_https_urls_over_spdy_and_websocket() {
-    let dir = std::env::temp_dir().join(format!("berth-stream-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     let (ca, crt, key) = test_pki(&dir);
     let cfg = berth_stream::tls::server_config(&crt, &key).unwrap();
     let s = StreamServer::start(
@@ -741,5 +741,4 @@ async fn tls_serves_https_urls_over_spdy_and_websocket() {
     assert!(bad.is_err());
     let missing = berth_stream::tls::server_config(&dir.join("nope.crt"), &key).unwrap_err();
     assert!(missing.to_string().contains("nope.crt"), "{missing}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
