@@ -14,9 +14,10 @@ REPO="$(dirname "$HERE")"
 berth_apt_install $BERTH_BUILD_PACKAGES $BERTH_RUN_PACKAGES
 berth_require_cargo
 echo "berth: building (release)" >&2
-(cd "$REPO" && cargo build --release --locked --quiet --bin berthd --bin berth-shim)
+(cd "$REPO" && cargo build --release --locked --quiet --bin berthd --bin berth-shim --bin berthctl)
 install -m 0755 "$REPO/target/release/berthd" /usr/local/bin/berthd
 install -m 0755 "$REPO/target/release/berth-shim" /usr/local/bin/berth-shim
+install -m 0755 "$REPO/target/release/berthctl" /usr/local/bin/berthctl
 
 install -d -m 0755 /etc/berth /etc/cni/net.d
 [[ -e /etc/berth/config.toml ]] || install -m 0644 "$HERE/config.toml" /etc/berth/config.toml
