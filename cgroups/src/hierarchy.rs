@@ -201,11 +201,6 @@ impl Cgroup {
     pub fn v2_dir(&self) -> Option<&Path> {
         self.v2.as_deref()
     }
-
-    /// Whether the cgroup exists in at least one hierarchy.
-    pub fn exists(&self) -> bool {
-        self.v1.values().chain(self.v2.iter()).any(|d| d.is_dir())
-    }
 }
 
 #[cfg(test)]

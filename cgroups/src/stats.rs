@@ -122,15 +122,17 @@ pub fn parse_keyed(s: &str) -> HashMap<String, u64> {
 impl Cgroup {
     /// Reads every statistic available; `NotFound` when the cgroup exists nowhere.
     pub fn stats(&self) -> Result<CgroupStats, CgroupError> {
-        if !self.exists() {
-            return Err(CgroupError::NotFound(self.relative().display().to_string()));
-        }
-        Ok(CgroupStats {
+        // No separate existence probe: a missing cgroup reads as nothing at all.
+        let st = CgroupStats {
             cpu: self.cpu_stats()?,
             memory: self.memory_stats()?,
             pids: self.pids()?,
             oom_kills: crate::oom_kill_count(self),
-        })
+        };
+        if st == CgroupStats::default() {
+            return Err(CgroupError::NotFound(self.relative().display().to_string()));
+        }
+        Ok(st)
     }
 
     /// CPU time: v1 `cpuacct` + `cpu`, else v2 `cpu.stat` (present in every cgroup2
@@ -186,9 +188,10 @@ impl Cgroup {
         let st = read_keyed(dir, "memory.stat")?.unwrap_or_default();
         let k = |key: &str| st.get(key).copied().unwrap_or(0);
         let memsw = read_u64(dir, "memory.memsw.usage_in_bytes")?;
+        let limit = read_u64(dir, "memory.limit_in_bytes")?;
         Ok(Some(MemoryStats {
             usage,
-            limit: read_u64(dir, "memory.limit_in_bytes")?.filter(|&l| l < UNLIMITED),
+            limit: limit.filter(|&l| l < UNLIMITED),
             max_usage: read_u64(dir, "memory.max_usage_in_bytes")?.unwrap_or(0),
             rss: k("total_rss"),
             cache: k("total_cache"),
@@ -201,7 +204,7 @@ impl Cgroup {
             swap_usage: memsw.map(|m| m.saturating_sub(usage)),
             swap_limit: read_u64(dir, "memory.memsw.limit_in_bytes")?
                 .filter(|&l| l < UNLIMITED)
-                .zip(read_u64(dir, "memory.limit_in_bytes")?)
+                .zip(limit)
                 .map(|(sw, mem)| sw.saturating_sub(mem)),
         }))
     }

@@ -121,12 +121,13 @@ impl PodManager {
         }
     }
 
-    /// Drops kept samples of objects that are gone.
-    fn prune_samples(&self, live: &HashSet<String>) {
+    /// After a full listing of one kind (pods or containers), forgets the samples of
+    /// that kind it did not list; the other kind's samples stay.
+    fn prune_samples(&self, pods: bool, listed: HashSet<String>) {
         self.cpu_samples
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| live.contains(k));
+            .retain(|k, _| k.starts_with("pod/") != pods || listed.contains(k));
     }
 
     fn read_container(&self, rec: ContainerRecord) -> ContainerReading {
@@ -223,21 +224,12 @@ impl PodManager {
         let unfiltered = f == cri::ContainerStatsFilter::default();
         let readings = self.filtered_containers(&f);
         if unfiltered {
-            self.prune_after_list(readings.iter().map(|r| r.rec.id.clone()));
+            self.prune_samples(false, readings.iter().map(|r| r.rec.id.clone()).collect());
         }
         readings
             .iter()
             .map(|r| self.container_stats_of(r))
             .collect()
-    }
-
-    /// After a full listing, forget samples of whatever was not in it (containers and
-    /// pods are listed by separate calls, so each keeps the other's keys).
-    fn prune_after_list(&self, ids: impl Iterator<Item = String>) {
-        let mut live: HashSet<String> = ids.collect();
-        live.extend(self.store.sandboxes().into_iter().map(|p| pod_key(&p.id)));
-        live.extend(self.store.containers().into_iter().map(|c| c.id));
-        self.prune_samples(&live);
     }
 
     /// Reads a pod and its running containers (`ctrs`: the store's, grouped by pod).
@@ -376,7 +368,7 @@ impl PodManager {
         let f = filter.unwrap_or_default();
         let pods = self.filtered_pods(&f);
         if f == cri::PodSandboxStatsFilter::default() {
-            self.prune_after_list(std::iter::empty());
+            self.prune_samples(true, pods.iter().map(|p| pod_key(&p.rec.id)).collect());
         }
         pods.iter().map(|p| self.pod_stats_of(p)).collect()
     }

@@ -4363,6 +4363,23 @@ fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
     })
 }
 
+/// A client, a pod and a running container that sleeps, on `b`.
+async fn sleeping_pod(
+    b: &Berthd,
+    w: &World,
+    test: &str,
+    uid: &str,
+) -> Result<(CriClient, String, String)> {
+    let mut c = b.client().await?;
+    pull(&mut c, &w.busybox.reference).await?;
+    let pod_cfg = container_pod(test, uid, &b.dir().join("logs"));
+    let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+    let cfg = container_config("svc", &w.busybox.reference, "exec sleep 100000");
+    let id = create_ctr(&mut c, &pod, &pod_cfg, cfg).await?;
+    c.runtime.start_container(start(&id)).await?;
+    Ok((c, pod, id))
+}
+
 fn streaming_over_tls() -> Result<(), Failed> {
     run(|| async {
         let w = world();
@@ -4433,18 +4450,7 @@ fn streaming_over_tls() -> Result<(), Failed> {
         let b = Berthd::start(&format!(
             "[stream]\ntls_cert = \"{p}/srv.crt\"\ntls_key = \"{p}/srv.key\"\n"
         ))?;
-        let mut c = b.client().await?;
-        pull(&mut c, &w.busybox.reference).await?;
-        let pod_cfg = container_pod("tls", "tls-1", &b.dir().join("logs"));
-        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
-        let id = create_ctr(
-            &mut c,
-            &pod,
-            &pod_cfg,
-            container_config("svc", &w.busybox.reference, "exec sleep 100000"),
-        )
-        .await?;
-        c.runtime.start_container(start(&id)).await?;
+        let (mut c, pod, id) = sleeping_pod(&b, &w, "tls", "tls-1").await?;
         let url = c
             .runtime
             .exec(cri::ExecRequest {
@@ -4510,18 +4516,7 @@ fn streaming_raw_spdy_frames() -> Result<(), Failed> {
         let w = world();
         let _cg = CgroupParentGuard;
         let b = Berthd::start("")?;
-        let mut c = b.client().await?;
-        pull(&mut c, &w.busybox.reference).await?;
-        let pod_cfg = container_pod("raw", "raw-1", &b.dir().join("logs"));
-        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
-        let id = create_ctr(
-            &mut c,
-            &pod,
-            &pod_cfg,
-            container_config("svc", &w.busybox.reference, "exec sleep 100000"),
-        )
-        .await?;
-        c.runtime.start_container(start(&id)).await?;
+        let (mut c, pod, id) = sleeping_pod(&b, &w, "raw", "raw-1").await?;
         let url = c
             .runtime
             .exec(cri::ExecRequest {

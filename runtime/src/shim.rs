@@ -790,14 +790,19 @@ impl Shim {
             }
         };
         let _ = self.exits.remove(&r.id);
-        let cgroup = self.container_cgroup(Path::new(&r.bundle));
+        // One read of the bundle's spec for everything the shim needs from it.
+        let spec: serde_json::Value = std::fs::read(Path::new(&r.bundle).join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let cgroup = self.container_cgroup(&spec);
         let oom = cgroup.as_ref().and_then(|cg| {
             OomWatch::arm(cg)
                 .map_err(|e| eprintln!("berth-shim: no OOM watch for {}: {e}", r.id))
                 .ok()
         });
         let task = Task {
-            kill_all_on_exit: shares_pid_namespace(Path::new(&r.bundle)),
+            kill_all_on_exit: shares_pid_namespace(&spec),
             oom_baseline: oom.as_ref().map_or(0, OomWatch::total),
             cgroup,
             oom,
@@ -938,11 +943,9 @@ impl Shim {
             .retain(|r| !r.is_done() || !r.pending_in.is_empty());
     }
 
-    /// The cgroup named by a bundle's `linux.cgroupsPath`.
-    fn container_cgroup(&self, bundle: &Path) -> Option<Cgroup> {
+    /// The cgroup named by a spec's `linux.cgroupsPath`.
+    fn container_cgroup(&self, spec: &serde_json::Value) -> Option<Cgroup> {
         let h = self.cgroups.as_ref()?;
-        let spec: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
         let path = spec["linux"]["cgroupsPath"].as_str()?;
         berth_cgroups::relative_path_of(path)
             .map(|rel| h.cgroup(&rel))
@@ -1383,13 +1386,10 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// Whether a bundle's container has no PID namespace of its own (the host's, or a
 /// pod's shared one): then its init's exit does not end its other processes.
-fn shares_pid_namespace(bundle: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(bundle.join("config.json")) else {
-        return false;
-    };
-    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-        return false;
-    };
+fn shares_pid_namespace(spec: &serde_json::Value) -> bool {
+    if spec.is_null() {
+        return false; // unreadable spec: assume the usual own namespace
+    }
     let own = spec["linux"]["namespaces"].as_array().is_some_and(|nss| {
         nss.iter()
             .any(|ns| ns["type"] == "pid" && ns["path"].as_str().is_none_or(str::is_empty))

@@ -79,6 +79,27 @@ async fn dial(url: &str) -> Result<(Box<dyn Io>, String, String), ClientError> {
     Ok((Box::new(stream), host.to_string(), path.to_string()))
 }
 
+/// Sends what `input` yields on a stream, then half-closes it (FIN) at EOF.
+fn send_until_eof<R: AsyncRead + Unpin + Send + 'static>(
+    mut input: R,
+    w: crate::spdy::StreamWriter,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match input.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if w.write(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = w.close().await;
+    })
+}
+
 /// Collects everything the peer sends on a stream until its FIN or reset.
 fn read_to_end(st: crate::spdy::Stream) -> tokio::task::JoinHandle<Vec<u8>> {
     let (mut rx, _) = st.split();
@@ -200,22 +221,8 @@ where
         None
     };
     let err_task = read_to_end(error);
-    if let (Some(mut input), Some(st)) = (io.stdin, stdin) {
-        let w = st.writer();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match input.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if w.write(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = w.close().await;
-        });
+    if let (Some(input), Some(st)) = (io.stdin, stdin) {
+        send_until_eof(input, st.writer());
     }
     if let (Some(mut sizes), Some(st)) = (io.resize, resize) {
         let w = st.writer();
@@ -313,22 +320,8 @@ pub async fn forward_one(
     let err_task = read_to_end(error);
     let data = conn.open(hdr("data")).await?;
     let (mut rx, w) = data.split();
-    let (mut lr, mut lw) = local.into_split();
-    let w2 = w.clone();
-    let up = tokio::spawn(async move {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match lr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if w2.write(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = w2.close().await;
-    });
+    let (lr, mut lw) = local.into_split();
+    let up = send_until_eof(lr, w.clone());
     while let Some(b) = rx.recv().await {
         if lw.write_all(&b).await.is_err() {
             break;

@@ -16,7 +16,7 @@ pub mod tokens;
 pub mod ws;
 
 pub use runtime::{
-    AttachRequest, ExecOutcome, ExecRequest, PortForwardRequest, SessionIo, StreamRequest,
+    AttachRequest, Command, ExecOutcome, ExecRequest, PortForwardRequest, SessionIo, StreamRequest,
     StreamRuntime, TermSize,
 };
 pub use server::StreamServer;

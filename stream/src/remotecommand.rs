@@ -10,10 +10,10 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::runtime::{AttachRequest, ExecOutcome, ExecRequest, SessionIo, StreamRuntime, TermSize};
+use crate::runtime::{Command, SessionIo, StreamRuntime, TermSize};
 use crate::server::STREAM_CREATION_TIMEOUT;
 use crate::spdy::{Connection, Incoming, Stream, StreamWriter};
-use crate::status::{error_stream_message, version_of};
+use crate::status::version_of;
 
 /// How long berth waits for the client to close after the status was sent.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -179,69 +179,27 @@ async fn finish(
     conn.close().await;
 }
 
-/// Waits for the client's streams and wires them; `None` (after closing the
-/// session) when they did not all come.
-async fn open_session(
-    conn: &Connection,
+/// Serves one exec or attach session.
+pub async fn serve(
+    conn: Connection,
     mut incoming: mpsc::Receiver<Incoming>,
-    version: u8,
-    (stdin, stdout, stderr, tty): (bool, bool, bool, bool),
-    container: &str,
-) -> Option<(Option<Stream>, Wired)> {
-    let Some(mut s) =
-        wait_streams(&mut incoming, (stdin, stdout, stderr && !tty, tty), version).await
-    else {
-        tracing::info!(container, "timed out waiting for client to create streams");
+    protocol: &str,
+    cmd: Command,
+    runtime: Arc<dyn StreamRuntime>,
+) {
+    let version = version_of(protocol);
+    let Some(mut s) = wait_streams(&mut incoming, cmd.streams(), version).await else {
+        tracing::info!(
+            container = cmd.container_id(),
+            "timed out waiting for client to create streams"
+        );
         conn.close().await;
-        return None;
+        return;
     };
     tokio::spawn(refuse_more(incoming));
-    let wired = wire(conn, &mut s);
-    Some((s.error.take(), wired))
-}
-
-/// Serves one exec session.
-pub async fn serve_exec(
-    conn: Connection,
-    incoming: mpsc::Receiver<Incoming>,
-    protocol: &str,
-    req: ExecRequest,
-    runtime: Arc<dyn StreamRuntime>,
-) {
-    let version = version_of(protocol);
-    let want = (req.stdin, req.stdout, req.stderr, req.tty);
-    let Some((error, wired)) =
-        open_session(&conn, incoming, version, want, &req.container_id).await
-    else {
-        return;
-    };
-    let cmd = req.cmd.clone();
-    let outcome = match runtime.exec(req, wired.io).await {
-        ExecOutcome::Exited(code) => Ok(code),
-        ExecOutcome::Failed(e) => Err(e),
-    };
-    let status = error_stream_message(version, &cmd, &outcome, "executing command in container");
-    finish(conn, error, wired.outputs, wired.inputs, status).await;
-}
-
-/// Serves one attach session.
-pub async fn serve_attach(
-    conn: Connection,
-    incoming: mpsc::Receiver<Incoming>,
-    protocol: &str,
-    req: AttachRequest,
-    runtime: Arc<dyn StreamRuntime>,
-) {
-    let version = version_of(protocol);
-    let want = (req.stdin, req.stdout, req.stderr, req.tty);
-    let Some((error, wired)) =
-        open_session(&conn, incoming, version, want, &req.container_id).await
-    else {
-        return;
-    };
-    let outcome = runtime.attach(req, wired.io).await.map(|()| 0);
-    let status = error_stream_message(version, &[], &outcome, "attaching to container");
-    finish(conn, error, wired.outputs, wired.inputs, status).await;
+    let wired = wire(&conn, &mut s);
+    let status = cmd.run(runtime.as_ref(), wired.io, version).await;
+    finish(conn, s.error.take(), wired.outputs, wired.inputs, status).await;
 }
 
 /// Streams opened after the session is set up are refused.

@@ -109,3 +109,66 @@ pub trait StreamRuntime: Send + Sync + 'static {
         port: u16,
     ) -> BoxFuture<Result<tokio::net::TcpStream, String>>;
 }
+
+/// An exec or an attach: the two remote commands, served alike by both transports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `/exec/<token>`.
+    Exec(ExecRequest),
+    /// `/attach/<token>`.
+    Attach(AttachRequest),
+}
+
+impl StreamRequest {
+    /// An exec or attach as a `Command`; a port-forward as it is.
+    pub fn into_command(self) -> Result<Command, PortForwardRequest> {
+        match self {
+            StreamRequest::Exec(r) => Ok(Command::Exec(r)),
+            StreamRequest::Attach(r) => Ok(Command::Attach(r)),
+            StreamRequest::PortForward(r) => Err(r),
+        }
+    }
+}
+
+impl Command {
+    /// The streams the client opens: stdin, stdout, stderr (never with a tty), tty.
+    pub fn streams(&self) -> (bool, bool, bool, bool) {
+        let (i, o, e, t) = match self {
+            Command::Exec(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+            Command::Attach(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+        };
+        (i, o, e && !t, t)
+    }
+
+    /// The container it runs in.
+    pub fn container_id(&self) -> &str {
+        match self {
+            Command::Exec(r) => &r.container_id,
+            Command::Attach(r) => &r.container_id,
+        }
+    }
+
+    /// Runs it; returns what goes on the error stream for protocol `version`.
+    pub async fn run(
+        self,
+        runtime: &dyn StreamRuntime,
+        io: SessionIo,
+        version: u8,
+    ) -> Option<Vec<u8>> {
+        use crate::status::error_stream_message;
+        match self {
+            Command::Exec(e) => {
+                let cmd = e.cmd.clone();
+                let outcome = match runtime.exec(e, io).await {
+                    ExecOutcome::Exited(c) => Ok(c),
+                    ExecOutcome::Failed(m) => Err(m),
+                };
+                error_stream_message(version, &cmd, &outcome, "executing command in container")
+            }
+            Command::Attach(a) => {
+                let outcome = runtime.attach(a, io).await.map(|()| 0);
+                error_stream_message(version, &[], &outcome, "attaching to container")
+            }
+        }
+    }
+}

@@ -225,24 +225,12 @@ impl StreamServer {
                 return;
             };
             let (conn, incoming) = Connection::server(TokioIo::new(upgraded), IDLE_TIMEOUT);
-            match stream_req {
-                StreamRequest::Exec(r) => {
-                    crate::remotecommand::serve_exec(conn, incoming, &proto, r, me.runtime.clone())
+            match stream_req.into_command() {
+                Ok(cmd) => {
+                    crate::remotecommand::serve(conn, incoming, &proto, cmd, me.runtime.clone())
                         .await
                 }
-                StreamRequest::Attach(r) => {
-                    crate::remotecommand::serve_attach(
-                        conn,
-                        incoming,
-                        &proto,
-                        r,
-                        me.runtime.clone(),
-                    )
-                    .await
-                }
-                StreamRequest::PortForward(r) => {
-                    crate::portforward::serve(conn, incoming, r, me.runtime.clone()).await
-                }
+                Err(pf) => crate::portforward::serve(conn, incoming, pf, me.runtime.clone()).await,
             }
         });
         switching("SPDY/3.1", &[("x-stream-protocol-version", chosen)])
@@ -314,16 +302,9 @@ impl StreamServer {
             )
             .await;
             let rt = me.runtime.clone();
-            match stream_req {
-                StreamRequest::Exec(r) => {
-                    crate::ws::serve_command(ws, proto, Some(r), None, rt).await
-                }
-                StreamRequest::Attach(r) => {
-                    crate::ws::serve_command(ws, proto, None, Some(r), rt).await
-                }
-                StreamRequest::PortForward(r) => {
-                    crate::ws::serve_port_forward(ws, proto, r, rt).await
-                }
+            match stream_req.into_command() {
+                Ok(cmd) => crate::ws::serve_command(ws, proto, cmd, rt).await,
+                Err(pf) => crate::ws::serve_port_forward(ws, proto, pf, rt).await,
             }
         });
         let mut extra = vec![("sec-websocket-accept", derive_accept_key(key.as_bytes()))];

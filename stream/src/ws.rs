@@ -18,10 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::runtime::{
-    AttachRequest, ExecOutcome, ExecRequest, PortForwardRequest, SessionIo, StreamRuntime, TermSize,
-};
-use crate::status::error_stream_message;
+use crate::runtime::{Command, PortForwardRequest, SessionIo, StreamRuntime, TermSize};
 
 /// Exec/attach subprotocols, in the order berth prefers when a client offers several
 /// (the client's order decides, as in wsstream).
@@ -125,19 +122,14 @@ async fn writer<T>(
 pub async fn serve_command<T>(
     ws: Ws<T>,
     protocol: String,
-    exec: Option<ExecRequest>,
-    attach: Option<AttachRequest>,
+    cmd: Command,
     runtime: Arc<dyn StreamRuntime>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let framing = Framing::of(&protocol);
     let version = version_of(&protocol);
-    let (stdin, stdout, stderr, tty) = match (&exec, &attach) {
-        (Some(e), _) => (e.stdin, e.stdout, e.stderr && !e.tty, e.tty),
-        (_, Some(a)) => (a.stdin, a.stdout, a.stderr && !a.tty, a.tty),
-        _ => return,
-    };
+    let (stdin, stdout, stderr, tty) = cmd.streams();
     let (sink, mut source) = ws.split();
     let (out_tx, out_rx) = mpsc::channel::<Message>(32);
     let write_task = tokio::spawn(writer(sink, out_rx));
@@ -223,21 +215,7 @@ pub async fn serve_command<T>(
         resize: tty.then_some(resize_rx),
         gone: gone_rx,
     };
-    let status = match (exec, attach) {
-        (Some(e), _) => {
-            let cmd = e.cmd.clone();
-            let outcome = match runtime.exec(e, io).await {
-                ExecOutcome::Exited(c) => Ok(c),
-                ExecOutcome::Failed(m) => Err(m),
-            };
-            error_stream_message(version, &cmd, &outcome, "executing command in container")
-        }
-        (_, Some(a)) => {
-            let outcome = runtime.attach(a, io).await.map(|()| 0);
-            error_stream_message(version, &[], &outcome, "attaching to container")
-        }
-        _ => None,
-    };
+    let status = cmd.run(runtime.as_ref(), io, version).await;
     for p in pumps {
         let _ = p.await;
     }

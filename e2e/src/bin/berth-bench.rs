@@ -553,6 +553,31 @@ async fn run_pod(c: &mut CriClient, cfg: &cri::PodSandboxConfig) -> Result<Strin
     Ok(r.into_inner().pod_sandbox_id)
 }
 
+/// Creates and starts the sleeping bench container in `pod`; returns its id.
+async fn start_sleeper(
+    c: &mut CriClient,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    image: &str,
+) -> Result<String> {
+    let ctr = c
+        .runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(ctr_config(image)),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await?
+        .into_inner()
+        .container_id;
+    c.runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: ctr.clone(),
+        })
+        .await?;
+    Ok(ctr)
+}
+
 async fn remove_pod(c: &mut CriClient, id: &str) -> Result<()> {
     c.runtime
         .stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -587,21 +612,7 @@ async fn exec_bench(
     let cfg = pod_config("exec-bench");
     let pod = run_pod(&mut c, &cfg).await?;
     let result = async {
-        let ctr = c
-            .runtime
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(ctr_config(&image)),
-                sandbox_config: Some(cfg.clone()),
-            })
-            .await?
-            .into_inner()
-            .container_id;
-        c.runtime
-            .start_container(cri::StartContainerRequest {
-                container_id: ctr.clone(),
-            })
-            .await?;
+        let ctr = start_sleeper(&mut c, &pod, &cfg, &image).await?;
         let (mut sync_l, mut stream_l) = (Vec::new(), Vec::new());
         for i in 0..iterations + 3 {
             let t = Instant::now();
@@ -746,20 +757,7 @@ async fn stats_bench(
         }
         let pod = run_pod(&mut c, &cfg).await?;
         held.push(pod.clone());
-        let req = cri::CreateContainerRequest {
-            pod_sandbox_id: pod,
-            config: Some(ctr_config(&image)),
-            sandbox_config: Some(cfg),
-        };
-        let ctr = c
-            .runtime
-            .create_container(req)
-            .await?
-            .into_inner()
-            .container_id;
-        c.runtime
-            .start_container(cri::StartContainerRequest { container_id: ctr })
-            .await?;
+        start_sleeper(&mut c, &pod, &cfg, &image).await?;
     }
     let (mut ctr_l, mut pod_l) = (Vec::new(), Vec::new());
     let (mut containers_listed, mut pods_listed) = (0, 0);
@@ -956,20 +954,7 @@ async fn pods_bench(
     for i in 0..hold {
         let cfg = pod_config(&format!("hold-{i}"));
         let pod = run_pod(&mut c, &cfg).await?;
-        let req = cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(ctr_config(&image)),
-            sandbox_config: Some(cfg),
-        };
-        let ctr = c
-            .runtime
-            .create_container(req)
-            .await?
-            .into_inner()
-            .container_id;
-        c.runtime
-            .start_container(cri::StartContainerRequest { container_id: ctr })
-            .await?;
+        start_sleeper(&mut c, &pod, &cfg, &image).await?;
         held.push(pod);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
