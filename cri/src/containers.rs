@@ -376,7 +376,7 @@ impl PodManager {
             .map_err(|e| invalid_field(&e.field, &e.message))?;
             let bytes =
                 serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding spec", e))?;
-            std::fs::write(bundle.join("config.json"), bytes)
+            crate::layout::write_private(&bundle.join("config.json"), &bytes)
                 .map_err(|e| internal("writing config.json", e))?;
             let log_path = if pod_config.log_directory.is_empty() || config.log_path.is_empty() {
                 String::new()

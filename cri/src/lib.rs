@@ -6,6 +6,7 @@ pub mod containers;
 pub mod events;
 pub mod failpoint;
 pub mod image_service;
+pub mod layout;
 pub mod metrics;
 pub mod pods;
 pub mod resources;

@@ -1,7 +1,7 @@
 //! The CRI socket: created safely, served by tonic, shut down gracefully.
 
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -36,6 +36,9 @@ pub enum ServeError {
 }
 
 /// Binds the CRI socket: parent dirs created, a stale socket replaced, a live one refused, mode 0660.
+///
+/// The socket is bound in a fresh 0700 dir beside its final path, given its mode, then
+/// renamed into place: at no moment can a local user connect to it with the umask's mode.
 pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     let shown = path.display().to_string();
     let io = |context, source| ServeError::Io {
@@ -43,19 +46,33 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
         path: shown.clone(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| io("creating the parent of", e))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(|e| io("creating the parent of", e))?;
+    if std::fs::symlink_metadata(path).is_ok()
+        && std::os::unix::net::UnixStream::connect(path).is_ok()
+    {
+        return Err(ServeError::InUse(shown));
     }
-    if std::fs::symlink_metadata(path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ServeError::InUse(shown));
-        }
-        std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| io("binding", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| io("chmod", e))?;
-    Ok(listener)
+    let staging = parent.join(format!(".bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(|e| io("creating a private dir beside", e))?;
+    let bound = (|| {
+        let staged = staging.join("s");
+        let listener = UnixListener::bind(&staged).map_err(|e| io("binding", e))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| io("chmod", e))?;
+        // Replaces a stale socket atomically.
+        std::fs::rename(&staged, path).map_err(|e| io("moving the socket to", e))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
 }
 
 /// Serves CRI on `listener` until `shutdown` resolves, then lets in-flight calls finish.

@@ -124,6 +124,11 @@ impl Berthd {
     /// Starts berthd with `extra_config` (TOML) appended to a config naming its dirs.
     pub fn start(extra_config: &str) -> Result<Berthd> {
         let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
+        // Passable like /var/lib and /run, so that only berth's own modes keep local users out.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         let root = dir.path().join("root");
         let state = dir.path().join("state");
         let socket = state.join("berth.sock");

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,7 +29,12 @@ impl ContentStore {
             fs::remove_dir_all(&ingest).map_err(|e| ImageError::io("removing", &ingest, e))?;
         }
         for d in [&blobs, &ingest] {
-            fs::create_dir_all(d).map_err(|e| ImageError::io("creating", d, e))?;
+            // Private: berthd's root is passable, and nothing below it may be reachable.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| ImageError::io("creating", d, e))?;
         }
         Ok(ContentStore {
             blobs,

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::error::{ImageError, Result};
@@ -19,7 +20,12 @@ pub struct SnapshotStore {
 impl SnapshotStore {
     /// Opens (creating) the store under `dir`; trash left by an interrupted removal is deleted.
     pub fn open(dir: &Path) -> Result<SnapshotStore> {
-        fs::create_dir_all(dir).map_err(|e| ImageError::io("creating", dir, e))?;
+        // Private: unpacked layers keep setuid files and device nodes.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| ImageError::io("creating", dir, e))?;
         let rd = fs::read_dir(dir).map_err(|e| ImageError::io("listing", dir, e))?;
         for ent in rd.flatten() {
             if ent.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {

@@ -109,7 +109,9 @@ fn open_append(path: &Path) -> io::Result<File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    OpenOptions::new().create(true).append(true).open(path)
+    // 0640 as containerd creates them: a log can hold what a Secret put in the environment.
+    std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o640)
+        .open(path)
 }
 
 #[cfg(test)]

@@ -83,10 +83,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    for d in [&config.root, &config.state] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let db_path = config.root.join("meta.redb");
+    berth_cri::layout::prepare(&config.root, &config.state)?;
+    let db_path = config.root.join(berth_cri::layout::RECORDS_FILE);
     let db = Arc::new(
         redb::Builder::new()
             // The metadata is small; redb's default cache would let it grow far beyond.

@@ -23,6 +23,8 @@ use k8s_cri::v1 as cri;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tonic::Code;
 
+mod security;
+
 /// Everything the tests share: the registries and what was pushed to them.
 struct World {
     _dir: tempfile::TempDir,
@@ -4722,6 +4724,10 @@ fn main() -> anyhow::Result<()> {
         ),
         Trial::test("streaming_over_tls", streaming_over_tls),
         Trial::test("streaming_raw_spdy_frames", streaming_raw_spdy_frames),
+        Trial::test(
+            "state_is_private_to_root",
+            security::state_is_private_to_root,
+        ),
         Trial::test(
             "crash_mid_create_is_swept_at_restart",
             crash_mid_create_is_swept_at_restart,

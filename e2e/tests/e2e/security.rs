@@ -1,0 +1,173 @@
+//! Security e2e tests: what a local user or a container can and cannot reach.
+
+use std::os::unix::process::CommandExt as _;
+
+use super::*;
+
+/// The overflow uid/gid: an unprivileged local user.
+const NOBODY: u32 = 65534;
+
+/// Every setuid regular file below `dir`, without following symlinks or leaving mounts
+/// other than the ones below (the walk runs as root).
+fn setuid_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        if meta.is_dir() {
+            setuid_files(&e.path(), out);
+        } else if meta.is_file() && meta.mode() & 0o4000 != 0 {
+            out.push(e.path());
+        }
+    }
+}
+
+/// Runs `argv` as the unprivileged local user; Ok(output) or the spawn error.
+fn as_nobody(argv: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+}
+
+fn mode_of(p: &Path) -> Result<u32> {
+    Ok(std::fs::metadata(p)
+        .with_context(|| format!("stat {}", p.display()))?
+        .mode()
+        & 0o7777)
+}
+
+fn expect_private_layout(b: &Berthd, bundle: &Path) -> Result<()> {
+    for (p, want) in [
+        (b.root.clone(), 0o711),
+        (b.state.clone(), 0o711),
+        (b.root.join("meta.redb"), 0o600),
+        (bundle.join("config.json"), 0o600),
+    ] {
+        let m = mode_of(&p)?;
+        ensure!(m == want, "{} has mode {m:o}, want {want:o}", p.display());
+    }
+    for (top, subs) in [
+        (
+            &b.root,
+            &["content", "snapshots", "containers", "sandboxes"][..],
+        ),
+        (
+            &b.state,
+            &["s", "sandboxes", "netns", "containers", "runtimes"][..],
+        ),
+    ] {
+        for s in subs {
+            let m = mode_of(&top.join(s))?;
+            ensure!(m == 0o700, "{}/{s} has mode {m:o}, want 700", top.display());
+        }
+    }
+    Ok(())
+}
+
+/// What a local user can do against a berthd whose dirs sit in a world-readable parent.
+fn expect_nobody_locked_out(b: &Berthd, bundle: &Path) -> Result<()> {
+    for dir in [&b.root, &b.state] {
+        let out = as_nobody(&["/bin/ls", &dir.display().to_string()])?;
+        ensure!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "nobody listed {}: {out:?}",
+            dir.display()
+        );
+    }
+    for f in [b.root.join("meta.redb"), bundle.join("config.json")] {
+        let out = as_nobody(&["/bin/cat", &f.display().to_string()])?;
+        ensure!(
+            !out.status.success() && out.stdout.is_empty(),
+            "nobody read {}: {out:?}",
+            f.display()
+        );
+    }
+    // Every setuid file berth keeps (image layer, container rootfs mount, upper dir).
+    let mut found = Vec::new();
+    setuid_files(&b.root, &mut found);
+    setuid_files(&b.state, &mut found);
+    let places = ["/snapshots/", "/rootfs/", "/upper/"];
+    for p in places {
+        ensure!(
+            found.iter().any(|f| f.display().to_string().contains(p)),
+            "no setuid file found under a {p} dir: {found:?}"
+        );
+    }
+    for f in &found {
+        match as_nobody(&[&f.display().to_string(), "-c", "true"]) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {}
+            other => bail!("nobody could execute {}: {other:?}", f.display()),
+        }
+    }
+    Ok(())
+}
+
+/// root and state are 0711 with 0700 subtrees and 0600 records and bundles, so a local
+/// user can neither list them, read a bundle, nor run a setuid file from an image layer
+/// or a container's rootfs; an install with wider modes is tightened at the next start.
+pub fn state_is_private_to_root() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let mut b = Berthd::start("")?;
+        let image = ImageBuilder::new()
+            .layer(
+                base_layer().add_host_file("bin/suid-sh", "/bin/busybox", 0o4755),
+                Compression::Gzip,
+            )
+            .push(w.reg.addr(), "test/setuid", "1", None)
+            .await?;
+        let mut c = b.client().await?;
+        pull(&mut c, &image.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("private", "sec-1", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        // The container adds a setuid file of its own, which lands in its upper dir.
+        let script =
+            "busybox cp /bin/busybox /upper-suid && busybox chmod 4755 /upper-suid && sleep 300";
+        let cfg = container_config("holder", &image.reference, script);
+        let id = create_ctr(&mut c, &pod, &pod_cfg, cfg).await?;
+        c.runtime.start_container(start(&id)).await?;
+        let upper = b.root.join("containers").join(&id).join("upper/upper-suid");
+        for _ in 0..200 {
+            if upper.exists() && mode_of(&upper)? & 0o4000 != 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let bundle = b.state.join("containers").join(&id);
+        expect_nobody_locked_out(&b, &bundle)?;
+        expect_private_layout(&b, &bundle)?;
+
+        // An install made with wider modes is tightened at the next start.
+        b.kill9()?;
+        for d in [
+            &b.root,
+            &b.state,
+            &b.root.join("snapshots"),
+            &b.state.join("containers"),
+        ] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        for f in [b.root.join("meta.redb"), bundle.join("config.json")] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644))?;
+        }
+        b.restart()?;
+        let mut c = b.client().await?;
+        expect_nobody_locked_out(&b, &bundle)?;
+        expect_private_layout(&b, &bundle)?;
+        let (st, _) = ctr_status(&mut c, &id).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "the container did not survive the restart: {st:?}"
+        );
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "private")?;
+        Ok(())
+    })
+}
