@@ -24,8 +24,10 @@ berth_apt_install() {
 BERTH_BUILD_PACKAGES="protobuf-compiler gcc libc6-dev pkg-config ca-certificates"
 BERTH_RUN_PACKAGES="runc containernetworking-plugins iptables iproute2"
 # Extra packages the test suite needs: a real registry, htpasswd for its auth,
-# busybox-static to build images from local material, crun for the handler test.
-BERTH_TEST_PACKAGES="docker-registry apache2-utils busybox-static coreutils openssl crun"
+# busybox-static to build images from local material, crun for the handler test,
+# Go and grpc-go to build a CRI client berth did not write (GOPATH mode, offline),
+# and (pip, into target/python) grpcio for another.
+BERTH_TEST_PACKAGES="docker-registry apache2-utils busybox-static coreutils openssl crun golang-go golang-google-grpc-dev"
 
 berth_require_cargo() {
   if ! command -v cargo >/dev/null 2>&1; then

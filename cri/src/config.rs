@@ -22,6 +22,8 @@ pub struct Config {
     pub listen: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG` and `--log-level`.
     pub log_level: String,
+    /// `text` (human-readable, colour only on a terminal) or `json` (one object per line).
+    pub log_format: LogFormat,
     /// `cgroupfs` or `systemd`; must match kubelet's `--cgroup-driver`.
     pub cgroup_driver: CgroupDriver,
     /// Pull behaviour.
@@ -109,6 +111,17 @@ impl Default for RuntimeHandler {
     }
 }
 
+/// How berthd writes its log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per event (timestamp, level, target, fields, spans).
+    Json,
+}
+
 /// How cgroup paths are named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,6 +139,7 @@ impl Default for Config {
             state: PathBuf::from("/run/berth"),
             listen: PathBuf::from("/run/berth/berth.sock"),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             cgroup_driver: CgroupDriver::Cgroupfs,
             image: ImageConfig::default(),
             registries: BTreeMap::new(),

@@ -184,6 +184,27 @@ impl PodManager {
         }
     }
 
+    /// Refuses what the pod's runtime handler cannot apply (closed by default: never a
+    /// silently weaker container).
+    fn check_handler_features(
+        &self,
+        config: &cri::ContainerConfig,
+        handler: &str,
+    ) -> Result<(), Status> {
+        let features = self.handlers.get(handler);
+        for (i, m) in config.mounts.iter().enumerate() {
+            if m.recursive_read_only && !features.recursive_read_only_mounts {
+                return Err(invalid_field(
+                    &format!("config.mounts[{i}].recursive_read_only"),
+                    &format!(
+                        "runtime handler {handler:?} does not support recursive read-only mounts (it needs the \"rro\" mount option and Linux 5.12)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// CreateContainer, in its own task so that a caller going away cannot leave a
     /// half-created container behind.
     pub async fn create_container(
@@ -245,6 +266,7 @@ impl PodManager {
                 pod.id
             )));
         }
+        self.check_handler_features(&config, &pod.runtime_handler)?;
         let image = self
             .images
             .resolve(&image_name)

@@ -5,6 +5,7 @@ pub mod config;
 pub mod containers;
 pub mod events;
 pub mod failpoint;
+pub mod handlers;
 pub mod image_service;
 pub mod layout;
 pub mod metrics;

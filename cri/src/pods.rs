@@ -53,6 +53,8 @@ pub struct PodManager {
     pub(crate) cpu_samples: Mutex<HashMap<String, CpuSample>>,
     /// The exec/attach/port-forward server, once started.
     pub stream: std::sync::OnceLock<Arc<berth_stream::StreamServer>>,
+    /// What each runtime handler supports, asked at start.
+    pub handlers: crate::handlers::RuntimeHandlers,
 }
 
 /// Validated parts of a RunPodSandbox request.
@@ -240,7 +242,9 @@ impl PodManager {
             }
         };
         let net = Arc::new(CniManager::new(cfg.cni_settings()));
+        let handlers = crate::handlers::RuntimeHandlers::probe(&cfg).await;
         let pm = Arc::new(PodManager {
+            handlers,
             net,
             cfg,
             store,

@@ -101,7 +101,11 @@ impl RuntimeService for CriRuntimeService {
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
-            ..Default::default()
+            runtime_handlers: self.pods.handlers.to_cri(),
+            // SupplementalGroupsPolicy is not implemented yet.
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
         }))
     }
 

@@ -493,6 +493,19 @@ pub fn build_spec(inp: &SpecInputs<'_>) -> Result<Value, SpecError> {
         };
         let mut options = vec!["rbind", propagation, if m.readonly { "ro" } else { "rw" }];
         if m.recursive_read_only {
+            // The CRI contract (and containerd's check): rro only with ro and private.
+            if !m.readonly {
+                return Err(err(
+                    &format!("{field}.recursive_read_only"),
+                    "needs readonly to be true".to_string(),
+                ));
+            }
+            if propagation != "rprivate" {
+                return Err(err(
+                    &format!("{field}.recursive_read_only"),
+                    "needs private propagation".to_string(),
+                ));
+            }
             options.push("rro");
         }
         mounts.push(json!({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": options}));

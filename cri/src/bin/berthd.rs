@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use berth_cri::config::{Config, DEFAULT_CONFIG_PATH};
+use berth_cri::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
 use clap::Parser;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -66,10 +66,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => EnvFilter::try_new(&config.log_level)?,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(filter, config.log_format);
     if !args.config.exists() {
         warn!(path = %args.config.display(), "config file not found; using defaults");
     }
@@ -80,6 +77,18 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(run(config))
+}
+
+/// The log on stderr: colour only on a terminal (a file or the journal gets plain text).
+fn init_logging(filter: EnvFilter, format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -23,6 +23,7 @@ use k8s_cri::v1 as cri;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tonic::Code;
 
+mod interop;
 mod security;
 
 /// Everything the tests share: the registries and what was pushed to them.
@@ -4724,6 +4725,17 @@ fn main() -> anyhow::Result<()> {
         ),
         Trial::test("streaming_over_tls", streaming_over_tls),
         Trial::test("streaming_raw_spdy_frames", streaming_raw_spdy_frames),
+        Trial::test(
+            "grpc_go_client_over_the_socket_path",
+            interop::grpc_go_client_over_the_socket_path,
+        ),
+        Trial::test("grpcio_python_client", interop::grpcio_python_client),
+        Trial::test("raw_http2_authorities", interop::raw_http2_authorities),
+        Trial::test("berthd_log_formats", interop::berthd_log_formats),
+        Trial::test(
+            "recursive_read_only_mounts_as_reported",
+            interop::recursive_read_only_mounts_as_reported,
+        ),
         Trial::test(
             "state_is_private_to_root",
             security::state_is_private_to_root,
