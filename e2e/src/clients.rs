@@ -1,7 +1,9 @@
-//! gRPC clients berth did not write, driven from the tests: grpc-go (built here from
-//! Debian's `golang-google-grpc-dev`, GOPATH mode, offline) and Python's grpcio.
+//! Clients berth did not write, driven from the tests: grpc-go (built here from
+//! Debian's `golang-google-grpc-dev`, GOPATH mode, offline) and Python's grpcio for CRI,
+//! and a port-forward client framed as client-go's tunneling dialer
+//! (`clients/portforward_tunnel.go`: gorilla/websocket and docker/spdystream).
 //!
-//! Both speak one line protocol (see `clients/cri_raw_client.go`): the test encodes each
+//! The CRI clients speak one line protocol (see `clients/cri_raw_client.go`): the test encodes each
 //! request with prost and decodes each answer, the client only carries bytes, so neither
 //! needs generated stubs.
 
@@ -28,11 +30,12 @@ fn target_dir() -> Result<PathBuf> {
         .context("the test binary is not under a target/ dir")
 }
 
-/// Builds the grpc-go client (once; rebuilt when its source is newer) and returns its path.
-pub fn go_client_binary() -> Result<PathBuf> {
-    let src = sources().join("cri_raw_client.go");
+/// Builds the Go program `clients/<name>.go` (once; again when its source is newer) in
+/// GOPATH mode from Debian's packages, offline, and returns the binary.
+pub fn go_program(name: &str) -> Result<PathBuf> {
+    let src = sources().join(format!("{name}.go"));
     let dir = target_dir()?.join("e2e-clients");
-    let bin = dir.join("cri_raw_client");
+    let bin = dir.join(name);
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     if modified(&bin).is_some() && modified(&bin) >= modified(&src) {
         return Ok(bin);
@@ -48,7 +51,7 @@ pub fn go_client_binary() -> Result<PathBuf> {
         .env("GOPROXY", "off")
         .env("GOFLAGS", "")
         .output()
-        .context("running go (deploy/test.sh installs golang-go and golang-google-grpc-dev)")?;
+        .context("running go (deploy/test.sh installs golang-go and the Go packages)")?;
     if !out.status.success() {
         bail!(
             "building {}: {}",
@@ -118,7 +121,7 @@ pub struct ForeignClient {
 impl ForeignClient {
     /// grpc-go, dialling the socket path as kubelet up to 1.26 did.
     pub fn go(socket: &Path) -> Result<ForeignClient> {
-        let mut cmd = Command::new(go_client_binary()?);
+        let mut cmd = Command::new(go_program("cri_raw_client")?);
         cmd.arg(socket);
         Self::spawn(cmd, "grpc-go")
     }

@@ -30,6 +30,9 @@ fn parse_port(s: Option<&str>) -> Result<u16, String> {
     Ok(p)
 }
 
+/// How long the client -> pod direction may go on once the pod closed its side.
+const UPSTREAM_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves one port-forward session until the client closes it.
 pub async fn serve(
     conn: Connection,
@@ -166,7 +169,16 @@ async fn forward(data: Stream, error: Stream, rt: Arc<dyn StreamRuntime>, pod: S
         }
     }
     let _ = dw.close().await;
-    let _ = upstream.await;
+    // The pod side is done. client-go waits for the error stream to end before it closes
+    // its local connection (so before its data stream's FIN), so waiting for that FIN
+    // would hang every connection: give the client a moment, as containerd does, then stop.
+    let mut upstream = upstream;
+    if tokio::time::timeout(UPSTREAM_GRACE, &mut upstream)
+        .await
+        .is_err()
+    {
+        upstream.abort();
+    }
     // Success: the error stream ends with no bytes.
     let _ = ew.close().await;
 }

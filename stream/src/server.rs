@@ -63,6 +63,12 @@ fn switching(upgrade: &'static str, extra: &[(&'static str, String)]) -> Reply {
     r
 }
 
+/// The SPDY protocol a `SPDY/3.1+<protocol>` WebSocket offer tunnels, if the server
+/// speaks it for this request.
+fn tunneled_spdy<'a>(offer: &'a str, spdy: &[&str]) -> Option<&'a str> {
+    crate::tunnel::tunneled_protocol(offer).filter(|p| spdy.contains(p))
+}
+
 fn header_has(req: &Request<Body>, name: hyper::header::HeaderName, needle: &str) -> bool {
     req.headers()
         .get_all(name)
@@ -162,19 +168,16 @@ impl StreamServer {
         let Some(stream_req) = self.cache.consume(token) else {
             return not_found();
         };
-        let port_forward = match (&stream_req, kind) {
-            (StreamRequest::Exec(_), "exec") | (StreamRequest::Attach(_), "attach") => false,
-            (StreamRequest::PortForward(_), "portforward") => true,
+        match (&stream_req, kind) {
+            (StreamRequest::Exec(_), "exec")
+            | (StreamRequest::Attach(_), "attach")
+            | (StreamRequest::PortForward(_), "portforward") => {}
             _ => return not_found(),
-        };
+        }
         if header_has(&req, UPGRADE, "websocket") && header_has(&req, CONNECTION, "upgrade") {
             return self.upgrade_websocket(req, stream_req);
         }
-        let server_protocols: Vec<&str> = if port_forward {
-            vec![PORT_FORWARD_PROTOCOL]
-        } else {
-            REMOTE_COMMAND_PROTOCOLS.to_vec()
-        };
+        let server_protocols = Self::spdy_protocols(&stream_req);
         let client: Vec<String> = req
             .headers()
             .get_all("x-stream-protocol-version")
@@ -203,7 +206,7 @@ impl StreamServer {
                     server_protocols.join(" ")
                 ),
             );
-            for p in &server_protocols {
+            for p in server_protocols {
                 r.headers_mut().append(
                     "x-accepted-stream-protocol-versions",
                     HeaderValue::from_static(p),
@@ -224,16 +227,32 @@ impl StreamServer {
             let Ok(upgraded) = upgrade.await else {
                 return;
             };
-            let (conn, incoming) = Connection::server(TokioIo::new(upgraded), IDLE_TIMEOUT);
-            match stream_req.into_command() {
-                Ok(cmd) => {
-                    crate::remotecommand::serve(conn, incoming, &proto, cmd, me.runtime.clone())
-                        .await
-                }
-                Err(pf) => crate::portforward::serve(conn, incoming, pf, me.runtime.clone()).await,
-            }
+            me.serve_spdy(TokioIo::new(upgraded), proto, stream_req)
+                .await
         });
         switching("SPDY/3.1", &[("x-stream-protocol-version", chosen)])
+    }
+
+    /// The SPDY protocols this request may use (what `X-Stream-Protocol-Version` or a
+    /// tunneling WebSocket subprotocol may name).
+    fn spdy_protocols(req: &StreamRequest) -> &'static [&'static str] {
+        match req {
+            StreamRequest::PortForward(_) => &[PORT_FORWARD_PROTOCOL],
+            _ => REMOTE_COMMAND_PROTOCOLS,
+        }
+    }
+
+    /// A SPDY/3.1 session on `io` (an upgraded connection, or a WebSocket tunnel).
+    async fn serve_spdy<I>(&self, io: I, protocol: String, stream_req: StreamRequest)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let (conn, incoming) = Connection::server(io, IDLE_TIMEOUT);
+        let rt = self.runtime.clone();
+        match stream_req.into_command() {
+            Ok(cmd) => crate::remotecommand::serve(conn, incoming, &protocol, cmd, rt).await,
+            Err(pf) => crate::portforward::serve(conn, incoming, pf, rt).await,
+        }
     }
 
     /// The WebSocket handshake (RFC 6455) with `wsstream`'s subprotocol choice: the
@@ -280,14 +299,22 @@ impl StreamServer {
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
             .collect();
+        // The client's first offer the server knows: a wsstream channel protocol, or a
+        // SPDY protocol tunneled as `SPDY/3.1+<protocol>` (client-go's port-forward).
+        let spdy = Self::spdy_protocols(&stream_req);
+        let tunneled = |o| tunneled_spdy(o, spdy);
         let chosen = if offered.is_empty() {
             String::new()
         } else {
-            match offered.iter().find(|o| server.contains(&o.as_str())) {
+            match offered
+                .iter()
+                .find(|o| server.contains(&o.as_str()) || tunneled(o).is_some())
+            {
                 Some(c) => c.clone(),
                 None => return text(StatusCode::FORBIDDEN, ""),
             }
         };
+        let tunnel = tunneled(&chosen).map(str::to_string);
         let upgrade = hyper::upgrade::on(&mut req);
         let me = self.clone();
         let proto = chosen.clone();
@@ -301,6 +328,10 @@ impl StreamServer {
                 None,
             )
             .await;
+            if let Some(spdy_protocol) = tunnel {
+                let io = crate::tunnel::Tunnel::new(ws);
+                return me.serve_spdy(io, spdy_protocol, stream_req).await;
+            }
             let rt = me.runtime.clone();
             match stream_req.into_command() {
                 Ok(cmd) => crate::ws::serve_command(ws, proto, cmd, rt).await,

@@ -669,3 +669,106 @@ pub fn berthd_log_formats() -> Result<(), Failed> {
         Ok(())
     })
 }
+
+// ------------------------------------------- port-forward tunneled in WebSocket ----
+
+/// Runs the client-go-framed tunneling client; its lines per connection.
+fn tunneled_forward(url: &str, port: u16, n: usize) -> Result<Vec<(String, String)>> {
+    let bin = berth_e2e::clients::go_program("portforward_tunnel")?;
+    let out = Command::new(bin)
+        .args([
+            url,
+            &port.to_string(),
+            &n.to_string(),
+            "GET / HTTP/1.0\r\n\r\n",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "portforward_tunnel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = |b: &str| -> Result<String> {
+        use base64::Engine as _;
+        if b == "-" {
+            return Ok(String::new());
+        }
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fields: Vec<Vec<&str>> = stdout.lines().map(|l| l.split(' ').collect()).collect();
+    let mut conns = vec![(String::new(), String::new()); n];
+    for f in &fields {
+        let (Some(kind), Some(i), Some(b)) = (f.first(), f.get(1), f.get(2)) else {
+            bail!("portforward_tunnel line {f:?}");
+        };
+        let i: usize = i.parse()?;
+        match *kind {
+            "data" => conns[i].0 = text(b)?,
+            "error" => conns[i].1 = text(b)?,
+            _ => bail!("portforward_tunnel line {f:?}"),
+        }
+    }
+    Ok(conns)
+}
+
+/// Port-forward as current client-go (kubectl port-forward, Kubernetes 1.30+) does it:
+/// SPDY/3.1 tunneled in WebSocket binary messages under the subprotocol
+/// `SPDY/3.1+portforward.k8s.io`, from a client built on gorilla/websocket and
+/// docker/spdystream that frames exactly as client-go's tunneling dialer (one message
+/// per write, so SPDY frames arrive split over several messages). Ten connections at
+/// once each get the page; a port nothing listens on gets kubelet's error text.
+pub fn port_forward_tunneled_in_websocket() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let pod_cfg = container_pod("tunnel", "tun-1", &b.dir().join("logs"));
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let script = "mkdir -p /www && echo hello through the tunnel > /www/index.html && exec busybox httpd -f -p 127.0.0.1:8080 -h /www";
+        let id = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("web", &w.busybox.reference, script),
+        )
+        .await?;
+        c.runtime.start_container(start(&id)).await?;
+        let probe = ["busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"];
+        for _ in 0..100 {
+            if exec_in(&mut c, &id, &probe).await?.0 == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url_for = |c: &CriClient, port: i32| {
+            let mut rt = c.runtime.clone();
+            let req = cri::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![port],
+            };
+            async move { Ok::<_, anyhow::Error>(rt.port_forward(req).await?.into_inner().url) }
+        };
+        let url = url_for(&c, 8080).await?;
+        let conns = tokio::task::spawn_blocking(move || tunneled_forward(&url, 8080, 10)).await??;
+        for (i, (data, err)) in conns.iter().enumerate() {
+            ensure!(
+                data.starts_with("HTTP/1.") && data.ends_with("hello through the tunnel\n"),
+                "connection {i}: {data:?}"
+            );
+            ensure!(err.is_empty(), "connection {i} error stream: {err:?}");
+        }
+        let url = url_for(&c, 8081).await?;
+        let conns = tokio::task::spawn_blocking(move || tunneled_forward(&url, 8081, 1)).await??;
+        ensure!(
+            conns[0].0.is_empty() && conns[0].1.contains("error forwarding port 8081"),
+            "closed port: {:?}",
+            conns[0]
+        );
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "tunnel")?;
+        Ok(())
+    })
+}

@@ -4733,6 +4733,10 @@ fn main() -> anyhow::Result<()> {
         Trial::test("raw_http2_authorities", interop::raw_http2_authorities),
         Trial::test("berthd_log_formats", interop::berthd_log_formats),
         Trial::test(
+            "port_forward_tunneled_in_websocket",
+            interop::port_forward_tunneled_in_websocket,
+        ),
+        Trial::test(
             "recursive_read_only_mounts_as_reported",
             interop::recursive_read_only_mounts_as_reported,
         ),
