@@ -5,6 +5,7 @@ pub mod config;
 pub mod content;
 pub mod digest;
 pub mod error;
+mod layer;
 pub mod manifest;
 pub mod reference;
 pub mod registry;

@@ -3,7 +3,7 @@
 //! snapshot directory, several layers at once; nothing is held whole in memory.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,13 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use oci_client::manifest::OciDescriptor;
-use sha2::{Digest as _, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::config::ImageServiceConfig;
-use crate::content::{BlobWriter, ContentStore};
+use crate::content::ContentStore;
 use crate::digest::{Digest, chain_ids};
 use crate::error::{ImageError, Result};
+use crate::layer::{LayerJob, LayerSource, stream_error};
 use crate::manifest::{
     ACCEPTED_MANIFEST_TYPES, Descriptor, Document, parse_config, parse_document, pick_platform,
 };
@@ -27,7 +27,7 @@ use crate::registry::{
 };
 use crate::snapshot::SnapshotStore;
 use crate::store::{ImageRecord, LayerRecord, MetaStore, SnapshotRecord};
-use crate::unpack::{UnpackStats, decompress, tree_usage, unpack_layer};
+use crate::unpack::UnpackStats;
 
 /// Largest manifest or config accepted (they are read into memory).
 const MAX_SMALL_BLOB: u64 = 8 << 20;
@@ -415,7 +415,10 @@ impl ImageService {
         .await
     }
 
-    /// Makes sure one layer's blob and snapshot exist.
+    /// Makes sure one layer's blob and snapshot exist: the blob is downloaded (unless
+    /// stored) into a blocking `LayerJob`, which owns the whole outcome, so that a
+    /// dropped pull future (timeout, client gone, a sibling layer failed) never leaves
+    /// a half-made snapshot or blob.
     async fn ensure_layer(self: &Arc<Self>, ctx: Arc<FetchCtx>, layer: LayerRecord) -> Result<()> {
         // The lock guard moves into the worker: if this future is dropped, the layer
         // stays locked until the worker has finished or cleaned up.
@@ -436,147 +439,37 @@ impl ImageService {
             .acquire_owned()
             .await
             .map_err(|_| ImageError::Store("layer worker pool closed".into()))?;
-        let desc = OciDescriptor {
-            media_type: layer.media_type.clone(),
-            digest: layer.digest.to_string(),
-            size: i64::try_from(layer.size).unwrap_or(i64::MAX),
-            ..Default::default()
-        };
-        let writer = if have_blob {
-            None
-        } else {
-            Some(self.content.writer(layer.digest.clone())?)
-        };
         let target = if have_snapshot {
             None
         } else {
-            let svc = self.clone();
-            Some(
-                blocking(move || {
-                    svc.meta
-                        .next_snapshot_number()
-                        .and_then(|n| Ok((n, svc.snapshots.prepare(n)?)))
-                })
-                .await?,
-            )
+            Some(self.new_snapshot_dir().await?)
         };
-        let svc = self.clone();
-        let name = format!("{} ({})", layer.digest, ctx.image);
         // Few chunks in flight: hyper's chunks can reach hundreds of KiB each, and memory
         // per layer must stay small while several layers stream at once.
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
-        let from_file = if have_blob {
-            Some(self.content.path(&layer.digest))
+        let source = if have_blob {
+            LayerSource::Stored(self.content.path(&layer.digest))
         } else {
-            None
+            LayerSource::Download {
+                rx,
+                blob: self.content.writer(layer.digest.clone())?,
+                declared: layer.size,
+            }
         };
-        let declared = layer.size;
-        // All disk work happens on a blocking thread that owns the whole outcome: it
-        // records the snapshot on success and removes it on failure, even if this
-        // future is dropped (timeout, client gone, a sibling layer failed).
+        let job = LayerJob {
+            name: format!("{} ({})", layer.digest, ctx.image),
+            diff_id: layer.diff_id.clone(),
+            target: target.as_ref().map(|(_, dir)| dir.clone()),
+            source,
+        };
+        let (svc, chain_id) = (self.clone(), layer.chain_id.clone());
         let worker = tokio::task::spawn_blocking(move || -> Result<()> {
-            let _guard = guard;
-            let _permit = permit;
-            let mut chan = ChannelReader::new(rx, writer, declared);
-            let mut outcome = (|| -> Result<Option<UnpackStats>> {
-                let mut file;
-                let src: &mut dyn Read = match &from_file {
-                    Some(p) => {
-                        file =
-                            std::fs::File::open(p).map_err(|e| ImageError::io("opening", p, e))?;
-                        &mut file
-                    }
-                    None => &mut chan,
-                };
-                let stats = match &target {
-                    Some((_, dir)) => {
-                        let dec = decompress(&mut *src).map_err(|e| stream_error(e, &name))?;
-                        let mut hashing = HashingReader {
-                            inner: dec,
-                            hasher: Sha256::new(),
-                        };
-                        let stats = unpack_layer(&mut hashing, dir, &name)?;
-                        let diff = Digest::from_hasher(hashing.hasher);
-                        if diff != layer.diff_id {
-                            return Err(ImageError::DigestMismatch(format!(
-                                "layer {name}: uncompressed content has digest {diff}, the config says {}",
-                                layer.diff_id
-                            )));
-                        }
-                        Some(stats)
-                    }
-                    None => None,
-                };
-                // Read to the end so that the blob is complete and fully hashed.
-                io::copy(src, &mut io::sink()).map_err(|e| stream_error(e, &name))?;
-                Ok(stats)
-            })();
-            if let Some(e) = chan.failure.take() {
-                // The download itself failed (network, size, digest): that is the cause.
-                outcome = Err(e);
-            } else if from_file.is_none()
-                && matches!(
-                    outcome,
-                    Err(ImageError::Unsupported(_) | ImageError::Registry(_))
-                )
-            {
-                // A corrupt download usually breaks decompression before the digest can be
-                // checked; finish reading it (verify only, never kept) to report the real cause.
-                chan.keep = false;
-                let _ = io::copy(&mut chan, &mut io::sink());
-                if let Some(e) = chan.failure.take() {
-                    outcome = Err(e);
-                }
-            }
-            match (outcome, &target) {
-                (Ok(stats), Some((n, dir))) => {
-                    let stats = match stats {
-                        Some(s) => s,
-                        None => tree_usage(dir).map_err(|e| ImageError::io("measuring", dir, e))?,
-                    };
-                    // The record must never point at files a power loss could still lose.
-                    sync_filesystem(dir).map_err(|e| ImageError::io("syncing", dir, e))?;
-                    let rec = SnapshotRecord {
-                        n: *n,
-                        bytes: stats.bytes,
-                        inodes: stats.inodes,
-                    };
-                    match svc.meta.put_snapshot_if_absent(&layer.chain_id, rec) {
-                        Ok(true) => Ok(()),
-                        // Someone recorded this chain meanwhile; ours is redundant.
-                        Ok(false) => svc.snapshots.remove(*n),
-                        Err(e) => {
-                            let _ = svc.snapshots.remove(*n);
-                            Err(e)
-                        }
-                    }
-                }
-                (Ok(_), None) => Ok(()),
-                (Err(e), target) => {
-                    if let Some((n, _)) = target {
-                        let _ = svc.snapshots.remove(*n);
-                    }
-                    Err(e)
-                }
-            }
+            let (_guard, _permit) = (guard, permit);
+            let unpacked = job.run();
+            svc.settle_snapshot(&chain_id, target.map(|(n, _)| n), unpacked)
         });
         if !have_blob {
-            let sent = async {
-                let mut blob = ctx
-                    .client
-                    .pull_blob_stream(&ctx.oref, &desc)
-                    .await
-                    .map_err(|e| map_error(e, &ctx.image, &ctx.ep, &ctx.creds))?;
-                while let Some(chunk) = blob.next().await {
-                    let failed = chunk.is_err();
-                    if tx.send(chunk).await.is_err() || failed {
-                        break; // the worker stopped (its error wins) or the download failed
-                    }
-                }
-                Ok::<(), ImageError>(())
-            }
-            .await;
-            if let Err(e) = sent {
+            if let Err(e) = feed_download(&ctx, &layer, &tx).await {
                 let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
                 drop(tx);
                 let _ = worker.await;
@@ -587,6 +480,50 @@ impl ImageService {
         worker
             .await
             .map_err(|e| ImageError::Store(format!("unpack worker failed: {e}")))?
+    }
+
+    /// A numbered, empty snapshot dir for a layer to unpack into.
+    async fn new_snapshot_dir(self: &Arc<Self>) -> Result<(u64, std::path::PathBuf)> {
+        let svc = self.clone();
+        blocking(move || {
+            let n = svc.meta.next_snapshot_number()?;
+            Ok((n, svc.snapshots.prepare(n)?))
+        })
+        .await
+    }
+
+    /// Records snapshot `n` once its layer is unpacked (unless another pull recorded the
+    /// chain meanwhile), or removes it when the job failed.
+    fn settle_snapshot(
+        &self,
+        chain_id: &Digest,
+        n: Option<u64>,
+        unpacked: Result<Option<UnpackStats>>,
+    ) -> Result<()> {
+        let (n, stats) = match (n, unpacked) {
+            (Some(n), Ok(Some(stats))) => (n, stats),
+            (_, Ok(_)) => return Ok(()),
+            (n, Err(e)) => {
+                if let Some(n) = n {
+                    let _ = self.snapshots.remove(n);
+                }
+                return Err(e);
+            }
+        };
+        let rec = SnapshotRecord {
+            n,
+            bytes: stats.bytes,
+            inodes: stats.inodes,
+        };
+        match self.meta.put_snapshot_if_absent(chain_id, rec) {
+            Ok(true) => Ok(()),
+            // Someone recorded this chain meanwhile; ours is redundant.
+            Ok(false) => self.snapshots.remove(n),
+            Err(e) => {
+                let _ = self.snapshots.remove(n);
+                Err(e)
+            }
+        }
     }
 
     /// Fetches a manifest-sized blob (from the store if present), verified.
@@ -795,131 +732,30 @@ async fn resolve(
     }
 }
 
-/// Reads the chunks a download sends, writing each into the blob file as it passes.
-/// It enforces the declared size and, at the end, the digest.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
-    cur: Bytes,
-    tee: Option<BlobWriter>,
-    /// Commit the blob at the end (false: only verify it).
-    keep: bool,
-    declared: u64,
-    received: u64,
-    /// Why the download failed, as opposed to what reading its content found.
-    failure: Option<ImageError>,
-}
-
-impl ChannelReader {
-    fn new(
-        rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
-        tee: Option<BlobWriter>,
-        declared: u64,
-    ) -> Self {
-        ChannelReader {
-            rx,
-            cur: Bytes::new(),
-            tee,
-            keep: true,
-            declared,
-            received: 0,
-            failure: None,
+/// Streams a layer's blob from the registry into the job's channel.
+async fn feed_download(
+    ctx: &FetchCtx,
+    layer: &LayerRecord,
+    tx: &tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+) -> Result<()> {
+    let desc = OciDescriptor {
+        media_type: layer.media_type.clone(),
+        digest: layer.digest.to_string(),
+        size: i64::try_from(layer.size).unwrap_or(i64::MAX),
+        ..Default::default()
+    };
+    let mut blob = ctx
+        .client
+        .pull_blob_stream(&ctx.oref, &desc)
+        .await
+        .map_err(|e| map_error(e, &ctx.image, &ctx.ep, &ctx.creds))?;
+    while let Some(chunk) = blob.next().await {
+        let failed = chunk.is_err();
+        if tx.send(chunk).await.is_err() || failed {
+            break; // the worker stopped (its error wins) or the download failed
         }
     }
-
-    fn fail(&mut self, e: ImageError) -> io::Error {
-        let err = io::Error::other(e.to_string());
-        self.tee = None; // drops the temp blob
-        self.failure.get_or_insert(e);
-        err
-    }
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.failure.is_some() {
-            return Err(io::Error::other("download failed"));
-        }
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => {
-                    self.received += b.len() as u64;
-                    if self.received > self.declared {
-                        let what = self
-                            .tee
-                            .as_ref()
-                            .map(|w| w.expected().to_string())
-                            .unwrap_or_default();
-                        return Err(self.fail(ImageError::DigestMismatch(format!(
-                            "blob {what} is larger than the {} bytes its descriptor declares",
-                            self.declared
-                        ))));
-                    }
-                    if let Some(w) = self.tee.as_mut() {
-                        io::Write::write_all(w, &b)?;
-                    }
-                    self.cur = b;
-                }
-                Some(Err(e)) => {
-                    let msg = e.to_string();
-                    let err = if msg.contains("digest") || msg.contains("Digest") {
-                        ImageError::DigestMismatch(format!("download: {msg}"))
-                    } else {
-                        ImageError::Registry(format!("download interrupted: {msg}"))
-                    };
-                    return Err(self.fail(err));
-                }
-                None => {
-                    // End of download: the blob must now hash to its digest.
-                    if let Some(w) = self.tee.take() {
-                        let done = if self.keep {
-                            w.commit()
-                        } else {
-                            w.verify_only()
-                        };
-                        if let Err(e) = done {
-                            return Err(self.fail(e));
-                        }
-                    }
-                    return Ok(0);
-                }
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        self.cur = self.cur.slice(n..);
-        Ok(n)
-    }
-}
-
-/// Flushes the filesystem holding `path` (syncfs), so records written after it
-/// never point at data a power loss could take back.
-fn sync_filesystem(path: &Path) -> io::Result<()> {
-    let f = std::fs::File::open(path)?;
-    nix::unistd::syncfs(&f).map_err(io::Error::from)
-}
-
-/// Hashes what passes through (the uncompressed layer, for its diff id).
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-/// An I/O error from a layer stream, classified: digest failures stay digest failures.
-fn stream_error(e: io::Error, layer: &str) -> ImageError {
-    let msg = e.to_string();
-    if msg.contains("digest") || msg.contains("Digest") {
-        ImageError::DigestMismatch(format!("layer {layer}: {msg}"))
-    } else {
-        ImageError::Registry(format!("layer {layer}: {msg}"))
-    }
+    Ok(())
 }
 
 fn now_nanos() -> i64 {

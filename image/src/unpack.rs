@@ -178,121 +178,190 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<Unpa
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
     let mut stats = UnpackStats::default();
-    let tar_err =
-        |e: io::Error| ImageError::Unsupported(format!("layer {layer}: reading tar: {e}"));
-    {
-        let entries = archive.entries().map_err(tar_err)?;
-        for entry in entries {
-            let mut entry = entry.map_err(tar_err)?;
-            let raw = entry.path_bytes().into_owned();
-            let shown = String::from_utf8_lossy(&raw).into_owned();
-            let unsafe_entry = |reason: &str| ImageError::UnsafeLayerEntry {
-                layer: layer.to_string(),
-                entry: shown.clone(),
-                reason: reason.to_string(),
-            };
-            let Some(rel) = relative_path(&raw).map_err(|r| unsafe_entry(r))? else {
-                continue; // the archive root "./"
-            };
-            check_parents(dest, &rel).map_err(|r| unsafe_entry(&r))?;
-            let name = rel
-                .file_name()
-                .map(|n| n.as_bytes().to_vec())
-                .unwrap_or_default();
-            let name = name.as_slice();
-            let parent = dest.join(rel.parent().unwrap_or(Path::new("")));
-            let path = dest.join(&rel);
-            let io_err = |ctx: &'static str, e: io::Error| ImageError::io(ctx, &path, e);
-
-            if name == OPAQUE_MARKER.as_bytes() {
-                mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
-                set_xattr(&parent, "trusted.overlay.opaque", b"y")
-                    .map_err(|e| io_err("marking opaque", e))?;
-                stats.inodes += 1;
-                continue;
-            }
-            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-                if hidden.starts_with(WHITEOUT_PREFIX.as_bytes()) {
-                    continue; // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to create
-                }
-                if hidden.is_empty() || hidden == b"." || hidden == b".." {
-                    return Err(unsafe_entry("whiteout of an invalid name"));
-                }
-                mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
-                let target = parent.join(std::ffi::OsStr::from_bytes(hidden));
-                remove_existing(&target).map_err(|e| ImageError::io("replacing", &target, e))?;
-                mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
-                    .map_err(|e| ImageError::io("creating whiteout", &target, e.into()))?;
-                chown(&target, &entry).map_err(|e| ImageError::io("chown", &target, e))?;
-                stats.inodes += 1;
-                continue;
-            }
-
-            mkdir_parents(dest, &rel).map_err(|e| io_err("creating parents of", e))?;
-            let kind = entry.header().entry_type();
-            match kind {
-                tar::EntryType::Directory => {
-                    if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
-                        remove_existing(&path).map_err(|e| io_err("replacing", e))?;
-                    }
-                    entry
-                        .unpack(&path)
-                        .map_err(|e| io_err("unpacking directory", e))?;
-                }
-                tar::EntryType::Regular
-                | tar::EntryType::Continuous
-                | tar::EntryType::GNUSparse
-                | tar::EntryType::Symlink => {
-                    remove_existing(&path).map_err(|e| io_err("replacing", e))?;
-                    entry.unpack(&path).map_err(|e| io_err("unpacking", e))?;
-                    if kind != tar::EntryType::Symlink {
-                        stats.bytes += entry.size();
-                    }
-                }
-                tar::EntryType::Link => {
-                    let target_raw = entry
-                        .link_name_bytes()
-                        .map(|b| b.into_owned())
-                        .ok_or_else(|| unsafe_entry("hard link without a target"))?;
-                    let target_rel = relative_path(&target_raw)
-                        .map_err(|r| unsafe_entry(&format!("hard link target: {r}")))?
-                        .ok_or_else(|| unsafe_entry("hard link to the layer root"))?;
-                    check_parents(dest, &target_rel)
-                        .map_err(|r| unsafe_entry(&format!("hard link target: {r}")))?;
-                    let target = dest.join(&target_rel);
-                    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-                        return Err(unsafe_entry("hard link to a directory"));
-                    }
-                    remove_existing(&path).map_err(|e| io_err("replacing", e))?;
-                    fs::hard_link(&target, &path).map_err(|e| io_err("hard-linking", e))?;
-                }
-                tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                    let h = entry.header();
-                    let (sflag, dev) = match kind {
-                        tar::EntryType::Char => (SFlag::S_IFCHR, device(h)?),
-                        tar::EntryType::Block => (SFlag::S_IFBLK, device(h)?),
-                        _ => (SFlag::S_IFIFO, 0),
-                    };
-                    let mode = h.mode().map_err(tar_err)? & 0o7777;
-                    remove_existing(&path).map_err(|e| io_err("replacing", e))?;
-                    mknod(&path, sflag, Mode::from_bits_truncate(mode), dev)
-                        .map_err(|e| io_err("creating device node", e.into()))?;
-                    chown(&path, &entry).map_err(|e| io_err("chown", e))?;
-                    // mknod applies the umask; the layer's mode wins.
-                    fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                        .map_err(|e| io_err("chmod", e))?;
-                }
-                // PAX and GNU extension headers are folded into entries by the tar crate;
-                // anything else (global headers, unknown types) carries no file.
-                _ => continue,
-            }
-            stats.inodes += 1;
-        }
+    let tar_err = |e: io::Error| tar_error(layer, e);
+    for entry in archive.entries().map_err(tar_err)? {
+        let mut entry = entry.map_err(tar_err)?;
+        unpack_entry(&mut entry, dest, layer, &mut stats)?;
     }
     // Drain the padding after the end-of-archive marker so hashes cover the whole stream.
-    io::copy(&mut archive.into_inner(), &mut io::sink())
-        .map_err(|e| ImageError::Unsupported(format!("layer {layer}: reading tar: {e}")))?;
+    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(tar_err)?;
     Ok(stats)
+}
+
+fn tar_error(layer: &str, e: io::Error) -> ImageError {
+    ImageError::Unsupported(format!("layer {layer}: reading tar: {e}"))
+}
+
+/// Where one entry goes in the snapshot, and how its errors name it.
+struct Placed<'a> {
+    dest: &'a Path,
+    layer: &'a str,
+    /// The entry's name as the archive has it.
+    shown: String,
+    /// Its clean relative path.
+    rel: PathBuf,
+    /// `dest/rel`.
+    path: PathBuf,
+}
+
+impl Placed<'_> {
+    fn refuse(&self, reason: &str) -> ImageError {
+        ImageError::UnsafeLayerEntry {
+            layer: self.layer.to_string(),
+            entry: self.shown.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn io(&self, context: &'static str, e: io::Error) -> ImageError {
+        ImageError::io(context, &self.path, e)
+    }
+
+    fn name(&self) -> &[u8] {
+        self.rel
+            .file_name()
+            .map(|n| n.as_bytes())
+            .unwrap_or_default()
+    }
+
+    fn parent(&self) -> PathBuf {
+        self.dest.join(self.rel.parent().unwrap_or(Path::new("")))
+    }
+
+    fn make_parents(&self) -> Result<()> {
+        mkdir_parents(self.dest, &self.rel).map_err(|e| self.io("creating parents of", e))
+    }
+}
+
+/// One entry: an opaque marker, a whiteout, or a file system object.
+fn unpack_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dest: &Path,
+    layer: &str,
+    stats: &mut UnpackStats,
+) -> Result<()> {
+    let raw = entry.path_bytes().into_owned();
+    let mut placed = Placed {
+        dest,
+        layer,
+        shown: String::from_utf8_lossy(&raw).into_owned(),
+        rel: PathBuf::new(),
+        path: PathBuf::new(),
+    };
+    placed.rel = match relative_path(&raw).map_err(|r| placed.refuse(r))? {
+        Some(rel) => rel,
+        None => return Ok(()), // the archive root "./"
+    };
+    placed.path = dest.join(&placed.rel);
+    check_parents(dest, &placed.rel).map_err(|r| placed.refuse(&r))?;
+    let name = placed.name().to_vec();
+    if name == OPAQUE_MARKER.as_bytes() {
+        placed.make_parents()?;
+        set_xattr(&placed.parent(), "trusted.overlay.opaque", b"y")
+            .map_err(|e| placed.io("marking opaque", e))?;
+    } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+        if hidden.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            return Ok(()); // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to create
+        }
+        whiteout(&placed, hidden, entry)?;
+    } else if !unpack_object(&placed, entry, stats)? {
+        return Ok(());
+    }
+    stats.inodes += 1;
+    Ok(())
+}
+
+/// An OCI whiteout as overlayfs has it: a 0/0 character device in place of the name.
+fn whiteout<R: Read>(placed: &Placed<'_>, hidden: &[u8], entry: &tar::Entry<'_, R>) -> Result<()> {
+    if hidden.is_empty() || hidden == b"." || hidden == b".." {
+        return Err(placed.refuse("whiteout of an invalid name"));
+    }
+    placed.make_parents()?;
+    let target = placed.parent().join(std::ffi::OsStr::from_bytes(hidden));
+    remove_existing(&target).map_err(|e| ImageError::io("replacing", &target, e))?;
+    mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
+        .map_err(|e| ImageError::io("creating whiteout", &target, e.into()))?;
+    chown(&target, entry).map_err(|e| ImageError::io("chown", &target, e))
+}
+
+/// A directory, file, link or node; false for entries that carry no file (PAX and GNU
+/// extension headers are folded into entries by the tar crate; global headers and
+/// unknown types are skipped).
+fn unpack_object<R: Read>(
+    placed: &Placed<'_>,
+    entry: &mut tar::Entry<'_, R>,
+    stats: &mut UnpackStats,
+) -> Result<bool> {
+    placed.make_parents()?;
+    let path = &placed.path;
+    let kind = entry.header().entry_type();
+    match kind {
+        tar::EntryType::Directory => {
+            if fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
+                remove_existing(path).map_err(|e| placed.io("replacing", e))?;
+            }
+            entry
+                .unpack(path)
+                .map_err(|e| placed.io("unpacking directory", e))?;
+        }
+        tar::EntryType::Regular
+        | tar::EntryType::Continuous
+        | tar::EntryType::GNUSparse
+        | tar::EntryType::Symlink => {
+            remove_existing(path).map_err(|e| placed.io("replacing", e))?;
+            entry.unpack(path).map_err(|e| placed.io("unpacking", e))?;
+            if kind != tar::EntryType::Symlink {
+                stats.bytes += entry.size();
+            }
+        }
+        tar::EntryType::Link => hard_link(placed, entry)?,
+        tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+            special_node(placed, entry, kind)?
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// A hard link, only to a non-directory inside the snapshot.
+fn hard_link<R: Read>(placed: &Placed<'_>, entry: &tar::Entry<'_, R>) -> Result<()> {
+    let target_raw = entry
+        .link_name_bytes()
+        .map(|b| b.into_owned())
+        .ok_or_else(|| placed.refuse("hard link without a target"))?;
+    let target_rel = relative_path(&target_raw)
+        .map_err(|r| placed.refuse(&format!("hard link target: {r}")))?
+        .ok_or_else(|| placed.refuse("hard link to the layer root"))?;
+    check_parents(placed.dest, &target_rel)
+        .map_err(|r| placed.refuse(&format!("hard link target: {r}")))?;
+    let target = placed.dest.join(&target_rel);
+    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+        return Err(placed.refuse("hard link to a directory"));
+    }
+    remove_existing(&placed.path).map_err(|e| placed.io("replacing", e))?;
+    fs::hard_link(&target, &placed.path).map_err(|e| placed.io("hard-linking", e))
+}
+
+/// A character or block device or a FIFO, with the layer's owner and mode.
+fn special_node<R: Read>(
+    placed: &Placed<'_>,
+    entry: &tar::Entry<'_, R>,
+    kind: tar::EntryType,
+) -> Result<()> {
+    let path = &placed.path;
+    let h = entry.header();
+    let (sflag, dev) = match kind {
+        tar::EntryType::Char => (SFlag::S_IFCHR, device(h)?),
+        tar::EntryType::Block => (SFlag::S_IFBLK, device(h)?),
+        _ => (SFlag::S_IFIFO, 0),
+    };
+    let mode = h.mode().map_err(|e| tar_error(placed.layer, e))? & 0o7777;
+    remove_existing(path).map_err(|e| placed.io("replacing", e))?;
+    mknod(path, sflag, Mode::from_bits_truncate(mode), dev)
+        .map_err(|e| placed.io("creating device node", e.into()))?;
+    chown(path, entry).map_err(|e| placed.io("chown", e))?;
+    // mknod applies the umask; the layer's mode wins.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| placed.io("chmod", e))
 }
 
 /// The entry path as plain relative components. `Ok(None)` is the archive root;

@@ -6,6 +6,7 @@
 //! client side, for `berthctl`.
 
 pub mod client;
+pub mod limits;
 pub mod portforward;
 pub mod remotecommand;
 pub mod runtime;

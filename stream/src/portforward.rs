@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::limits::STREAM_CREATION_TIMEOUT;
 use crate::runtime::{PortForwardRequest, StreamRuntime};
-use crate::server::STREAM_CREATION_TIMEOUT;
 use crate::spdy::{Connection, Incoming, Stream};
 
 #[derive(Default)]

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::limits::STREAM_CREATION_TIMEOUT;
 use crate::runtime::{Command, SessionIo, StreamRuntime, TermSize};
-use crate::server::STREAM_CREATION_TIMEOUT;
 use crate::spdy::{Connection, Incoming, Stream, StreamWriter};
 use crate::status::version_of;
 

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,10 +18,7 @@ use crate::spdy::Connection;
 use crate::status::{PORT_FORWARD_PROTOCOL, REMOTE_COMMAND_PROTOCOLS};
 use crate::tokens::{RequestCache, TokenError};
 
-/// kubelet's idle timeout for a streaming session.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
-/// How long the client has to open its streams.
-pub const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::limits::IDLE_TIMEOUT;
 
 /// The streaming server: hands out URLs and serves them.
 pub struct StreamServer {

@@ -422,8 +422,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) {
     let mut codec = HeaderCodec::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    // The next stream id the peer may use (ids must increase).
-    let mut min_peer_id = if server { 1 } else { 2 };
+    let mut reader = FrameHandler {
+        shared: shared.clone(),
+        incoming,
+        server,
+        // The next stream id the peer may use (ids must increase).
+        min_peer_id: if server { 1 } else { 2 },
+    };
     'outer: loop {
         loop {
             let frame = match Frame::decode(&mut buf, &mut codec) {
@@ -434,94 +439,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     break 'outer;
                 }
             };
-            match frame {
-                Frame::SynStream {
-                    id, flags, headers, ..
-                } => {
-                    if id < min_peer_id || id == 0 {
-                        let _ = shared
-                            .send(Frame::RstStream {
-                                id: id.max(1),
-                                status: RST_PROTOCOL_ERROR,
-                            })
-                            .await;
-                        continue;
-                    }
-                    min_peer_id = id + 2;
-                    if shared.going_away.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    shared.last_peer.store(id, Ordering::SeqCst);
-                    let (tx, rx) = mpsc::channel(16);
-                    shared.lock().insert(
-                        id,
-                        Entry {
-                            data: (flags & FLAG_FIN == 0).then_some(tx),
-                            local_fin: false,
-                        },
-                    );
-                    let inc = Incoming {
-                        id,
-                        headers,
-                        rx,
-                        conn: shared.clone(),
-                    };
-                    match &incoming {
-                        Some(q) => {
-                            if q.send(inc).await.is_err() {
-                                break 'outer;
-                            }
-                        }
-                        None => inc.reject().await,
-                    }
-                }
-                Frame::SynReply { id, flags, .. } => {
-                    if let Some(tx) = shared
-                        .replies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id)
-                    {
-                        let _ = tx.send(());
-                    }
-                    if flags & FLAG_FIN != 0 {
-                        remote_fin(&shared, id);
-                    }
-                }
-                Frame::Data { id, flags, data } => {
-                    let tx = shared.lock().get(&id).and_then(|e| e.data.clone());
-                    if let Some(tx) = tx {
-                        if !data.is_empty() {
-                            // Awaiting here is the back-pressure: a slow reader slows the peer.
-                            let _ = tx.send(data).await;
-                        }
-                    }
-                    if flags & FLAG_FIN != 0 {
-                        remote_fin(&shared, id);
-                    }
-                }
-                Frame::RstStream { id, .. } => {
-                    shared.lock().remove(&id);
-                    shared
-                        .replies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id);
-                }
-                Frame::Ping(id) => {
-                    // Echo the peer's pings (theirs have the other parity).
-                    let ours = if server { 0 } else { 1 };
-                    if id & 1 != ours {
-                        let _ = shared.send(Frame::Ping(id)).await;
-                    }
-                }
-                Frame::GoAway { .. } => break 'outer,
-                Frame::Headers { id, flags } => {
-                    if flags & FLAG_FIN != 0 {
-                        remote_fin(&shared, id);
-                    }
-                }
-                Frame::Ignored(_) => {}
+            if reader.handle(frame).await.is_break() {
+                break 'outer;
             }
         }
         let read = if idle.is_zero() {
@@ -543,6 +462,118 @@ async fn read_loop<R: AsyncRead + Unpin>(
         last_good: shared.last_peer.load(Ordering::SeqCst),
         status: 0,
     });
+}
+
+/// What the read loop does with each frame the peer sends.
+struct FrameHandler {
+    shared: Arc<Shared>,
+    incoming: Option<mpsc::Sender<Incoming>>,
+    server: bool,
+    min_peer_id: u32,
+}
+
+impl FrameHandler {
+    /// Handles one frame; `Break` ends the session.
+    async fn handle(&mut self, frame: Frame) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::{Break, Continue};
+        match frame {
+            Frame::SynStream {
+                id, flags, headers, ..
+            } => return self.syn_stream(id, flags, headers).await,
+            Frame::SynReply { id, flags, .. } => {
+                if let Some(tx) = self
+                    .shared
+                    .replies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id)
+                {
+                    let _ = tx.send(());
+                }
+                self.fin_if(id, flags);
+            }
+            Frame::Data { id, flags, data } => {
+                let tx = self.shared.lock().get(&id).and_then(|e| e.data.clone());
+                if let Some(tx) = tx {
+                    if !data.is_empty() {
+                        // Awaiting here is the back-pressure: a slow reader slows the peer.
+                        let _ = tx.send(data).await;
+                    }
+                }
+                self.fin_if(id, flags);
+            }
+            Frame::RstStream { id, .. } => {
+                self.shared.lock().remove(&id);
+                self.shared
+                    .replies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+            Frame::Ping(id) => {
+                // Echo the peer's pings (theirs have the other parity).
+                let ours = if self.server { 0 } else { 1 };
+                if id & 1 != ours {
+                    let _ = self.shared.send(Frame::Ping(id)).await;
+                }
+            }
+            Frame::GoAway { .. } => return Break(()),
+            Frame::Headers { id, flags } => self.fin_if(id, flags),
+            Frame::Ignored(_) => {}
+        }
+        Continue(())
+    }
+
+    fn fin_if(&self, id: u32, flags: u8) {
+        if flags & FLAG_FIN != 0 {
+            remote_fin(&self.shared, id);
+        }
+    }
+
+    /// A stream the peer opens: refused if its id does not increase, else offered to
+    /// the session's owner (a client session refuses every one).
+    async fn syn_stream(
+        &mut self,
+        id: u32,
+        flags: u8,
+        headers: Headers,
+    ) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::{Break, Continue};
+        if id < self.min_peer_id || id == 0 {
+            let rst = Frame::RstStream {
+                id: id.max(1),
+                status: RST_PROTOCOL_ERROR,
+            };
+            let _ = self.shared.send(rst).await;
+            return Continue(());
+        }
+        self.min_peer_id = id + 2;
+        if self.shared.going_away.load(Ordering::SeqCst) {
+            return Continue(());
+        }
+        self.shared.last_peer.store(id, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(16);
+        let entry = Entry {
+            data: (flags & FLAG_FIN == 0).then_some(tx),
+            local_fin: false,
+        };
+        self.shared.lock().insert(id, entry);
+        let inc = Incoming {
+            id,
+            headers,
+            rx,
+            conn: self.shared.clone(),
+        };
+        match &self.incoming {
+            Some(q) => {
+                if q.send(inc).await.is_err() {
+                    return Break(());
+                }
+            }
+            None => inc.reject().await,
+        }
+        Continue(())
+    }
 }
 
 /// The peer finished its half: readers see EOF; a stream done both ways is dropped.
