@@ -422,8 +422,14 @@ impl PodManager {
                 })
                 .await
                 .map_err(|e| match e {
-                    ShimError::Remote { code: 3, message } => Status::invalid_argument(message),
-                    ShimError::Remote { code: 12, message } => Status::unimplemented(message),
+                    ShimError::Remote {
+                        code: berth_proto::shim::ErrorCode::InvalidArgument,
+                        message,
+                    } => Status::invalid_argument(message),
+                    ShimError::Remote {
+                        code: berth_proto::shim::ErrorCode::Unimplemented,
+                        message,
+                    } => Status::unimplemented(message),
                     other => Status::internal(format!("creating container: {other}")),
                 })?;
             let stop_signal = image_config["config"]["StopSignal"]
@@ -551,7 +557,10 @@ impl PodManager {
                 }
             }
             shim.kill(&rec.id, 9, true).await.or_else(|e| match e {
-                ShimError::Remote { code: 5, .. } => Ok(()),
+                ShimError::Remote {
+                    code: berth_proto::shim::ErrorCode::NotFound,
+                    ..
+                } => Ok(()),
                 e => Err(e),
             })?;
             shim.wait(&rec.id).await
@@ -565,7 +574,10 @@ impl PodManager {
                 shim_exit_reason(st.oom_killed),
                 "",
             ),
-            Err(ShimError::Remote { code: 5, .. }) => self.on_container_exit(
+            Err(ShimError::Remote {
+                code: berth_proto::shim::ErrorCode::NotFound,
+                ..
+            }) => self.on_container_exit(
                 &rec.id,
                 137,
                 0,
@@ -594,7 +606,11 @@ impl PodManager {
         self.stop_container_rec(rec, 0).await?;
         if let Some(shim) = self.shim(&rec.sandbox_id).await {
             match shim.delete(&rec.id).await {
-                Ok(_) | Err(ShimError::Remote { code: 5, .. }) => {}
+                Ok(_)
+                | Err(ShimError::Remote {
+                    code: berth_proto::shim::ErrorCode::NotFound,
+                    ..
+                }) => {}
                 Err(e) => return Err(Status::internal(format!("deleting task {}: {e}", rec.id))),
             }
         }
@@ -762,7 +778,10 @@ impl PodManager {
         })
         .await
         .map_err(|e| match e {
-            ShimError::Remote { code: 9, message } => Status::failed_precondition(message),
+            ShimError::Remote {
+                code: berth_proto::shim::ErrorCode::FailedPrecondition,
+                message,
+            } => Status::failed_precondition(message),
             other => Status::internal(format!("exec in {}: {other}", rec.id)),
         })?;
         let waited = if req.timeout > 0 {

@@ -828,7 +828,10 @@ impl PodManager {
                     let _ = tokio::time::timeout(STOP_WAIT, c.wait(&rec.id)).await;
                     let _ = c.delete(&rec.id).await;
                 }
-                Err(berth_runtime::client::ShimError::Remote { code: 5, .. }) => {} // already deleted
+                Err(berth_runtime::client::ShimError::Remote {
+                    code: berth_proto::shim::ErrorCode::NotFound,
+                    ..
+                }) => {} // already deleted
                 Err(e) => warn!(sandbox = %rec.id, error = %e, "stopping infra"),
             }
             let _ = c.shutdown().await;

@@ -156,10 +156,14 @@ impl PodManager {
         let body = serde_json::to_vec(&berth_runtime::spec::resources_json(&linux))
             .map_err(|e| Status::internal(format!("encoding resources: {e}")))?;
         shim.update(&rec.id, body).await.map_err(|e| match e {
-            ShimError::Remote { code: 9, message } => Status::failed_precondition(message),
-            ShimError::Remote { code: 5, .. } => {
-                Status::failed_precondition(format!("container {} is not running", rec.id))
-            }
+            ShimError::Remote {
+                code: berth_proto::shim::ErrorCode::FailedPrecondition,
+                message,
+            } => Status::failed_precondition(message),
+            ShimError::Remote {
+                code: berth_proto::shim::ErrorCode::NotFound,
+                ..
+            } => Status::failed_precondition(format!("container {} is not running", rec.id)),
             e => Status::internal(format!("updating resources of {}: {e}", rec.id)),
         })?;
         let _g = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());

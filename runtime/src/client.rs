@@ -27,9 +27,12 @@ pub enum ShimError {
     /// The shim went away (killed, crashed or shut down).
     #[error("the shim closed the connection")]
     Closed,
-    /// The shim answered with an error (`code` is gRPC-style, see `shim::code`).
+    /// The shim answered with an error.
     #[error("{message}")]
-    Remote { code: u32, message: String },
+    Remote {
+        code: pb::ErrorCode,
+        message: String,
+    },
     /// The answer could not be decoded.
     #[error("shim answer: {0}")]
     Decode(String),
@@ -39,6 +42,21 @@ pub enum ShimError {
     /// The shim did not answer in time (a runtime command hung, or the shim did).
     #[error("the shim did not answer {method:?} within {secs}s")]
     Timeout { method: pb::Method, secs: u64 },
+}
+
+impl ShimError {
+    /// The shim's code for a remote error.
+    pub fn code(&self) -> Option<pb::ErrorCode> {
+        match self {
+            ShimError::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The task (or exec) is unknown to the shim.
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(pb::ErrorCode::NotFound)
+    }
 }
 
 /// How long a call other than `Wait` may take. Runtime commands normally take
@@ -203,7 +221,7 @@ impl ShimClient {
                 let e = pb::Error::decode(&answer.payload[..])
                     .map_err(|e| ShimError::Decode(e.to_string()))?;
                 Err(ShimError::Remote {
-                    code: e.code,
+                    code: pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified),
                     message: e.message,
                 })
             }

@@ -41,6 +41,11 @@ impl RuncError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, RuncError::Failed { message, .. } if message.contains("does not exist") || message.contains("not found"))
     }
+
+    /// Whether the runtime said the process to signal has already exited.
+    pub fn is_process_gone(&self) -> bool {
+        matches!(self, RuncError::Failed { message, .. } if message.contains("not running") || message.contains("process already finished"))
+    }
 }
 
 /// Standard streams handed to the container's process (no terminal).

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use berth_cgroups::{Cgroup, Hierarchy, OomWatch, oom_kill_count};
 use berth_proto::frame::{Frame, FrameBuffer, Kind};
 use berth_proto::shim as pb;
+use berth_proto::shim::ErrorCode as Code;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -32,22 +33,6 @@ use crate::exits::{ExitRecord, ExitStore, exit_status_of};
 use crate::relay::Relay;
 use crate::runc::{ProcessIo, Runc};
 use crate::timefmt::now_unix_nanos;
-
-/// gRPC-style codes carried in `pb::Error`.
-pub mod code {
-    /// Bad request field.
-    pub const INVALID_ARGUMENT: u32 = 3;
-    /// No such task.
-    pub const NOT_FOUND: u32 = 5;
-    /// Task id taken.
-    pub const ALREADY_EXISTS: u32 = 6;
-    /// Wrong state for the call.
-    pub const FAILED_PRECONDITION: u32 = 9;
-    /// Not implemented by this shim.
-    pub const UNIMPLEMENTED: u32 = 12;
-    /// Runtime or system failure.
-    pub const INTERNAL: u32 = 13;
-}
 
 /// How the shim is set up.
 #[derive(Clone, Debug)]
@@ -64,7 +49,7 @@ pub struct ShimConfig {
     pub runtime_args: Vec<String>,
 }
 
-type Reply = Result<Vec<u8>, (u32, String)>;
+type Reply = Result<Vec<u8>, (Code, String)>;
 
 /// Output kept for an exec process (ExecSync), up to a limit per stream.
 struct Capture {
@@ -437,7 +422,11 @@ impl Shim {
                 kind: Kind::Error,
                 method,
                 id,
-                payload: pb::Error { code, message }.encode_to_vec(),
+                payload: pb::Error {
+                    code: code as i32,
+                    message,
+                }
+                .encode_to_vec(),
             },
         };
         self.send(conn, frame);
@@ -626,8 +615,7 @@ impl Shim {
     /// Handles one request; `None` defers the answer (Wait on a running task).
     fn handle(&mut self, conn: u64, f: &Frame) -> Option<Reply> {
         let method = pb::Method::try_from(i32::from(f.method)).unwrap_or(pb::Method::Unspecified);
-        let bad =
-            |e: prost::DecodeError| (code::INVALID_ARGUMENT, format!("decoding request: {e}"));
+        let bad = |e: prost::DecodeError| (Code::InvalidArgument, format!("decoding request: {e}"));
         Some(match method {
             pb::Method::Connect => {
                 let tasks = self
@@ -676,12 +664,12 @@ impl Shim {
                     )
                 {
                     return Some(Err((
-                        code::UNIMPLEMENTED,
+                        Code::Unimplemented,
                         format!("{method:?} of an exec process is not supported"),
                     )));
                 }
                 if !self.tasks.contains_key(&key) {
-                    return Some(Err((code::NOT_FOUND, format!("task {key:?} not found"))));
+                    return Some(Err((Code::NotFound, format!("task {key:?} not found"))));
                 }
                 if method == pb::Method::Wait {
                     let t = self.tasks.get_mut(&key)?;
@@ -721,36 +709,36 @@ impl Shim {
             },
             pb::Method::Shutdown => {
                 if self.tasks.values().any(|t| t.exit.is_none()) {
-                    Err((code::FAILED_PRECONDITION, "tasks are still running".into()))
+                    Err((Code::FailedPrecondition, "tasks are still running".into()))
                 } else {
                     self.shutdown = true;
                     Ok(pb::Empty {}.encode_to_vec())
                 }
             }
             other => Err((
-                code::UNIMPLEMENTED,
+                Code::Unimplemented,
                 format!("{other:?} is not implemented by this shim yet"),
             )),
         })
     }
 
     /// A new task's id must be valid (it names files) and free.
-    fn check_new_task(&self, id: &str) -> Result<(), (u32, String)> {
+    fn check_new_task(&self, id: &str) -> Result<(), (Code, String)> {
         if !valid_task_id(id) {
             return Err((
-                code::INVALID_ARGUMENT,
+                Code::InvalidArgument,
                 format!("id {id:?}: must be 1-128 of [A-Za-z0-9_.-]"),
             ));
         }
         if self.tasks.contains_key(id) {
-            return Err((code::ALREADY_EXISTS, format!("task {id} already exists")));
+            return Err((Code::AlreadyExists, format!("task {id} already exists")));
         }
         Ok(())
     }
 
     fn create(&mut self, r: pb::CreateRequest) -> Reply {
         self.check_new_task(&r.id)?;
-        let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
+        let internal = |what: &str, e: io::Error| (Code::Internal, format!("{what}: {e}"));
         let log = if r.log_path.is_empty() {
             None
         } else {
@@ -770,8 +758,8 @@ impl Shim {
         );
         let pid = take_pid_file(&pid_file);
         let outcome = created
-            .map_err(|e| (code::INTERNAL, e.to_string()))
-            .and_then(|()| pid.ok_or((code::INTERNAL, "the runtime wrote no pid file".into())))
+            .map_err(|e| (Code::Internal, e.to_string()))
+            .and_then(|()| pid.ok_or((Code::Internal, "the runtime wrote no pid file".into())))
             .and_then(|pid| {
                 let stdio = match (stdio, console) {
                     (Some(s), _) => s,
@@ -823,8 +811,8 @@ impl Shim {
         &self,
         terminal: bool,
         stdin: bool,
-    ) -> Result<(Option<ProcessStdio>, ProcessIo, Option<ConsoleSocket>), (u32, String)> {
-        let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
+    ) -> Result<(Option<ProcessStdio>, ProcessIo, Option<ConsoleSocket>), (Code, String)> {
+        let internal = |what: &str, e: io::Error| (Code::Internal, format!("{what}: {e}"));
         if terminal {
             let console = self
                 .console_socket()
@@ -849,16 +837,16 @@ impl Shim {
         let t = self
             .tasks
             .get_mut(&r.id)
-            .ok_or_else(|| (code::NOT_FOUND, format!("task {:?} not found", r.id)))?;
+            .ok_or_else(|| (Code::NotFound, format!("task {:?} not found", r.id)))?;
         if t.infra || t.exec {
             return Err((
-                code::FAILED_PRECONDITION,
+                Code::FailedPrecondition,
                 format!("task {} cannot be attached to", r.id),
             ));
         }
         if t.exit.is_some() {
             return Err((
-                code::FAILED_PRECONDITION,
+                Code::FailedPrecondition,
                 format!("task {} has exited", r.id),
             ));
         }
@@ -869,7 +857,7 @@ impl Shim {
             ""
         };
         let relay = Relay::open(stdin, &r.stdout_fifo, &r.stderr_fifo, r.stdin_once)
-            .map_err(|e| (code::INTERNAL, format!("opening the client's streams: {e}")))?;
+            .map_err(|e| (Code::Internal, format!("opening the client's streams: {e}")))?;
         t.relays.push(relay);
         Ok(pb::Empty {}.encode_to_vec())
     }
@@ -986,22 +974,22 @@ impl Shim {
         let t = self
             .tasks
             .get(&key)
-            .ok_or_else(|| (code::NOT_FOUND, format!("task {key:?} not found")))?;
+            .ok_or_else(|| (Code::NotFound, format!("task {key:?} not found")))?;
         let (Ok(w), Ok(h)) = (u16::try_from(r.width), u16::try_from(r.height)) else {
             return Err((
-                code::INVALID_ARGUMENT,
+                Code::InvalidArgument,
                 format!("size {}x{}: at most 65535 each", r.width, r.height),
             ));
         };
         match &t.console {
             Some(master) => crate::console::resize(master, w, h)
                 .map(|()| pb::Empty {}.encode_to_vec())
-                .map_err(|e| (code::INTERNAL, format!("resizing the pty: {e}"))),
+                .map_err(|e| (Code::Internal, format!("resizing the pty: {e}"))),
             None if t.exit.is_some() => {
-                Err((code::FAILED_PRECONDITION, format!("task {key} has exited")))
+                Err((Code::FailedPrecondition, format!("task {key} has exited")))
             }
             None => Err((
-                code::FAILED_PRECONDITION,
+                Code::FailedPrecondition,
                 format!("task {key} has no terminal"),
             )),
         }
@@ -1011,16 +999,16 @@ impl Shim {
         let t = self
             .tasks
             .get(&r.id)
-            .ok_or_else(|| (code::NOT_FOUND, format!("task {:?} not found", r.id)))?;
+            .ok_or_else(|| (Code::NotFound, format!("task {:?} not found", r.id)))?;
         if t.infra {
             return Err((
-                code::FAILED_PRECONDITION,
+                Code::FailedPrecondition,
                 format!("task {} is the pod's infra process", r.id),
             ));
         }
         if t.exit.is_some() {
             return Err((
-                code::FAILED_PRECONDITION,
+                Code::FailedPrecondition,
                 format!("task {} has exited", r.id),
             ));
         }
@@ -1028,18 +1016,18 @@ impl Shim {
             .map_or(true, |v| !v.is_object())
         {
             return Err((
-                code::INVALID_ARGUMENT,
+                Code::InvalidArgument,
                 "resources_json: not a JSON object".into(),
             ));
         }
         let file = self.state_dir.join(format!("update-{}.json", r.id));
         std::fs::write(&file, &r.resources_json)
-            .map_err(|e| (code::INTERNAL, format!("writing resources: {e}")))?;
+            .map_err(|e| (Code::Internal, format!("writing resources: {e}")))?;
         let result = self.runc.update(&r.id, &file);
         let _ = std::fs::remove_file(&file);
         result
             .map(|()| pb::Empty {}.encode_to_vec())
-            .map_err(|e| (code::INTERNAL, e.to_string()))
+            .map_err(|e| (Code::Internal, e.to_string()))
     }
 
     fn start_infra(&mut self, r: pb::InfraRequest) -> Reply {
@@ -1055,7 +1043,7 @@ impl Shim {
             empty_root: &self.state_dir.join("infra-root"),
             sysctls: r.sysctls.into_iter().collect(),
         };
-        let pid = crate::infra::start_infra(&spec).map_err(|e| (code::INTERNAL, e.to_string()))?;
+        let pid = crate::infra::start_infra(&spec).map_err(|e| (Code::Internal, e.to_string()))?;
         let _ = self.exits.remove(&r.id);
         self.tasks
             .insert(r.id, Task::new(pid, true, pb::TaskStatus::Running));
@@ -1065,7 +1053,7 @@ impl Shim {
     fn exec(&mut self, r: pb::ExecRequest) -> Reply {
         if !valid_task_id(&r.exec_id) {
             return Err((
-                code::INVALID_ARGUMENT,
+                Code::InvalidArgument,
                 format!("exec_id {:?}: must be 1-128 of [A-Za-z0-9_.-]", r.exec_id),
             ));
         }
@@ -1073,20 +1061,20 @@ impl Shim {
             Some(t) if t.status == pb::TaskStatus::Running && t.exit.is_none() => {}
             Some(_) => {
                 return Err((
-                    code::FAILED_PRECONDITION,
+                    Code::FailedPrecondition,
                     format!("task {} is not running", r.id),
                 ));
             }
-            None => return Err((code::NOT_FOUND, format!("task {:?} not found", r.id))),
+            None => return Err((Code::NotFound, format!("task {:?} not found", r.id))),
         }
         let key = task_key(&r.id, &r.exec_id);
         if self.tasks.contains_key(&key) {
             return Err((
-                code::ALREADY_EXISTS,
+                Code::AlreadyExists,
                 format!("exec {} already exists", r.exec_id),
             ));
         }
-        let internal = |what: &str, e: io::Error| (code::INTERNAL, format!("{what}: {e}"));
+        let internal = |what: &str, e: io::Error| (Code::Internal, format!("{what}: {e}"));
         let process = self
             .state_dir
             .join(format!("exec-{}-{}.json", r.id, r.exec_id));
@@ -1095,13 +1083,13 @@ impl Shim {
             .join(format!("exec-{}-{}.pid", r.id, r.exec_id));
         // The process's own `terminal` decides on a pty; make it agree with the request.
         let mut process_spec: serde_json::Value = serde_json::from_slice(&r.process_json)
-            .map_err(|e| (code::INVALID_ARGUMENT, format!("process_json: {e}")))?;
+            .map_err(|e| (Code::InvalidArgument, format!("process_json: {e}")))?;
         if !process_spec.is_object() {
-            return Err((code::INVALID_ARGUMENT, "process_json: not an object".into()));
+            return Err((Code::InvalidArgument, "process_json: not an object".into()));
         }
         process_spec["terminal"] = r.terminal.into();
         let process_json = serde_json::to_vec(&process_spec)
-            .map_err(|e| (code::INTERNAL, format!("encoding process: {e}")))?;
+            .map_err(|e| (Code::Internal, format!("encoding process: {e}")))?;
         std::fs::write(&process, &process_json).map_err(|e| internal("writing process.json", e))?;
         let (stdio, io, console) = self.process_io(r.terminal, r.stdin)?;
         let result = self.runc.exec(
@@ -1113,9 +1101,9 @@ impl Shim {
         );
         let _ = std::fs::remove_file(&process);
         let pid = take_pid_file(&pid_file);
-        result.map_err(|e| (code::INTERNAL, e.to_string()))?;
+        result.map_err(|e| (Code::Internal, e.to_string()))?;
         let pid = pid.ok_or((
-            code::INTERNAL,
+            Code::Internal,
             "the runtime wrote no pid file for the exec".to_string(),
         ))?;
         let stdio = match (stdio, console) {
@@ -1178,13 +1166,13 @@ impl Shim {
     }
 
     fn task_call(&mut self, method: pb::Method, id: &str) -> Reply {
-        let runtime_err = |e: crate::runc::RuncError| (code::INTERNAL, e.to_string());
+        let runtime_err = |e: crate::runc::RuncError| (Code::Internal, e.to_string());
         match method {
             pb::Method::Start => {
                 let t = &self.tasks[id];
                 if t.status != pb::TaskStatus::Created {
                     return Err((
-                        code::FAILED_PRECONDITION,
+                        Code::FailedPrecondition,
                         format!("task {id} is not in the created state"),
                     ));
                 }
@@ -1193,7 +1181,7 @@ impl Shim {
                     let t = self
                         .tasks
                         .get_mut(id)
-                        .ok_or((code::NOT_FOUND, id.to_string()))?;
+                        .ok_or((Code::NotFound, id.to_string()))?;
                     if t.exit.is_none() {
                         t.status = pb::TaskStatus::Running;
                     }
@@ -1205,7 +1193,7 @@ impl Shim {
                 let t = &self.tasks[id];
                 let Some(exit) = t.exit else {
                     return Err((
-                        code::FAILED_PRECONDITION,
+                        Code::FailedPrecondition,
                         format!("task {id} is still running; kill it first"),
                     ));
                 };
@@ -1264,22 +1252,22 @@ impl Shim {
             pb::Method::ReopenLog => {
                 if let Some(l) = self.tasks.get_mut(id).and_then(|t| t.log.as_mut()) {
                     l.reopen()
-                        .map_err(|e| (code::INTERNAL, format!("reopening log: {e}")))?;
+                        .map_err(|e| (Code::Internal, format!("reopening log: {e}")))?;
                 }
                 Ok(pb::Empty {}.encode_to_vec())
             }
-            other => Err((code::UNIMPLEMENTED, format!("{other:?}"))),
+            other => Err((Code::Unimplemented, format!("{other:?}"))),
         }
     }
 
     fn kill(&mut self, r: pb::KillRequest) -> Reply {
         let key = task_key(&r.id, &r.exec_id);
         let Some(t) = self.tasks.get(&key) else {
-            return Err((code::NOT_FOUND, format!("task {key:?} not found")));
+            return Err((Code::NotFound, format!("task {key:?} not found")));
         };
         if r.signal == 0 || r.signal > 64 {
             return Err((
-                code::INVALID_ARGUMENT,
+                Code::InvalidArgument,
                 format!("signal {} is not a valid signal", r.signal),
             ));
         }
@@ -1290,11 +1278,11 @@ impl Shim {
         }
         if t.infra || t.exec {
             let sig = nix::sys::signal::Signal::try_from(r.signal as i32)
-                .map_err(|e| (code::INVALID_ARGUMENT, format!("signal {}: {e}", r.signal)))?;
+                .map_err(|e| (Code::InvalidArgument, format!("signal {}: {e}", r.signal)))?;
             // The pid is ours (a child we have not reaped), so it cannot have been reused.
             return match nix::sys::signal::kill(Pid::from_raw(t.pid as i32), sig) {
                 Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(pb::Empty {}.encode_to_vec()),
-                Err(e) => Err((code::INTERNAL, format!("signalling infra process: {e}"))),
+                Err(e) => Err((Code::Internal, format!("signalling infra process: {e}"))),
             };
         }
         match self.runc.kill(&r.id, r.signal, r.all) {
@@ -1303,15 +1291,8 @@ impl Shim {
             Err(_) if self.tasks.get(&r.id).is_some_and(|t| t.exit.is_some()) => {
                 Ok(pb::Empty {}.encode_to_vec())
             }
-            Err(e) => {
-                let gone = e.to_string().contains("not running")
-                    || e.to_string().contains("process already finished");
-                if gone {
-                    Ok(pb::Empty {}.encode_to_vec())
-                } else {
-                    Err((code::INTERNAL, e.to_string()))
-                }
-            }
+            Err(e) if e.is_process_gone() => Ok(pb::Empty {}.encode_to_vec()),
+            Err(e) => Err((Code::Internal, e.to_string())),
         }
     }
 }

@@ -229,7 +229,10 @@ async fn shim_runs_containers_with_runc() {
     assert_eq!(del.exit_status, 3);
     assert!(matches!(
         client.state("c1").await,
-        Err(ShimError::Remote { code: 5, .. })
+        Err(ShimError::Remote {
+            code: pb::ErrorCode::NotFound,
+            ..
+        })
     ));
 
     // A long-running container: kill, then its exit is 128 + 9.
@@ -242,7 +245,10 @@ async fn shim_runs_containers_with_runc() {
     assert_eq!(client.pids("c2").await.unwrap().len(), 1);
     assert!(matches!(
         client.delete("c2").await,
-        Err(ShimError::Remote { code: 9, .. })
+        Err(ShimError::Remote {
+            code: pb::ErrorCode::FailedPrecondition,
+            ..
+        })
     ));
     client.kill("c2", 9, false).await.unwrap();
     assert_eq!(client.wait("c2").await.unwrap().exit_status, 137);
@@ -293,7 +299,10 @@ async fn shim_runs_containers_with_runc() {
     );
     assert!(matches!(
         client.state("bad").await,
-        Err(ShimError::Remote { code: 5, .. })
+        Err(ShimError::Remote {
+            code: pb::ErrorCode::NotFound,
+            ..
+        })
     ));
     assert_eq!(env.runc_list(), "", "runtime state left behind");
     // Bad ids are refused before they touch a path.
@@ -301,7 +310,16 @@ async fn shim_runs_containers_with_runc() {
         .create(env.create_req("../x", &b1, &log))
         .await
         .unwrap_err();
-    assert!(matches!(err, ShimError::Remote { code: 3, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ShimError::Remote {
+                code: pb::ErrorCode::InvalidArgument,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // Shutdown: the shim exits.
     client.shutdown().await.unwrap();
@@ -511,7 +529,16 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
     );
     // Resizing a task without a terminal is refused, naming why.
     let err = client.resize_pty("tty", "", 80, 24).await.unwrap_err();
-    assert!(matches!(err, ShimError::Remote { code: 9, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ShimError::Remote {
+                code: pb::ErrorCode::FailedPrecondition,
+                ..
+            }
+        ),
+        "{err}"
+    );
     client.delete("tty").await.unwrap();
 
     // stdin: the container sees no EOF until its stdin is closed.
@@ -599,14 +626,32 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
         "{limit_file:?}"
     );
     let err = client.update("run", b"[1]".to_vec()).await.unwrap_err();
-    assert!(matches!(err, ShimError::Remote { code: 3, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ShimError::Remote {
+                code: pb::ErrorCode::InvalidArgument,
+                ..
+            }
+        ),
+        "{err}"
+    );
     client.kill("run", 9, false).await.unwrap();
     client.wait("run").await.unwrap();
     let err = client
         .update("run", serde_json::to_vec(&resources).unwrap())
         .await
         .unwrap_err();
-    assert!(matches!(err, ShimError::Remote { code: 9, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ShimError::Remote {
+                code: pb::ErrorCode::FailedPrecondition,
+                ..
+            }
+        ),
+        "{err}"
+    );
     client.delete("run").await.unwrap();
 
     // A container without its own PID namespace: when its init exits, the rest of its
