@@ -1584,11 +1584,16 @@ fn assert_no_pod_leftovers(b: &Berthd, test: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes this test run's parent cgroup (berth removes only what it created below it).
-struct CgroupParentGuard;
+/// Removes this test run's parent cgroup (berth removes only what it created below it),
+/// or with a test name only that test's scope: tests run at once, and removing another
+/// test's fresh, still empty pod cgroup would fail its pod start.
+struct CgroupParentGuard(Option<&'static str>);
 impl Drop for CgroupParentGuard {
     fn drop(&mut self) {
-        let cg = format!("berth-e2e-{}", std::process::id());
+        let cg = match self.0 {
+            Some(test) => cgroup_scope(test).trim_start_matches('/').to_string(),
+            None => format!("berth-e2e-{}", std::process::id()),
+        };
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
             for h in rd.flatten() {
                 // Deepest first: pod cgroups a failed test left, then scopes, then the parent.
@@ -3402,7 +3407,7 @@ fn with_memory_limit(mut cfg: cri::ContainerConfig, bytes: i64) -> cri::Containe
 fn container_and_pod_stats_and_metrics() -> Result<(), Failed> {
     run(|| async {
         let w = world();
-        let _cg = CgroupParentGuard;
+        let _cg = CgroupParentGuard(Some("stats"));
         let b = Berthd::start("")?;
         let mut c = b.client().await?;
         pull(&mut c, &w.busybox.reference).await?;
@@ -3763,7 +3768,7 @@ fn container_and_pod_stats_and_metrics() -> Result<(), Failed> {
 fn oom_kills_and_resource_updates() -> Result<(), Failed> {
     run(|| async {
         let w = world();
-        let _cg = CgroupParentGuard;
+        let _cg = CgroupParentGuard(Some("oom"));
         let mut b = Berthd::start("")?;
         let mut c = b.client().await?;
         pull(&mut c, &w.busybox.reference).await?;
@@ -4039,7 +4044,7 @@ fn exec_sync_out(
 fn streaming_exec_attach_port_forward() -> Result<(), Failed> {
     run(|| async {
         let w = world();
-        let _cg = CgroupParentGuard;
+        let _cg = CgroupParentGuard(Some("stream"));
         let b = Berthd::start("")?;
         let mut c = b.client().await?;
         pull(&mut c, &w.busybox.reference).await?;
@@ -4386,7 +4391,7 @@ async fn sleeping_pod(
 fn streaming_over_tls() -> Result<(), Failed> {
     run(|| async {
         let w = world();
-        let _cg = CgroupParentGuard;
+        let _cg = CgroupParentGuard(Some("tls"));
         let pki = tempfile::tempdir()?;
         let sh = |args: &[&str]| -> Result<()> {
             let out = Command::new("openssl")
@@ -4517,7 +4522,7 @@ fn streaming_raw_spdy_frames() -> Result<(), Failed> {
     run(|| async {
         use std::io::{Read, Write};
         let w = world();
-        let _cg = CgroupParentGuard;
+        let _cg = CgroupParentGuard(Some("raw"));
         let b = Berthd::start("")?;
         let (mut c, pod, id) = sleeping_pod(&b, &w, "raw", "raw-1").await?;
         let url = c
@@ -4769,7 +4774,7 @@ fn main() -> anyhow::Result<()> {
         .context("building the test registries and images")?;
     drop(rt);
     *WORLD.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(world));
-    let cgroups = CgroupParentGuard;
+    let cgroups = CgroupParentGuard(None);
     let iptables = berth_e2e::berthd::IptablesGuard::new();
     let conclusion = libtest_mimic::run(&args, tests);
     drop(WORLD.lock().unwrap_or_else(|p| p.into_inner()).take());
