@@ -21,16 +21,16 @@ use crate::status::{from_image_error, invalid_field};
 /// The CRI image service.
 pub struct CriImageService {
     images: Arc<berth_image::ImageService>,
-    pods: Option<Arc<crate::pods::PodManager>>,
+    containers: Option<crate::container::ContainerService>,
 }
 
 impl CriImageService {
     /// Serves CRI image calls from `images`.
     pub fn new(
         images: Arc<berth_image::ImageService>,
-        pods: Option<Arc<crate::pods::PodManager>>,
+        containers: Option<crate::container::ContainerService>,
     ) -> Self {
-        CriImageService { images, pods }
+        CriImageService { images, containers }
     }
 
     fn to_cri(&self, rec: &ImageRecord) -> Image {
@@ -150,7 +150,7 @@ impl ImageService for CriImageService {
         };
         let mut info = HashMap::new();
         if req.verbose {
-            let config = self.images.config_json(&rec).map_err(from_image_error)?;
+            let config = self.images.image_config(&rec).map_err(from_image_error)?;
             let layers: Vec<_> = rec
                 .layers
                 .iter()
@@ -204,11 +204,11 @@ impl ImageService for CriImageService {
         let name = required_image(&req.image, "image.image")?.to_string();
         tracing::Span::current().record("image", name.as_str());
         // Its snapshots are the lower layers of any container made from it.
-        if let (Some(pods), Some(rec)) = (
-            &self.pods,
+        if let (Some(containers), Some(rec)) = (
+            &self.containers,
             self.images.resolve(&name).map_err(from_image_error)?,
         ) {
-            if let Some(user) = pods.container_using_image(rec.id.as_str()) {
+            if let Some(user) = containers.using_image(rec.id.as_str()) {
                 return Err(Status::failed_precondition(format!(
                     "image {name} is in use by container {user}; remove the container first"
                 )));

@@ -28,6 +28,101 @@ pub const STATE_DIRS: &[&str] = &["s", "sandboxes", "netns", "containers", "runt
 /// The records file under `root`.
 pub const RECORDS_FILE: &str = "meta.redb";
 
+/// Where each pod's and container's files are, under `root` and `state`. Every id
+/// passed in has been validated (hex) by the caller.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    root: PathBuf,
+    state: PathBuf,
+}
+
+impl Paths {
+    /// The layout under these two dirs.
+    pub fn new(root: &Path, state: &Path) -> Paths {
+        Paths {
+            root: root.to_path_buf(),
+            state: state.to_path_buf(),
+        }
+    }
+
+    /// A pod's persistent files: hostname, hosts, resolv.conf, the CNI cache.
+    pub fn sandbox_root(&self, id: &str) -> PathBuf {
+        self.root.join("sandboxes").join(id)
+    }
+
+    /// A pod's runtime state: /dev/shm, the shim's dir.
+    pub fn sandbox_state(&self, id: &str) -> PathBuf {
+        self.state.join("sandboxes").join(id)
+    }
+
+    /// The list of pod cgroups RunPodSandbox created, written as soon as they exist so
+    /// that the startup sweep can remove them without a record.
+    pub fn created_cgroups(&self, id: &str) -> PathBuf {
+        self.sandbox_state(id).join("created-cgroups.json")
+    }
+
+    /// The pod's shim state dir (exit records, logs, pid files, console sockets, FIFOs).
+    pub fn shim_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_state(id).join("shim")
+    }
+
+    /// Short on purpose: a unix socket path must fit in 108 bytes (sun_path), so it is
+    /// `<state>/s/<first 16 hex of the id>` rather than inside the sandbox dir.
+    pub fn shim_socket(&self, id: &str) -> PathBuf {
+        self.shim_sockets().join(&id[..16.min(id.len())])
+    }
+
+    /// The dir of every shim socket.
+    pub fn shim_sockets(&self) -> PathBuf {
+        self.state.join("s")
+    }
+
+    /// A pod's pinned network namespace.
+    pub fn netns(&self, id: &str) -> PathBuf {
+        self.state.join("netns").join(id)
+    }
+
+    /// The pod's CNI attachment cache: persistent (in `root`), so that DEL can release
+    /// IPAM leases even after a reboot.
+    pub fn cni_cache(&self, id: &str) -> PathBuf {
+        self.sandbox_root(id).join("cni.json")
+    }
+
+    /// The pod's /dev/shm mount.
+    pub fn shm(&self, id: &str) -> PathBuf {
+        self.sandbox_state(id).join("shm")
+    }
+
+    /// A container's writable layer (`upper`, `work`) and volume dirs.
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.root.join("containers").join(id)
+    }
+
+    /// The parent of every container dir (the writable layers' filesystem).
+    pub fn containers_root(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+
+    /// A container's OCI bundle: `config.json` and the `rootfs` mount.
+    pub fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.state.join("containers").join(id)
+    }
+
+    /// Every container bundle's parent.
+    pub fn bundles_root(&self) -> PathBuf {
+        self.state.join("containers")
+    }
+
+    /// Every pod's persistent and runtime dirs' parents and the netns dir.
+    pub fn sandbox_roots(&self) -> [PathBuf; 3] {
+        [
+            self.root.join("sandboxes"),
+            self.state.join("sandboxes"),
+            self.state.join("netns"),
+        ]
+    }
+}
+
 /// A directory or file that could not be made private.
 #[derive(Debug, thiserror::Error)]
 #[error("{context} {}: {source}", path.display())]

@@ -1,19 +1,27 @@
 //! berth's CRI edge: config, request validation, the RuntimeService and ImageService
-//! servers, and the socket they listen on.
+//! servers over small services sharing one context, and the socket they listen on.
+//! It owns the CRI -> OCI translation (`oci`) and the pod and container records;
+//! `berth-runtime` (the shim) knows nothing of CRI.
 
 pub mod config;
-pub mod containers;
+pub mod container;
+pub mod context;
+pub mod error;
 pub mod events;
 pub mod failpoint;
 pub mod handlers;
 pub mod image_service;
 pub mod layout;
-pub mod metrics;
-pub mod pods;
-pub mod resources;
+pub mod oci;
+pub mod oom_score;
+pub mod records;
 pub mod runtime_service;
+pub mod sandbox;
 pub mod server;
+pub mod services;
+pub mod shims;
 pub mod stats;
 pub mod status;
 pub mod streaming;
 pub mod sweep;
+pub mod undo;

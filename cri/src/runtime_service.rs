@@ -1,5 +1,5 @@
-//! CRI RuntimeService: runtime identity, status and config. Pod and container calls
-//! answer `Unimplemented`, naming the capability, until berth implements them.
+//! CRI RuntimeService: the gRPC surface, a thin dispatch to the services. Each call runs
+//! in a tracing span with its pod or container id.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -12,7 +12,7 @@ use tracing::instrument;
 use std::sync::Arc;
 
 use crate::config::{CgroupDriver, Config};
-use crate::pods::PodManager;
+use crate::services::Services;
 
 /// The CRI API version berth serves.
 pub const RUNTIME_API_VERSION: &str = "v1";
@@ -20,24 +20,24 @@ pub const RUNTIME_API_VERSION: &str = "v1";
 /// The CRI runtime service.
 pub struct CriRuntimeService {
     config: Config,
-    pods: Arc<PodManager>,
+    svc: Arc<Services>,
 }
 
 impl CriRuntimeService {
-    /// Serves runtime calls with the effective `config`.
     /// Runs a reader of cgroup and proc files off the async workers.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&PodManager) -> T + Send + 'static,
+        f: impl FnOnce(&Services) -> T + Send + 'static,
     ) -> Result<T, Status> {
-        let pods = self.pods.clone();
-        tokio::task::spawn_blocking(move || f(&pods))
+        let svc = self.svc.clone();
+        tokio::task::spawn_blocking(move || f(&svc))
             .await
             .map_err(|e| Status::internal(format!("stats reader: {e}")))
     }
 
-    pub fn new(config: Config, pods: Arc<PodManager>) -> Self {
-        CriRuntimeService { config, pods }
+    /// Serves runtime calls with the effective `config`.
+    pub fn new(config: Config, svc: Arc<Services>) -> Self {
+        CriRuntimeService { config, svc }
     }
 }
 
@@ -82,7 +82,7 @@ impl RuntimeService for CriRuntimeService {
         &self,
         req: Request<cri::StatusRequest>,
     ) -> Result<Response<cri::StatusResponse>, Status> {
-        let network = match self.pods.net.status().await {
+        let network = match self.svc.ctx.net.status().await {
             Ok(()) => condition("NetworkReady", true, "", ""),
             Err(e) => condition(
                 "NetworkReady",
@@ -101,7 +101,7 @@ impl RuntimeService for CriRuntimeService {
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
-            runtime_handlers: self.pods.handlers.to_cri(),
+            runtime_handlers: self.svc.ctx.handlers.to_cri(),
             // SupplementalGroupsPolicy is not implemented yet.
             features: Some(cri::RuntimeFeatures {
                 supplemental_groups_policy: false,
@@ -130,36 +130,42 @@ impl RuntimeService for CriRuntimeService {
         &self,
         req: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        let id = self.pods.run(req.into_inner()).await?;
+        let id = self.svc.sandboxes.run(req.into_inner()).await?;
         tracing::info!(sandbox = %id, "RunPodSandbox");
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: id,
         }))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
     async fn stop_pod_sandbox(
         &self,
         req: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        self.pods.stop(&req.into_inner().pod_sandbox_id).await?;
+        self.svc
+            .sandboxes
+            .stop(&req.into_inner().pod_sandbox_id)
+            .await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
     async fn remove_pod_sandbox(
         &self,
         req: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        self.pods.remove(&req.into_inner().pod_sandbox_id).await?;
+        self.svc
+            .sandboxes
+            .remove(&req.into_inner().pod_sandbox_id)
+            .await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
     async fn pod_sandbox_status(
         &self,
         req: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
-            self.pods.status(&r.pod_sandbox_id, r.verbose)?,
+            self.svc.sandboxes.status(&r.pod_sandbox_id, r.verbose)?,
         ))
     }
     #[instrument(skip_all)]
@@ -168,45 +174,47 @@ impl RuntimeService for CriRuntimeService {
         req: Request<cri::ListPodSandboxRequest>,
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
         Ok(Response::new(cri::ListPodSandboxResponse {
-            items: self.pods.list(req.into_inner().filter),
+            items: self.svc.sandboxes.list(req.into_inner().filter),
         }))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
     async fn create_container(
         &self,
         req: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
-        let id = self.pods.create_container(req.into_inner()).await?;
+        let id = self.svc.containers.create(req.into_inner()).await?;
         Ok(Response::new(cri::CreateContainerResponse {
             container_id: id,
         }))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn start_container(
         &self,
         req: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
-        self.pods
-            .start_container(&req.into_inner().container_id)
+        self.svc
+            .containers
+            .start(&req.into_inner().container_id)
             .await?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn stop_container(
         &self,
         req: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
         let r = req.into_inner();
-        self.pods.stop_container(&r.container_id, r.timeout).await?;
+        self.svc.containers.stop(&r.container_id, r.timeout).await?;
         Ok(Response::new(cri::StopContainerResponse {}))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn remove_container(
         &self,
         req: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        self.pods
-            .remove_container(&req.into_inner().container_id)
+        self.svc
+            .containers
+            .remove(&req.into_inner().container_id)
             .await?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
@@ -216,17 +224,17 @@ impl RuntimeService for CriRuntimeService {
         req: Request<cri::ListContainersRequest>,
     ) -> Result<Response<cri::ListContainersResponse>, Status> {
         Ok(Response::new(cri::ListContainersResponse {
-            containers: self.pods.list_containers(req.into_inner().filter),
+            containers: self.svc.containers.list(req.into_inner().filter),
         }))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn container_status(
         &self,
         req: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
-            self.pods.container_status(&r.container_id, r.verbose)?,
+            self.svc.containers.status(&r.container_id, r.verbose)?,
         ))
     }
     #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
@@ -234,34 +242,38 @@ impl RuntimeService for CriRuntimeService {
         &self,
         req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        self.pods
-            .update_container_resources(req.into_inner())
+        self.svc
+            .containers
+            .update_resources(req.into_inner())
             .await?;
         Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn reopen_container_log(
         &self,
         req: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        self.pods
-            .reopen_container_log(&req.into_inner().container_id)
+        self.svc
+            .containers
+            .reopen_log(&req.into_inner().container_id)
             .await?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn exec_sync(
         &self,
         req: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Ok(Response::new(self.pods.exec_sync(req.into_inner()).await?))
+        Ok(Response::new(
+            self.svc.containers.exec_sync(req.into_inner()).await?,
+        ))
     }
     #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn exec(
         &self,
         req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        let url = self.pods.exec_url(req.into_inner())?;
+        let url = self.svc.streaming.exec_url(req.into_inner())?;
         Ok(Response::new(cri::ExecResponse { url }))
     }
     #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
@@ -269,7 +281,7 @@ impl RuntimeService for CriRuntimeService {
         &self,
         req: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        let url = self.pods.attach_url(req.into_inner())?;
+        let url = self.svc.streaming.attach_url(req.into_inner())?;
         Ok(Response::new(cri::AttachResponse { url }))
     }
     #[instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
@@ -277,7 +289,7 @@ impl RuntimeService for CriRuntimeService {
         &self,
         req: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        let url = self.pods.port_forward_url(req.into_inner())?;
+        let url = self.svc.streaming.port_forward_url(req.into_inner())?;
         Ok(Response::new(cri::PortForwardResponse { url }))
     }
     #[instrument(skip_all, fields(container = %req.get_ref().container_id))]
@@ -286,7 +298,9 @@ impl RuntimeService for CriRuntimeService {
         req: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
         let id = req.into_inner().container_id;
-        let stats = self.blocking(move |p| p.container_stats(&id)).await??;
+        let stats = self
+            .blocking(move |p| p.stats.container_stats(&id))
+            .await??;
         Ok(Response::new(cri::ContainerStatsResponse {
             stats: Some(stats),
         }))
@@ -298,7 +312,7 @@ impl RuntimeService for CriRuntimeService {
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
         let filter = req.into_inner().filter;
         let stats = self
-            .blocking(move |p| p.list_container_stats(filter))
+            .blocking(move |p| p.stats.list_container_stats(filter))
             .await?;
         Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
@@ -308,7 +322,9 @@ impl RuntimeService for CriRuntimeService {
         req: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
         let id = req.into_inner().pod_sandbox_id;
-        let stats = self.blocking(move |p| p.pod_sandbox_stats(&id)).await??;
+        let stats = self
+            .blocking(move |p| p.stats.pod_sandbox_stats(&id))
+            .await??;
         Ok(Response::new(cri::PodSandboxStatsResponse {
             stats: Some(stats),
         }))
@@ -320,7 +336,7 @@ impl RuntimeService for CriRuntimeService {
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
         let filter = req.into_inner().filter;
         let stats = self
-            .blocking(move |p| p.list_pod_sandbox_stats(filter))
+            .blocking(move |p| p.stats.list_pod_sandbox_stats(filter))
             .await?;
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
@@ -334,10 +350,11 @@ impl RuntimeService for CriRuntimeService {
             .and_then(|c| c.network_config)
             .map(|n| n.pod_cidr)
             .unwrap_or_default();
-        self.pods
+        self.svc
+            .ctx
             .net
             .set_pod_cidr(&cidr)
-            .map_err(crate::pods::net_status)?;
+            .map_err(|e| Status::from(crate::error::CriError::from(e)))?;
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
     async fn checkpoint_container(
@@ -363,7 +380,7 @@ impl RuntimeService for CriRuntimeService {
         _req: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
         Ok(Response::new(cri::ListMetricDescriptorsResponse {
-            descriptors: crate::metrics::descriptors(),
+            descriptors: crate::stats::metrics::descriptors(),
         }))
     }
     #[instrument(skip_all)]
@@ -371,7 +388,9 @@ impl RuntimeService for CriRuntimeService {
         &self,
         _req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        let pod_metrics = self.blocking(|p| p.list_pod_sandbox_metrics()).await?;
+        let pod_metrics = self
+            .blocking(|p| p.stats.list_pod_sandbox_metrics())
+            .await?;
         Ok(Response::new(cri::ListPodSandboxMetricsResponse {
             pod_metrics,
         }))

@@ -80,13 +80,14 @@ pub async fn serve(
     listener: UnixListener,
     config: Config,
     images: Arc<berth_image::ImageService>,
-    pods: Arc<crate::pods::PodManager>,
+    svc: Arc<crate::services::Services>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config, pods.clone()))
+    let containers = svc.containers.clone();
+    let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config, svc))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let image = ImageServiceServer::new(CriImageService::new(images, Some(pods.clone())))
+    let image = ImageServiceServer::new(CriImageService::new(images, Some(containers)))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     tonic::transport::Server::builder()

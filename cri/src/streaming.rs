@@ -5,57 +5,73 @@
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use berth_proto::shim as pb;
-use berth_runtime::store::ContainerState;
 use berth_stream::runtime::BoxFuture;
 use berth_stream::{
     AttachRequest, ExecOutcome, ExecRequest, PortForwardRequest, SessionIo, StreamRequest,
-    StreamRuntime,
+    StreamRuntime, StreamServer,
 };
 use bytes::Bytes;
 use k8s_cri::v1 as cri;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tonic::Status;
 use tracing::{info, warn};
 
-use crate::pods::{PodManager, new_id};
+use crate::container::ContainerService;
+use crate::context::new_id;
+use crate::error::{CriError, Result};
+use crate::records::SandboxState;
 
 /// How long output may still drain after the process exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn invalid(msg: &str) -> Status {
-    Status::invalid_argument(msg.to_string())
+fn invalid(msg: &str) -> CriError {
+    CriError::Invalid(msg.to_string())
 }
 
-impl PodManager {
-    fn stream_url(&self, req: StreamRequest) -> Result<String, Status> {
-        let server = self
-            .stream
-            .get()
-            .ok_or_else(|| Status::unavailable("the streaming server is not running"))?;
-        server
-            .url_for(req)
-            .map_err(|e| Status::resource_exhausted(e.to_string()))
+/// The CRI Exec, Attach and PortForward calls: checked, then a single-use URL on the
+/// streaming server.
+pub struct StreamingService {
+    containers: ContainerService,
+    server: OnceLock<Arc<StreamServer>>,
+}
+
+impl StreamingService {
+    /// URLs for the containers of `containers`; the server is set once it listens.
+    pub fn new(containers: ContainerService) -> StreamingService {
+        StreamingService {
+            containers,
+            server: OnceLock::new(),
+        }
     }
 
-    /// The container, which must exist and run.
-    fn running_container(&self, id: &str) -> Result<berth_runtime::store::ContainerRecord, Status> {
-        let rec = self.must_container(id)?;
-        if rec.state != ContainerState::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                rec.id
-            )));
-        }
-        Ok(rec)
+    /// The runtime the streaming server drives.
+    pub fn runtime(&self) -> Arc<BerthStreams> {
+        Arc::new(BerthStreams {
+            containers: self.containers.clone(),
+        })
+    }
+
+    /// The server the URLs point at (set once).
+    pub fn set_server(&self, server: Arc<StreamServer>) {
+        let _ = self.server.set(server);
+    }
+
+    fn stream_url(&self, req: StreamRequest) -> Result<String> {
+        let server = self
+            .server
+            .get()
+            .ok_or_else(|| CriError::Unavailable("the streaming server is not running".into()))?;
+        server
+            .url_for(req)
+            .map_err(|e| CriError::ResourceExhausted(e.to_string()))
     }
 
     /// CRI Exec: a URL for an exec session.
-    pub fn exec_url(&self, r: cri::ExecRequest) -> Result<String, Status> {
+    pub fn exec_url(&self, r: cri::ExecRequest) -> Result<String> {
         if r.container_id.is_empty() {
             return Err(invalid("missing required container_id"));
         }
@@ -68,7 +84,7 @@ impl PodManager {
         if r.cmd.is_empty() {
             return Err(invalid("cmd: must not be empty"));
         }
-        let rec = self.running_container(&r.container_id)?;
+        let rec = self.containers.running(&r.container_id)?;
         self.stream_url(StreamRequest::Exec(ExecRequest {
             container_id: rec.id,
             cmd: r.cmd,
@@ -80,7 +96,7 @@ impl PodManager {
     }
 
     /// CRI Attach: a URL for an attach session.
-    pub fn attach_url(&self, r: cri::AttachRequest) -> Result<String, Status> {
+    pub fn attach_url(&self, r: cri::AttachRequest) -> Result<String> {
         if r.container_id.is_empty() {
             return Err(invalid("missing required container_id"));
         }
@@ -90,7 +106,7 @@ impl PodManager {
         if !r.stdin && !r.stdout && !r.stderr {
             return Err(invalid("one of stdin, stdout, and stderr must be set"));
         }
-        let rec = self.running_container(&r.container_id)?;
+        let rec = self.containers.running(&r.container_id)?;
         self.stream_url(StreamRequest::Attach(AttachRequest {
             container_id: rec.id,
             tty: r.tty,
@@ -101,17 +117,16 @@ impl PodManager {
     }
 
     /// CRI PortForward: a URL for a port-forward session into a ready pod.
-    pub fn port_forward_url(&self, r: cri::PortForwardRequest) -> Result<String, Status> {
+    pub fn port_forward_url(&self, r: cri::PortForwardRequest) -> Result<String> {
         if r.pod_sandbox_id.is_empty() {
             return Err(invalid("missing required pod_sandbox_id"));
         }
         let pod = self
-            .resolve(&r.pod_sandbox_id, "pod_sandbox_id")?
-            .ok_or_else(|| {
-                Status::not_found(format!("pod sandbox {:?} not found", r.pod_sandbox_id))
-            })?;
-        if pod.state != berth_runtime::store::SandboxState::Ready {
-            return Err(Status::failed_precondition(format!(
+            .containers
+            .context()
+            .sandbox(&r.pod_sandbox_id, "pod_sandbox_id")?;
+        if pod.state != SandboxState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
                 "pod sandbox {} is not ready",
                 pod.id
             )));
@@ -241,32 +256,24 @@ fn pump(ends: ClientEnds, io: &mut SessionIo) -> Vec<tokio::task::JoinHandle<()>
 
 /// The runtime behind berthd's streaming server.
 pub struct BerthStreams {
-    pods: Weak<PodManager>,
+    containers: ContainerService,
 }
 
-impl BerthStreams {
-    /// Drives `pods` (held weakly: the server lives inside the manager).
-    pub fn new(pods: &Arc<PodManager>) -> BerthStreams {
-        BerthStreams {
-            pods: Arc::downgrade(pods),
-        }
-    }
-}
-
-async fn exec(pods: Arc<PodManager>, req: ExecRequest, mut io: SessionIo) -> ExecOutcome {
-    let rec = match pods.running_container(&req.container_id) {
+async fn exec(containers: ContainerService, req: ExecRequest, mut io: SessionIo) -> ExecOutcome {
+    let rec = match containers.running(&req.container_id) {
         Ok(r) => r,
-        Err(e) => return ExecOutcome::Failed(e.message().to_string()),
+        Err(e) => return ExecOutcome::Failed(e.to_string()),
     };
-    let Some(shim) = pods.shim(&rec.sandbox_id).await else {
+    let ctx = containers.context().clone();
+    let Some(shim) = ctx.shims.get(&rec.sandbox_id).await else {
         return ExecOutcome::Failed("the pod's shim is gone".into());
     };
-    let process_json = match pods.exec_process_json(&rec.id, &req.cmd, req.tty) {
+    let process_json = match containers.exec_process_json(&rec.id, &req.cmd, req.tty) {
         Ok(p) => p,
-        Err(e) => return ExecOutcome::Failed(e.message().to_string()),
+        Err(e) => return ExecOutcome::Failed(e.to_string()),
     };
-    let exec_id = new_id()[..16].to_string();
-    let dir = pods.sandbox_state(&rec.sandbox_id).join("shim").join("io");
+    let exec_id = ContainerService::new_exec_id();
+    let dir = ctx.paths.shim_dir(&rec.sandbox_id).join("io");
     let made = Fifos::make(
         &dir,
         &exec_id,
@@ -337,21 +344,22 @@ async fn exec(pods: Arc<PodManager>, req: ExecRequest, mut io: SessionIo) -> Exe
 }
 
 async fn attach(
-    pods: Arc<PodManager>,
+    containers: ContainerService,
     req: AttachRequest,
     mut io: SessionIo,
-) -> Result<(), String> {
-    let rec = pods
-        .running_container(&req.container_id)
-        .map_err(|e| e.message().to_string())?;
-    let shim = pods
-        .shim(&rec.sandbox_id)
+) -> std::result::Result<(), String> {
+    let rec = containers
+        .running(&req.container_id)
+        .map_err(|e| e.to_string())?;
+    let ctx = containers.context().clone();
+    let shim = ctx
+        .shims
+        .get(&rec.sandbox_id)
         .await
         .ok_or("the pod's shim is gone")?;
-    let config: cri::ContainerConfig =
-        serde_json::from_value(rec.config.clone()).unwrap_or_default();
+    let config = &rec.config;
     let key = format!("attach-{}", &new_id()[..12]);
-    let dir = pods.sandbox_state(&rec.sandbox_id).join("shim").join("io");
+    let dir = ctx.paths.shim_dir(&rec.sandbox_id).join("io");
     let (fifos, names) = Fifos::make(
         &dir,
         &key,
@@ -401,12 +409,13 @@ async fn attach(
 /// thread enters the namespace (never a shared worker), opens the socket there,
 /// and the socket keeps that namespace after the thread ends.
 async fn port_forward(
-    pods: Arc<PodManager>,
+    containers: ContainerService,
     pod: String,
     port: u16,
-) -> Result<tokio::net::TcpStream, String> {
-    let rec = pods
-        .store
+) -> std::result::Result<tokio::net::TcpStream, String> {
+    let rec = containers
+        .context()
+        .records
         .sandbox(&pod)
         .ok_or_else(|| format!("pod sandbox {pod} not found"))?;
     let netns = rec.netns.clone();
@@ -414,7 +423,7 @@ async fn port_forward(
     std::thread::Builder::new()
         .name("berth-portfwd".into())
         .spawn(move || {
-            let r = (|| -> Result<std::net::TcpStream, String> {
+            let r = (|| -> std::result::Result<std::net::TcpStream, String> {
                 if let Some(ns) = &netns {
                     let f = std::fs::File::open(ns)
                         .map_err(|e| format!("opening {}: {e}", ns.display()))?;
@@ -437,36 +446,22 @@ async fn port_forward(
 
 impl StreamRuntime for BerthStreams {
     fn exec(&self, req: ExecRequest, io: SessionIo) -> BoxFuture<ExecOutcome> {
-        let pods = self.pods.upgrade();
-        Box::pin(async move {
-            match pods {
-                Some(p) => exec(p, req, io).await,
-                None => ExecOutcome::Failed("berthd is shutting down".into()),
-            }
-        })
+        Box::pin(exec(self.containers.clone(), req, io))
     }
 
-    fn attach(&self, req: AttachRequest, io: SessionIo) -> BoxFuture<Result<(), String>> {
-        let pods = self.pods.upgrade();
-        Box::pin(async move {
-            match pods {
-                Some(p) => attach(p, req, io).await,
-                None => Err("berthd is shutting down".into()),
-            }
-        })
+    fn attach(
+        &self,
+        req: AttachRequest,
+        io: SessionIo,
+    ) -> BoxFuture<std::result::Result<(), String>> {
+        Box::pin(attach(self.containers.clone(), req, io))
     }
 
     fn port_forward(
         &self,
         pod: String,
         port: u16,
-    ) -> BoxFuture<Result<tokio::net::TcpStream, String>> {
-        let pods = self.pods.upgrade();
-        Box::pin(async move {
-            match pods {
-                Some(p) => port_forward(p, pod, port).await,
-                None => Err("berthd is shutting down".into()),
-            }
-        })
+    ) -> BoxFuture<std::result::Result<tokio::net::TcpStream, String>> {
+        Box::pin(port_forward(self.containers.clone(), pod, port))
     }
 }

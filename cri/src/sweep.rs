@@ -12,14 +12,11 @@ use berth_runtime::client::ShimClient;
 use berth_runtime::{netns, podcgroup};
 use tracing::{info, warn};
 
-use crate::pods::PodManager;
+use crate::container::ContainerService;
+use crate::context::Context;
 
 /// How long the sweep waits on a leftover shim before giving up on it.
 const SHIM_WAIT: Duration = Duration::from_secs(5);
-
-/// File in a sandbox's state dir listing the pod cgroups RunPodSandbox created, written
-/// as soon as they exist so that the sweep can remove them without a record.
-pub(crate) const CREATED_CGROUPS_FILE: &str = "created-cgroups.json";
 
 /// A pod or container id as berth makes them: 64 lowercase hex digits.
 fn is_berth_id(s: &str) -> bool {
@@ -43,123 +40,126 @@ async fn kill_tasks(client: &ShimClient, keep: impl Fn(&str) -> bool) {
     };
     for t in info.tasks.iter().filter(|t| !keep(&t.id)) {
         warn!(task = %t.id, "sweep: killing a task berth has no record of");
-        let _ = client.kill(&t.id, 9, true).await;
-        let _ = tokio::time::timeout(SHIM_WAIT, client.wait(&t.id)).await;
-        let _ = client.delete(&t.id).await;
+        let _ = client.kill_and_reap(&t.id, SHIM_WAIT).await;
     }
 }
 
-impl PodManager {
-    /// Frees everything a crash left without a record (see the module doc).
-    pub(crate) async fn sweep_orphans(&self) {
-        let pods: HashSet<String> = self.store.sandboxes().into_iter().map(|r| r.id).collect();
-        let ctrs: HashSet<String> = self.store.containers().into_iter().map(|r| r.id).collect();
+/// Frees everything a crash left without a record (see the module doc).
+pub async fn sweep(ctx: &Context, containers: &ContainerService) {
+    let pods: HashSet<String> = ctx.records.sandboxes().into_iter().map(|r| r.id).collect();
+    let ctrs: HashSet<String> = ctx.records.containers().into_iter().map(|r| r.id).collect();
+    sweep_containers(ctx, containers, &ctrs).await;
+    sweep_shims(ctx, &pods).await;
+    sweep_pods(ctx, &pods).await;
+    sweep_runtime_containers(ctx, &ctrs).await;
+}
 
-        // Containers a live shim runs but no record names (CreateContainer cut short).
-        let shims: Vec<(String, ShimClient)> = self
-            .shims
-            .lock()
-            .await
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (pod, client) in &shims {
-            kill_tasks(client, |t| t == pod || ctrs.contains(t)).await;
+/// Containers a live shim runs but no record names (CreateContainer cut short), and
+/// their rootfs mounts and dirs.
+async fn sweep_containers(ctx: &Context, containers: &ContainerService, ctrs: &HashSet<String>) {
+    for (pod, client) in ctx.shims.all().await {
+        kill_tasks(&client, |t| t == pod || ctrs.contains(t)).await;
+    }
+    let ctr_dirs: HashSet<String> = names(&ctx.paths.containers_root())
+        .into_iter()
+        .chain(names(&ctx.paths.bundles_root()))
+        .filter(|n| is_berth_id(n) && !ctrs.contains(n))
+        .collect();
+    for id in ctr_dirs {
+        info!(container = %id, "sweep: removing the files of an unrecorded container");
+        containers.release_fs(&id).await;
+    }
+}
+
+/// Shims of pods with no record: their tasks, then the shim itself.
+async fn sweep_shims(ctx: &Context, pods: &HashSet<String>) {
+    for name in names(&ctx.paths.shim_sockets()) {
+        let (prefix, console) = match name.strip_suffix(".console") {
+            Some(p) => (p, true),
+            None => (name.as_str(), false),
+        };
+        let ours = prefix.len() == 16 && prefix.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ours || pods.iter().any(|p| p.starts_with(prefix)) {
+            continue;
         }
-
-        // Their rootfs mounts and dirs.
-        let ctr_dirs: HashSet<String> = names(&self.cfg.root.join("containers"))
-            .into_iter()
-            .chain(names(&self.cfg.state.join("containers")))
-            .filter(|n| is_berth_id(n) && !ctrs.contains(n))
-            .collect();
-        for id in ctr_dirs {
-            info!(container = %id, "sweep: removing the files of an unrecorded container");
-            self.release_container_fs(&id).await;
+        let path = ctx.paths.shim_sockets().join(&name);
+        if !console {
+            if let Ok(Ok(client)) =
+                tokio::time::timeout(SHIM_WAIT, ShimClient::connect(&path)).await
+            {
+                warn!(shim = %name, "sweep: stopping the shim of an unrecorded pod");
+                kill_tasks(&client, |_| false).await;
+                let _ = client.shutdown().await;
+            }
         }
+        let _ = std::fs::remove_file(&path);
+    }
+}
 
-        // Shims of pods with no record: their tasks, then the shim itself.
-        for name in names(&self.cfg.state.join("s")) {
-            let (prefix, console) = match name.strip_suffix(".console") {
-                Some(p) => (p, true),
-                None => (name.as_str(), false),
-            };
-            let ours = prefix.len() == 16 && prefix.bytes().all(|b| b.is_ascii_hexdigit());
-            if !ours || pods.iter().any(|p| p.starts_with(prefix)) {
+/// The pods' infra processes whose shim died too, mounts, netns, cgroups and dirs.
+async fn sweep_pods(ctx: &Context, pods: &HashSet<String>) {
+    let pod_dirs: HashSet<String> = ctx
+        .paths
+        .sandbox_roots()
+        .iter()
+        .flat_map(|d| names(d))
+        .filter(|n| is_berth_id(n) && !pods.contains(n))
+        .collect();
+    for id in pod_dirs {
+        info!(sandbox = %id, "sweep: removing what an unrecorded pod left");
+        if let Err(e) = ctx.net.teardown(&ctx.paths.cni_cache(&id)).await {
+            warn!(sandbox = %id, error = %e, "sweep: CNI DEL of an unrecorded pod");
+        }
+        let paths = &ctx.paths;
+        let (root_dir, state_dir) = (paths.sandbox_root(&id), paths.sandbox_state(&id));
+        let (shm, ns, infra_root) = (
+            paths.shm(&id),
+            paths.netns(&id),
+            paths.shim_dir(&id).join("infra-root"),
+        );
+        let created_list = paths.created_cgroups(&id);
+        let _ = tokio::task::spawn_blocking(move || {
+            kill_processes_rooted_at(&infra_root);
+            let _ = nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH);
+            let _ = netns::remove_pinned(&ns);
+            let created: Vec<PathBuf> = std::fs::read(&created_list)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            // Only cgroup dirs, never anything else a damaged file might name.
+            let created: Vec<PathBuf> = created
+                .into_iter()
+                .filter(|p| {
+                    p.starts_with("/sys/fs/cgroup")
+                        && !p.components().any(|c| c == std::path::Component::ParentDir)
+                })
+                .collect();
+            podcgroup::remove(&created);
+            let _ = std::fs::remove_dir_all(&state_dir);
+            let _ = std::fs::remove_dir_all(&root_dir);
+        })
+        .await;
+    }
+}
+
+/// Runtime containers no shim tracks any more (their shim died with berthd).
+async fn sweep_runtime_containers(ctx: &Context, ctrs: &HashSet<String>) {
+    for (name, handler) in &ctx.cfg.runtimes {
+        let root = ctx.cfg.runtime_root(name);
+        for id in names(&root) {
+            if !is_berth_id(&id) || ctrs.contains(&id) {
                 continue;
             }
-            let path = self.cfg.state.join("s").join(&name);
-            if !console {
-                if let Ok(Ok(client)) =
-                    tokio::time::timeout(SHIM_WAIT, ShimClient::connect(&path)).await
-                {
-                    warn!(shim = %name, "sweep: stopping the shim of an unrecorded pod");
-                    kill_tasks(&client, |_| false).await;
-                    let _ = client.shutdown().await;
-                }
-            }
-            let _ = std::fs::remove_file(&path);
-        }
-
-        // The pods' infra processes whose shim died too, mounts, netns, cgroups and dirs.
-        let pod_dirs: HashSet<String> = names(&self.cfg.state.join("sandboxes"))
-            .into_iter()
-            .chain(names(&self.cfg.root.join("sandboxes")))
-            .chain(names(&self.cfg.state.join("netns")))
-            .filter(|n| is_berth_id(n) && !pods.contains(n))
-            .collect();
-        for id in pod_dirs {
-            info!(sandbox = %id, "sweep: removing what an unrecorded pod left");
-            if let Err(e) = self.net.teardown(&self.cni_cache(&id)).await {
-                warn!(sandbox = %id, error = %e, "sweep: CNI DEL of an unrecorded pod");
-            }
-            let (root_dir, state_dir) = (self.sandbox_root(&id), self.sandbox_state(&id));
-            let (shm, ns) = (self.shm_path(&id), self.netns_path(&id));
+            warn!(container = %id, runtime = %name, "sweep: deleting an unrecorded runtime container");
+            // Beside the root, which exists since it holds this container.
+            let log = root.with_extension("sweep.log");
+            let runc =
+                berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone());
             let _ = tokio::task::spawn_blocking(move || {
-                kill_processes_rooted_at(&state_dir.join("shim").join("infra-root"));
-                let _ = nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH);
-                let _ = netns::remove_pinned(&ns);
-                let created: Vec<PathBuf> = std::fs::read(state_dir.join(CREATED_CGROUPS_FILE))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or_default();
-                // Only cgroup dirs, never anything else a damaged file might name.
-                let created: Vec<PathBuf> = created
-                    .into_iter()
-                    .filter(|p| {
-                        p.starts_with("/sys/fs/cgroup")
-                            && !p.components().any(|c| c == std::path::Component::ParentDir)
-                    })
-                    .collect();
-                podcgroup::remove(&created);
-                let _ = std::fs::remove_dir_all(&state_dir);
-                let _ = std::fs::remove_dir_all(&root_dir);
+                let _ = runc.delete(&id, true);
+                let _ = std::fs::remove_file(&log);
             })
             .await;
-        }
-
-        // Runtime containers no shim tracks any more (their shim died with berthd).
-        for (name, handler) in &self.cfg.runtimes {
-            let root = self.cfg.runtime_root(name);
-            for id in names(&root) {
-                if !is_berth_id(&id) || ctrs.contains(&id) {
-                    continue;
-                }
-                warn!(container = %id, runtime = %name, "sweep: deleting an unrecorded runtime container");
-                // Beside the root, which exists since it holds this container.
-                let log = root.with_extension("sweep.log");
-                let runc = berth_runtime::runc::Runc::new(
-                    &handler.path,
-                    &root,
-                    &log,
-                    handler.args.clone(),
-                );
-                let _ = tokio::task::spawn_blocking(move || {
-                    let _ = runc.delete(&id, true);
-                    let _ = std::fs::remove_file(&log);
-                })
-                .await;
-            }
         }
     }
 }

@@ -7,8 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use berth_runtime::spec::{SandboxFiles, SpecInputs, build_spec};
+use berth_cri::oci::{SandboxFiles, SpecInputs, build_spec};
 use k8s_cri::v1 as cri;
+use oci_spec::image::ImageConfiguration;
 use serde_json::{Value, json};
 
 fn golden_dir() -> PathBuf {
@@ -77,13 +78,22 @@ fn base_pod() -> cri::PodSandboxConfig {
 }
 
 fn image() -> Value {
-    json!({"config": {
+    json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "config": {
         "Entrypoint": ["/bin/app"],
         "Cmd": ["--serve"],
         "Env": ["PATH=/usr/bin:/bin", "LANG=C.UTF-8"],
         "WorkingDir": "/srv",
         "User": "",
     }})
+}
+
+/// The image config as berth reads it: typed.
+fn typed(image: &Value) -> ImageConfiguration {
+    serde_json::from_value(image.clone()).expect("a valid image config")
 }
 
 fn sc(c: &mut cri::ContainerConfig) -> &mut cri::LinuxContainerSecurityContext {
@@ -296,11 +306,12 @@ fn spec_of(c: &Case, rootfs: &Path) -> Value {
         resolv_conf: "/var/lib/berth/sandboxes/p1/resolv.conf".into(),
         shm: c.shm.then(|| "/run/berth/sandboxes/p1/shm".into()),
     };
+    let image = typed(&c.image);
     let spec = build_spec(&SpecInputs {
         id: "c1",
         config: &c.container,
         pod: &c.pod,
-        image_config: &c.image,
+        image: &image,
         rootfs,
         files: &files,
         netns: c.netns.map(Path::new),
@@ -311,7 +322,20 @@ fn spec_of(c: &Case, rootfs: &Path) -> Value {
     })
     .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     // Canonical: whatever the builder's types, compare the JSON it writes.
-    serde_json::from_slice(&serde_json::to_vec(&spec).unwrap()).unwrap()
+    let mut v: Value = serde_json::from_slice(&serde_json::to_vec(&spec).unwrap()).unwrap();
+    canonical_capabilities(&mut v);
+    v
+}
+
+/// Capability sets are sets: sorted, so that their order (a hash set's) does not count.
+fn canonical_capabilities(spec: &mut Value) {
+    if let Some(caps) = spec["process"]["capabilities"].as_object_mut() {
+        for set in caps.values_mut() {
+            if let Some(a) = set.as_array_mut() {
+                a.sort_by(|x, y| x.as_str().cmp(&y.as_str()));
+            }
+        }
+    }
 }
 
 #[test]
@@ -355,11 +379,12 @@ fn invalid_configs_name_the_field() {
         shm: None,
     };
     let inputs = |c: &Case| {
+        let image = typed(&c.image);
         build_spec(&SpecInputs {
             id: "c1",
             config: &c.container,
             pod: &c.pod,
-            image_config: &c.image,
+            image: &image,
             rootfs: root.path(),
             files: &files,
             netns: None,

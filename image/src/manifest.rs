@@ -157,25 +157,6 @@ pub fn pick_platform<'a>(entries: &'a [Descriptor], what: &str) -> Result<&'a De
     })
 }
 
-#[derive(Deserialize, Default)]
-struct ConfigProbe {
-    #[serde(default)]
-    config: Option<ContainerConfig>,
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize, Default)]
-struct ContainerConfig {
-    #[serde(rename = "User", default)]
-    user: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<Digest>,
-}
-
 /// What a pull needs from the image config.
 pub struct ImageConfigSummary {
     /// Uncompressed layer digests, bottom first.
@@ -184,12 +165,25 @@ pub struct ImageConfigSummary {
     pub user: String,
 }
 
-/// Parses the parts of an image config that a pull needs.
+/// Parses an image config (typed, as CreateContainer will read it) and returns what a
+/// pull needs of it.
 pub fn parse_config(bytes: &[u8], what: &str) -> Result<ImageConfigSummary> {
-    let c: ConfigProbe = serde_json::from_slice(bytes)
-        .map_err(|e| ImageError::Unsupported(format!("{what}: image config is not valid: {e}")))?;
+    let invalid =
+        |e: String| ImageError::Unsupported(format!("{what}: image config is not valid: {e}"));
+    let c: oci_spec::image::ImageConfiguration =
+        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    let diff_ids = c
+        .rootfs()
+        .diff_ids()
+        .iter()
+        .map(|d| Digest::parse(d).map_err(|e| invalid(format!("rootfs.diff_ids: {e}"))))
+        .collect::<Result<Vec<_>>>()?;
     Ok(ImageConfigSummary {
-        diff_ids: c.rootfs.diff_ids,
-        user: c.config.and_then(|c| c.user).unwrap_or_default(),
+        diff_ids,
+        user: c
+            .config()
+            .as_ref()
+            .and_then(|c| c.user().clone())
+            .unwrap_or_default(),
     })
 }

@@ -221,8 +221,8 @@ impl ImageService {
         }))
     }
 
-    /// The image config JSON of a stored image.
-    pub fn config_json(&self, rec: &ImageRecord) -> Result<serde_json::Value> {
+    /// The image config of a stored image.
+    pub fn image_config(&self, rec: &ImageRecord) -> Result<oci_spec::image::ImageConfiguration> {
         let bytes = self.content.read(&rec.id)?;
         serde_json::from_slice(&bytes)
             .map_err(|e| ImageError::Store(format!("config {}: {e}", rec.id)))

@@ -331,6 +331,62 @@ impl ShimClient {
         self.call(pb::Method::Delete, &Self::task(id)).await
     }
 
+    /// SIGKILL, wait (at most `wait`), delete: how every task berth gives up on ends.
+    /// A task the shim no longer knows is fine; the exit, if one was seen, is returned.
+    pub async fn kill_and_reap(
+        &self,
+        id: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<pb::ExitStatus>, ShimError> {
+        self.reap(&Self::task(id), wait).await
+    }
+
+    /// `kill_and_reap` for an exec process.
+    pub async fn kill_and_reap_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<pb::ExitStatus>, ShimError> {
+        let r = pb::TaskRef {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        };
+        self.reap(&r, wait).await
+    }
+
+    async fn reap(
+        &self,
+        task: &pb::TaskRef,
+        wait: std::time::Duration,
+    ) -> Result<Option<pb::ExitStatus>, ShimError> {
+        let kill = pb::KillRequest {
+            id: task.id.clone(),
+            exec_id: task.exec_id.clone(),
+            signal: 9,
+            all: task.exec_id.is_empty(),
+        };
+        match self.call::<_, pb::Empty>(pb::Method::Kill, &kill).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let waited = tokio::time::timeout(wait, self.call(pb::Method::Wait, task)).await;
+        let exit = match waited {
+            Ok(Ok(st)) => Some(st),
+            Ok(Err(e)) if !e.is_not_found() => return Err(e),
+            _ => None,
+        };
+        match self
+            .call::<_, pb::ExitStatus>(pb::Method::Delete, task)
+            .await
+        {
+            Ok(_) => Ok(exit),
+            Err(e) if e.is_not_found() => Ok(exit),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A task's state.
     pub async fn state(&self, id: &str) -> Result<pb::StateResponse, ShimError> {
         self.call(pb::Method::State, &Self::task(id)).await

@@ -11,8 +11,6 @@ pub mod netns;
 pub mod relay;
 pub mod runc;
 pub mod shim;
-pub mod spec;
-pub mod store;
 pub mod timefmt;
 
 /// Pod cgroup directories (kept under this name for callers; lives in berth-cgroups).

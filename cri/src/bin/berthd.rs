@@ -106,8 +106,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || berth_image::ImageService::open(&root, db, cfg))
             .await??
     };
-    let store = Arc::new(berth_runtime::store::RuntimeStore::open(db)?);
-    let pods = berth_cri::pods::PodManager::open(config.clone(), store, images.clone()).await?;
+    let records = Arc::new(berth_cri::records::RecordStore::open(db)?);
+    let svc = berth_cri::services::Services::open(config.clone(), records, images.clone()).await;
     let listener = berth_cri::server::bind(&config.listen)?;
     let stream_addr = std::net::SocketAddr::new(
         config.stream.address.parse().context("stream.address")?,
@@ -121,15 +121,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .context("stream.tls_cert / stream.tls_key")?,
         )
     };
-    let streams = berth_stream::StreamServer::start(
-        stream_addr,
-        Arc::new(berth_cri::streaming::BerthStreams::new(&pods)),
-        stream_tls,
-    )
-    .await
-    .with_context(|| format!("binding the streaming server on {stream_addr}"))?;
+    let streams =
+        berth_stream::StreamServer::start(stream_addr, svc.streaming.runtime(), stream_tls)
+            .await
+            .with_context(|| format!("binding the streaming server on {stream_addr}"))?;
     info!(url = %streams.base_url(), "streaming server listening");
-    let _ = pods.stream.set(streams);
+    svc.streaming.set_server(streams);
     info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving CRI v1");
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -147,7 +144,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let listen = config.listen.clone();
-    berth_cri::server::serve(listener, config, images, pods, shutdown).await?;
+    berth_cri::server::serve(listener, config, images, svc, shutdown).await?;
     let _ = std::fs::remove_file(&listen);
     info!("berthd stopped");
     Ok(())

@@ -1,22 +1,35 @@
 //! Container and pod statistics (CRI `*Stats` and `*Metrics` RPCs) from cgroups, the
-//! pod's network namespace and the writable layer.
+//! pod's network namespace and the writable layer. Readers of cgroup and proc files:
+//! callers run them on a blocking thread.
+
+pub mod metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use berth_cgroups::{Cgroup, CgroupStats};
 use berth_network::netdev::{self, InterfaceCounters};
-use berth_runtime::store::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
 use berth_runtime::timefmt::now_unix_nanos;
 use k8s_cri::v1 as cri;
-use tonic::Status;
 
-use crate::pods::PodManager;
+use crate::container::ContainerService;
+use crate::context::Context;
+use crate::error::Result;
+use crate::records::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
+
+/// The stats and metrics RPCs.
+pub struct StatsService {
+    ctx: Arc<Context>,
+    containers: ContainerService,
+    /// The previous CPU sample per container and pod, for usage_nano_cores.
+    cpu_samples: Mutex<HashMap<String, CpuSample>>,
+}
 
 /// A cumulative CPU reading kept between calls, to turn usage into a rate.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct CpuSample {
+struct CpuSample {
     at: i64,
     usage_ns: u64,
     rate: u64,
@@ -53,23 +66,33 @@ pub(crate) struct PodReading {
     pub containers: Vec<ContainerReading>,
 }
 
-impl PodManager {
+impl StatsService {
+    /// Works over `ctx`.
+    pub fn new(ctx: Arc<Context>, containers: ContainerService) -> StatsService {
+        StatsService {
+            ctx,
+            containers,
+            cpu_samples: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// The cgroup of a container, from its recorded `cgroupsPath`.
     fn container_cgroup(&self, rec: &ContainerRecord) -> Option<Cgroup> {
         let path = if rec.cgroups_path.is_empty() {
             // Records from before the field: the path berth always gave.
-            let pod = self.store.sandbox(&rec.sandbox_id)?;
-            let parent = PodManager::config_of(&pod)
+            let pod = self.ctx.records.sandbox(&rec.sandbox_id)?;
+            let parent = pod
+                .config
                 .linux
                 .map(|l| l.cgroup_parent)
                 .unwrap_or_default();
-            self.container_cgroups_path(&parent, &rec.id)
+            self.containers.cgroups_path(&parent, &rec.id)
         } else {
             rec.cgroups_path.clone()
         };
         berth_cgroups::relative_path_of(&path)
             .ok()
-            .map(|rel| self.cgroups.cgroup(&rel))
+            .map(|rel| self.ctx.cgroups.cgroup(&rel))
     }
 
     /// The pod's own cgroup (its `cgroup_parent`), if it has one.
@@ -78,10 +101,10 @@ impl PodManager {
         if parent.is_empty() {
             return None;
         }
-        let systemd = self.cfg.cgroup_driver == crate::config::CgroupDriver::Systemd;
+        let systemd = self.ctx.cfg.cgroup_driver == crate::config::CgroupDriver::Systemd;
         berth_cgroups::pod::relative_path(parent, systemd)
             .ok()
-            .map(|rel| self.cgroups.cgroup(&rel))
+            .map(|rel| self.ctx.cgroups.cgroup(&rel))
     }
 
     /// CPU rate in nanocores between this reading and the kept one; the first reading
@@ -131,8 +154,7 @@ impl PodManager {
     }
 
     fn read_container(&self, rec: ContainerRecord) -> ContainerReading {
-        let config: cri::ContainerConfig =
-            serde_json::from_value(rec.config.clone()).unwrap_or_default();
+        let config = rec.config.clone();
         let at = now_unix_nanos();
         let cgroup = (rec.state == ContainerState::Running)
             .then(|| self.container_cgroup(&rec))
@@ -181,11 +203,11 @@ impl PodManager {
 
     /// Bytes (allocated blocks, as `du` counts) and inodes of the container's upper dir.
     fn writable_layer(&self, id: &str, at: i64) -> cri::FilesystemUsage {
-        let (bytes, inodes) = disk_usage(&self.container_dir(id).join("upper"));
+        let (bytes, inodes) = disk_usage(&self.ctx.paths.container_dir(id).join("upper"));
         cri::FilesystemUsage {
             timestamp: at,
             fs_id: Some(cri::FilesystemIdentifier {
-                mountpoint: self.cfg.root.join("containers").display().to_string(),
+                mountpoint: self.ctx.paths.containers_root().display().to_string(),
             }),
             used_bytes: u64v(bytes),
             inodes_used: u64v(inodes),
@@ -193,14 +215,15 @@ impl PodManager {
     }
 
     /// ContainerStats: a container that is not running has only its writable layer.
-    pub fn container_stats(&self, id: &str) -> Result<cri::ContainerStats, Status> {
-        let rec = self.must_container(id)?;
+    pub fn container_stats(&self, id: &str) -> Result<cri::ContainerStats> {
+        let rec = self.ctx.container(id, "container_id")?;
         Ok(self.container_stats_of(&self.read_container(rec)))
     }
 
     /// Running containers matching the filter (as containerd lists them).
     fn filtered_containers(&self, f: &cri::ContainerStatsFilter) -> Vec<ContainerReading> {
-        self.store
+        self.ctx
+            .records
             .containers()
             .into_iter()
             .filter(|r| r.state == ContainerState::Running)
@@ -238,7 +261,7 @@ impl PodManager {
         rec: SandboxRecord,
         ctrs: &mut HashMap<String, Vec<ContainerRecord>>,
     ) -> PodReading {
-        let config = PodManager::config_of(&rec);
+        let config = rec.config.clone();
         let containers: Vec<ContainerReading> = ctrs
             .remove(&rec.id)
             .unwrap_or_default()
@@ -324,17 +347,15 @@ impl PodManager {
     }
 
     /// PodSandboxStats.
-    pub fn pod_sandbox_stats(&self, id: &str) -> Result<cri::PodSandboxStats, Status> {
-        let rec = self
-            .resolve(id, "pod_sandbox_id")?
-            .ok_or_else(|| Status::not_found(format!("pod sandbox {id:?} not found")))?;
+    pub fn pod_sandbox_stats(&self, id: &str) -> Result<cri::PodSandboxStats> {
+        let rec = self.ctx.sandbox(id, "pod_sandbox_id")?;
         Ok(self.pod_stats_of(&self.read_pod(rec, &mut self.running_by_pod())))
     }
 
     /// Running containers grouped by pod.
     fn running_by_pod(&self) -> HashMap<String, Vec<ContainerRecord>> {
         let mut m: HashMap<String, Vec<ContainerRecord>> = HashMap::new();
-        for c in self.store.containers() {
+        for c in self.ctx.records.containers() {
             if c.state == ContainerState::Running {
                 m.entry(c.sandbox_id.clone()).or_default().push(c);
             }
@@ -345,16 +366,16 @@ impl PodManager {
     /// Pods matching a filter, read.
     pub(crate) fn filtered_pods(&self, f: &cri::PodSandboxStatsFilter) -> Vec<PodReading> {
         let mut ctrs = self.running_by_pod();
-        self.store
+        self.ctx
+            .records
             .sandboxes()
             .into_iter()
             .filter(|r| r.state == SandboxState::Ready)
             .filter(|r| f.id.is_empty() || r.id.starts_with(&f.id))
             .filter(|r| {
-                let c = PodManager::config_of(r);
                 f.label_selector
                     .iter()
-                    .all(|(k, v)| c.labels.get(k) == Some(v))
+                    .all(|(k, v)| r.config.labels.get(k) == Some(v))
             })
             .map(|r| self.read_pod(r, &mut ctrs))
             .collect()

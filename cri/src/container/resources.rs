@@ -2,14 +2,12 @@
 //! live container through the OCI runtime (`runc update`, via the pod's shim).
 
 use berth_cgroups::cpuset;
-use berth_runtime::client::ShimError;
-use berth_runtime::store::ContainerState;
 use k8s_cri::v1 as cri;
-use tonic::Status;
 use tracing::info;
 
-use crate::pods::PodManager;
-use crate::status::invalid_field;
+use super::ContainerService;
+use crate::error::{CriError, Result};
+use crate::records::ContainerState;
 
 /// Kernel bounds (CFS period 1 ms..1 s, quota at least 1 ms, shares 2..262144).
 const MIN_CFS_US: i64 = 1_000;
@@ -21,8 +19,8 @@ pub fn validate(
     r: &cri::LinuxContainerResources,
     prefix: &str,
     hier: &berth_cgroups::Hierarchy,
-) -> Result<(), Status> {
-    let bad = |f: &str, why: String| Err(invalid_field(&format!("{prefix}.{f}"), &why));
+) -> Result<()> {
+    let bad = |f: &str, why: String| Err(CriError::invalid(&format!("{prefix}.{f}"), why));
     if r.cpu_period != 0 && !(MIN_CFS_US..=MAX_CFS_PERIOD_US).contains(&r.cpu_period) {
         return bad(
             "cpu_period",
@@ -132,55 +130,55 @@ fn hugepage_kb(s: &str) -> Option<u64> {
     (n > 0).then_some(n * mul)
 }
 
-impl PodManager {
+impl ContainerService {
     /// UpdateContainerResources: applies the new resources to a created or running
     /// container and records them (ContainerStatus shows them).
-    pub async fn update_container_resources(
-        &self,
-        req: cri::UpdateContainerResourcesRequest,
-    ) -> Result<(), Status> {
-        let rec = self.must_container(&req.container_id)?;
+    pub async fn update_resources(&self, req: cri::UpdateContainerResourcesRequest) -> Result<()> {
+        let rec = self.ctx.container(&req.container_id, "container_id")?;
         let Some(linux) = req.linux else {
-            return Err(invalid_field("linux", "Linux resources are required"));
+            return Err(CriError::invalid("linux", "Linux resources are required"));
         };
-        validate(&linux, "linux", &self.cgroups)?;
+        validate(&linux, "linux", &self.ctx.cgroups)?;
         if rec.state == ContainerState::Exited {
-            return Err(Status::failed_precondition(format!(
+            return Err(CriError::FailedPrecondition(format!(
                 "container {} has exited; its resources can no longer be updated",
                 rec.id
             )));
         }
-        let shim = self.shim(&rec.sandbox_id).await.ok_or_else(|| {
-            Status::failed_precondition(format!("the shim of pod {} is gone", rec.sandbox_id))
-        })?;
-        let body = serde_json::to_vec(&berth_runtime::spec::resources_json(&linux))
-            .map_err(|e| Status::internal(format!("encoding resources: {e}")))?;
-        shim.update(&rec.id, body).await.map_err(|e| match e {
-            ShimError::Remote {
-                code: berth_proto::shim::ErrorCode::FailedPrecondition,
-                message,
-            } => Status::failed_precondition(message),
-            ShimError::Remote {
-                code: berth_proto::shim::ErrorCode::NotFound,
-                ..
-            } => Status::failed_precondition(format!("container {} is not running", rec.id)),
-            e => Status::internal(format!("updating resources of {}: {e}", rec.id)),
-        })?;
-        let _g = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut rec) = self.store.container(&rec.id) else {
-            return Err(Status::not_found(format!(
+        let shim = self.shim_of(&rec).await?;
+        let body = serde_json::to_vec(&crate::oci::linux_resources(&linux))
+            .map_err(|e| CriError::internal("encoding resources", e))?;
+        match shim.update(&rec.id, body).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {
+                return Err(CriError::FailedPrecondition(format!(
+                    "container {} is not running",
+                    rec.id
+                )));
+            }
+            Err(e) => {
+                return Err(CriError::shim(
+                    format!("updating resources of {}", rec.id),
+                    e,
+                ));
+            }
+        }
+        let _g = self
+            .ctx
+            .record_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(mut rec) = self.ctx.records.container(&rec.id) else {
+            return Err(CriError::NotFound(format!(
                 "container {} was removed",
                 req.container_id
             )));
         };
-        let mut config: cri::ContainerConfig =
-            serde_json::from_value(rec.config.clone()).unwrap_or_default();
-        config.linux.get_or_insert_with(Default::default).resources = Some(linux);
-        rec.config = serde_json::to_value(&config)
-            .map_err(|e| Status::internal(format!("encoding config: {e}")))?;
-        self.store
-            .put_container(&rec)
-            .map_err(|e| Status::internal(format!("recording resources: {e}")))?;
+        rec.config
+            .linux
+            .get_or_insert_with(Default::default)
+            .resources = Some(linux);
+        self.ctx.records.put_container(&rec)?;
         info!(container = %rec.id, "resources updated");
         Ok(())
     }
@@ -191,9 +189,9 @@ mod tests {
     use super::*;
 
     fn check(r: cri::LinuxContainerResources) -> Result<(), String> {
-        validate(&r, "linux", &berth_cgroups::Hierarchy::default()).map_err(|s| {
-            assert_eq!(s.code(), tonic::Code::InvalidArgument);
-            s.message().to_string()
+        validate(&r, "linux", &berth_cgroups::Hierarchy::default()).map_err(|e| {
+            assert!(matches!(e, CriError::InvalidField { .. }), "{e:?}");
+            e.to_string()
         })
     }
 

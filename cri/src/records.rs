@@ -1,5 +1,7 @@
-//! Sandbox (and later container) records in redb, mirrored in memory. Every change is
-//! one write transaction, committed before the mirror changes.
+//! Pod sandbox and container records in redb, mirrored in memory. Every change is one
+//! write transaction, committed before the mirror changes. Records hold their CRI
+//! configs typed; a record that does not decode stops berthd at start with an error
+//! naming it (never an empty default that would still feed the OCI spec).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,16 +13,35 @@ use serde::{Deserialize, Serialize};
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
 const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
 
+use k8s_cri::v1 as cri;
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
-#[error("runtime metadata store: {0}")]
-pub struct StoreError(String);
+pub enum StoreError {
+    /// redb failed.
+    #[error("runtime metadata store: {0}")]
+    Db(String),
+    /// A stored record does not decode.
+    #[error("runtime metadata store: the {table} record {id:?} is corrupt: {reason}")]
+    Corrupt {
+        table: &'static str,
+        id: String,
+        reason: String,
+    },
+    /// A record could not be encoded.
+    #[error("runtime metadata store: encoding the {table} record {id:?}: {reason}")]
+    Encode {
+        table: &'static str,
+        id: String,
+        reason: String,
+    },
+}
 
 macro_rules! store_error_from {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError(e.to_string())
+                StoreError::Db(e.to_string())
             }
         }
     )*};
@@ -31,8 +52,7 @@ store_error_from!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError,
-    serde_json::Error
+    redb::CommitError
 );
 
 /// Whether a sandbox's namespaces are held by a live infra process.
@@ -65,8 +85,8 @@ pub struct SandboxRecord {
     pub infra_pid: u32,
     /// Pod cgroup directories berth created (one per hierarchy).
     pub cgroup_dirs: Vec<String>,
-    /// The CRI config as JSON (kept for status and later containers).
-    pub config: serde_json::Value,
+    /// The pod's CRI config (kept for status and its containers).
+    pub config: cri::PodSandboxConfig,
     /// The pod's IP addresses from CNI, IPv4 first.
     #[serde(default)]
     pub ips: Vec<String>,
@@ -118,8 +138,8 @@ pub struct ContainerRecord {
     pub pid: u32,
     /// The signal StopContainer sends first.
     pub stop_signal: u32,
-    /// The CRI config as JSON.
-    pub config: serde_json::Value,
+    /// The container's CRI config (with resources as last updated).
+    pub config: cri::ContainerConfig,
     /// The OCI `linux.cgroupsPath` it was created with ("" in records older than it).
     #[serde(default)]
     pub cgroups_path: String,
@@ -128,6 +148,7 @@ pub struct ContainerRecord {
 /// One redb table of JSON records keyed by id, mirrored in a map.
 struct Table<T> {
     def: TableDefinition<'static, &'static str, &'static [u8]>,
+    name: &'static str,
     map: RwLock<BTreeMap<String, T>>,
 }
 
@@ -135,6 +156,7 @@ impl<T: Serialize + serde::de::DeserializeOwned + Clone> Table<T> {
     fn load(
         db: &Database,
         def: TableDefinition<'static, &'static str, &'static [u8]>,
+        name: &'static str,
     ) -> Result<Table<T>, StoreError> {
         let tx = db.begin_write()?;
         tx.open_table(def)?;
@@ -143,10 +165,17 @@ impl<T: Serialize + serde::de::DeserializeOwned + Clone> Table<T> {
         let rx = db.begin_read()?;
         for row in rx.open_table(def)?.iter()? {
             let (k, v) = row?;
-            map.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
+            let id = k.value().to_string();
+            let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                table: name,
+                id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            map.insert(id, rec);
         }
         Ok(Table {
             def,
+            name,
             map: RwLock::new(map),
         })
     }
@@ -185,10 +214,14 @@ impl<T: Serialize + serde::de::DeserializeOwned + Clone> Table<T> {
         let mut m = self
             .map
             .write()
-            .map_err(|_| StoreError("lock poisoned".into()))?;
+            .map_err(|_| StoreError::Db("lock poisoned".into()))?;
+        let bytes = serde_json::to_vec(rec).map_err(|e| StoreError::Encode {
+            table: self.name,
+            id: id.to_string(),
+            reason: e.to_string(),
+        })?;
         let tx = db.begin_write()?;
-        tx.open_table(self.def)?
-            .insert(id, serde_json::to_vec(rec)?.as_slice())?;
+        tx.open_table(self.def)?.insert(id, bytes.as_slice())?;
         tx.commit()?;
         m.insert(id.to_string(), rec.clone());
         Ok(())
@@ -198,7 +231,7 @@ impl<T: Serialize + serde::de::DeserializeOwned + Clone> Table<T> {
         let mut m = self
             .map
             .write()
-            .map_err(|_| StoreError("lock poisoned".into()))?;
+            .map_err(|_| StoreError::Db("lock poisoned".into()))?;
         let tx = db.begin_write()?;
         tx.open_table(self.def)?.remove(id)?;
         tx.commit()?;
@@ -207,19 +240,19 @@ impl<T: Serialize + serde::de::DeserializeOwned + Clone> Table<T> {
     }
 }
 
-/// The runtime's records.
-pub struct RuntimeStore {
+/// The pod and container records.
+pub struct RecordStore {
     db: Arc<Database>,
     sandboxes: Table<SandboxRecord>,
     containers: Table<ContainerRecord>,
 }
 
-impl RuntimeStore {
+impl RecordStore {
     /// Loads every record (creating the tables).
-    pub fn open(db: Arc<Database>) -> Result<RuntimeStore, StoreError> {
-        let sandboxes = Table::load(&db, SANDBOXES)?;
-        let containers = Table::load(&db, CONTAINERS)?;
-        Ok(RuntimeStore {
+    pub fn open(db: Arc<Database>) -> Result<RecordStore, StoreError> {
+        let sandboxes = Table::load(&db, SANDBOXES, "sandbox")?;
+        let containers = Table::load(&db, CONTAINERS, "container")?;
+        Ok(RecordStore {
             db,
             sandboxes,
             containers,
@@ -290,7 +323,7 @@ mod tests {
     fn records_survive_reopen_and_resolve_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Database::create(dir.path().join("m.redb")).unwrap());
-        let s = RuntimeStore::open(db.clone()).unwrap();
+        let s = RecordStore::open(db.clone()).unwrap();
         let rec = |id: &str| SandboxRecord {
             id: id.into(),
             key: format!("k{id}"),
@@ -301,7 +334,7 @@ mod tests {
             netns: None,
             infra_pid: 2,
             cgroup_dirs: vec![],
-            config: serde_json::json!({}),
+            config: cri::PodSandboxConfig::default(),
             ips: vec![],
         };
         s.put_sandbox(&rec("abc1")).unwrap();
@@ -313,8 +346,26 @@ mod tests {
         assert!(s.resolve_sandbox("x").unwrap().is_none());
         s.delete_sandbox("def").unwrap();
         drop(s);
-        let s = RuntimeStore::open(db).unwrap();
+        let s = RecordStore::open(db).unwrap();
         assert_eq!(s.sandboxes().len(), 2);
         assert_eq!(s.sandbox_by_key("kabc1").unwrap().id, "abc1");
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("m.redb")).unwrap());
+        drop(RecordStore::open(db.clone()).unwrap());
+        let tx = db.begin_write().unwrap();
+        tx.open_table(CONTAINERS)
+            .unwrap()
+            .insert("c0ffee", br#"{"id": "c0ffee", "config": 7}"#.as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        let e = RecordStore::open(db)
+            .err()
+            .expect("a corrupt record must not load");
+        let msg = e.to_string();
+        assert!(msg.contains("container record \"c0ffee\""), "{msg}");
     }
 }

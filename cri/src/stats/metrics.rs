@@ -4,8 +4,7 @@
 
 use k8s_cri::v1 as cri;
 
-use crate::pods::PodManager;
-use crate::stats::{ContainerReading, PodReading, container_labels, pod_labels};
+use super::{ContainerReading, PodReading, StatsService, container_labels, pod_labels};
 
 const COUNTER: i32 = cri::MetricType::Counter as i32;
 const GAUGE: i32 = cri::MetricType::Gauge as i32;
@@ -335,7 +334,7 @@ fn pod_metrics(p: &PodReading) -> cri::PodSandboxMetrics {
     }
 }
 
-impl PodManager {
+impl StatsService {
     /// ListPodSandboxMetrics: every ready pod and its running containers.
     pub fn list_pod_sandbox_metrics(&self) -> Vec<cri::PodSandboxMetrics> {
         self.filtered_pods(&cri::PodSandboxStatsFilter::default())
@@ -373,15 +372,28 @@ mod tests {
 
     #[test]
     fn every_emitted_metric_has_a_descriptor() {
+        use crate::records::{ContainerRecord, ContainerState};
         use berth_cgroups::{CgroupStats, CpuStats, MemoryStats};
-        use berth_runtime::store::{ContainerRecord, ContainerState};
-        let rec: ContainerRecord = serde_json::from_value(serde_json::json!({
-            "id": "c1", "sandbox_id": "p1", "key": "k", "state": "Running",
-            "created_at": 1, "started_at": 2_000_000_000i64, "finished_at": 0, "exit_code": 0,
-            "reason": "", "message": "", "image": "i", "image_id": "", "image_ref": "",
-            "log_path": "", "pid": 1, "stop_signal": 15, "config": {}
-        }))
-        .unwrap();
+        let rec = ContainerRecord {
+            id: "c1".into(),
+            sandbox_id: "p1".into(),
+            key: "k".into(),
+            state: ContainerState::Running,
+            created_at: 1,
+            started_at: 2_000_000_000,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            image: "i".into(),
+            image_id: String::new(),
+            image_ref: String::new(),
+            log_path: String::new(),
+            pid: 1,
+            stop_signal: 15,
+            config: cri::ContainerConfig::default(),
+            cgroups_path: String::new(),
+        };
         assert_eq!(rec.state, ContainerState::Running);
         let r = ContainerReading {
             rec,

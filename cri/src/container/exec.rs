@@ -1,0 +1,106 @@
+//! ExecSync, the OCI process of every exec, and ReopenContainerLog.
+
+use std::time::Duration;
+
+use berth_proto::shim as pb;
+use k8s_cri::v1 as cri;
+use oci_spec::runtime::Spec;
+
+use super::ContainerService;
+use crate::context::new_id;
+use crate::error::{CriError, Result};
+use crate::oci::exec_process;
+
+/// Most output ExecSync keeps per stream; two of them fit a 16 MiB gRPC message.
+const MAX_EXEC_OUTPUT: usize = 4 << 20;
+
+/// How long a killed exec may take to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(10);
+
+impl ContainerService {
+    /// An exec's OCI process (JSON): the container's own process (user, env, cwd,
+    /// capabilities) from its bundle, with new args.
+    pub fn exec_process_json(&self, id: &str, cmd: &[String], tty: bool) -> Result<Vec<u8>> {
+        let path = self.ctx.paths.bundle_dir(id).join("config.json");
+        let unreadable = |e: &dyn std::fmt::Display| {
+            CriError::internal(&format!("container {id} has no readable runtime spec"), e)
+        };
+        let bytes = std::fs::read(&path).map_err(|e| unreadable(&e))?;
+        let spec: Spec = serde_json::from_slice(&bytes).map_err(|e| unreadable(&e))?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| unreadable(&"no process"))?;
+        serde_json::to_vec(&exec_process(process, cmd, tty))
+            .map_err(|e| CriError::internal("encoding process", e))
+    }
+
+    /// A new exec id (16 hex).
+    pub fn new_exec_id() -> String {
+        new_id()[..16].to_string()
+    }
+
+    /// ExecSync: runs `cmd` in the container with the container's user, env, cwd and
+    /// capabilities; kills it when `timeout` seconds pass (0 = no limit).
+    pub async fn exec_sync(&self, req: cri::ExecSyncRequest) -> Result<cri::ExecSyncResponse> {
+        let rec = self.ctx.container(&req.container_id, "container_id")?;
+        if req.cmd.is_empty() {
+            return Err(CriError::invalid("cmd", "must not be empty"));
+        }
+        if req.timeout < 0 {
+            return Err(CriError::invalid("timeout", "must not be negative"));
+        }
+        let rec = self.running(&rec.id)?;
+        let process_json = self.exec_process_json(&rec.id, &req.cmd, false)?;
+        let shim = self.shim_of(&rec).await?;
+        let exec_id = Self::new_exec_id();
+        shim.exec(pb::ExecRequest {
+            id: rec.id.clone(),
+            exec_id: exec_id.clone(),
+            process_json,
+            capture_limit: MAX_EXEC_OUTPUT as u32,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| CriError::shim(format!("exec in {}", rec.id), e))?;
+        let waited = if req.timeout > 0 {
+            let limit = Duration::from_secs(req.timeout as u64);
+            tokio::time::timeout(limit, shim.wait_exec(&rec.id, &exec_id))
+                .await
+                .ok()
+        } else {
+            Some(shim.wait_exec(&rec.id, &exec_id).await)
+        };
+        let Some(result) = waited else {
+            let _ = shim.kill_and_reap_exec(&rec.id, &exec_id, REAP_WAIT).await;
+            return Err(CriError::DeadlineExceeded(format!(
+                "command {:?} in container {} timed out after {}s and was killed",
+                req.cmd, rec.id, req.timeout
+            )));
+        };
+        let _ = shim.delete_exec(&rec.id, &exec_id).await;
+        let st =
+            result.map_err(|e| CriError::shim(format!("waiting for exec in {}", rec.id), e))?;
+        if st.truncated {
+            return Err(CriError::ResourceExhausted(format!(
+                "command {:?} wrote more than {} MiB on stdout or stderr (ExecSync keeps at most that much)",
+                req.cmd,
+                MAX_EXEC_OUTPUT >> 20
+            )));
+        }
+        Ok(cri::ExecSyncResponse {
+            stdout: st.stdout,
+            stderr: st.stderr,
+            exit_code: st.exit_status as i32,
+        })
+    }
+
+    /// ReopenContainerLog.
+    pub async fn reopen_log(&self, id: &str) -> Result<()> {
+        let rec = self.running(id)?;
+        let shim = self.shim_of(&rec).await?;
+        shim.reopen_log(&rec.id)
+            .await
+            .map_err(|e| CriError::shim("reopening log", e))
+    }
+}

@@ -1,0 +1,278 @@
+//! Start, stop, remove, and the exits the shims report (or berth infers).
+
+use std::time::Duration;
+
+use berth_proto::shim as pb;
+use berth_runtime::timefmt::now_unix_nanos;
+use tracing::{info, warn};
+
+use super::{ContainerService, exit_reason, shim_exit_reason};
+use crate::error::{CriError, Result};
+use crate::events::Topic;
+use crate::records::{ContainerRecord, ContainerState};
+
+/// An exit as berth records it.
+pub struct Exit<'a> {
+    /// The exit status (128 + signal for a signalled process).
+    pub code: i32,
+    /// When (Unix nanoseconds; 0 = now).
+    pub at: i64,
+    /// A reason other than the code's (`OOMKilled`, `ShimDied`, `Unknown`).
+    pub reason: Option<&'a str>,
+    /// Detail for the reason.
+    pub message: &'a str,
+}
+
+impl Exit<'_> {
+    /// The exit a shim reported.
+    pub fn reported(st: &pb::ExitStatus) -> Exit<'static> {
+        Exit {
+            code: st.exit_status as i32,
+            at: st.exited_at_unix_nanos,
+            reason: shim_exit_reason(st.oom_killed),
+            message: "",
+        }
+    }
+}
+
+impl ContainerService {
+    /// Records an exit the shim reported (or berth inferred); the first one wins.
+    pub fn record_exit(&self, id: &str, exit: Exit<'_>) {
+        let ctx = &self.ctx;
+        let _g = ctx.record_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut rec) = ctx.records.container(id) else {
+            return;
+        };
+        if rec.state == ContainerState::Exited {
+            return;
+        }
+        rec.state = ContainerState::Exited;
+        rec.exit_code = exit.code;
+        rec.finished_at = if exit.at > 0 {
+            exit.at
+        } else {
+            now_unix_nanos()
+        };
+        rec.reason = exit.reason.unwrap_or(exit_reason(exit.code)).to_string();
+        rec.message = exit.message.to_string();
+        rec.pid = 0;
+        if let Err(e) = ctx.records.put_container(&rec) {
+            warn!(container = id, error = %e, "recording exit");
+        }
+        info!(container = id, code = exit.code, reason = %rec.reason, "container exited");
+        ctx.events.publish(Topic::TaskExit, id, &rec.sandbox_id);
+    }
+
+    /// A pod's shim died: its containers run on, orphaned. Kill them through the runtime
+    /// CLI directly (`delete --force`, as containerd does) and report them exited (137).
+    pub async fn reap_orphans(&self, sandbox: &str) {
+        let Some(pod) = self.ctx.records.sandbox(sandbox) else {
+            return;
+        };
+        let handler = self
+            .ctx
+            .cfg
+            .runtimes
+            .get(&pod.runtime_handler)
+            .cloned()
+            .unwrap_or_default();
+        let root = self.ctx.cfg.runtime_root(&pod.runtime_handler);
+        let log = self.ctx.paths.shim_dir(sandbox).join("runtime.log");
+        let runc = berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone());
+        for c in self.ctx.containers_of(sandbox) {
+            if c.state == ContainerState::Exited {
+                continue;
+            }
+            let (r, id) = (runc.clone(), c.id.clone());
+            let killed = tokio::task::spawn_blocking(move || r.delete(&id, true)).await;
+            if let Ok(Err(e)) = killed {
+                if !e.is_not_found() {
+                    warn!(container = %c.id, error = %e, "killing a container of a dead shim");
+                }
+            }
+            let message = "the pod's shim died; berth killed the container";
+            self.record_exit(&c.id, died(Some("ShimDied"), message));
+        }
+    }
+
+    /// After a restart: containers that exited while berthd was down get their real exit
+    /// from the shim; those whose shim is gone are marked exited (137).
+    pub async fn recover(&self) {
+        for rec in self.ctx.records.containers() {
+            if rec.state == ContainerState::Exited {
+                continue;
+            }
+            let Some(shim) = self.ctx.shims.get(&rec.sandbox_id).await else {
+                self.record_exit(&rec.id, died(Some("Unknown"), "the pod's shim died"));
+                continue;
+            };
+            match shim.state(&rec.id).await {
+                Ok(st) if st.status == pb::TaskStatus::Stopped as i32 => {
+                    let exit = Exit {
+                        code: st.exit_status as i32,
+                        at: st.exited_at_unix_nanos,
+                        reason: shim_exit_reason(st.oom_killed),
+                        message: "",
+                    };
+                    self.record_exit(&rec.id, exit)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let message = format!("the shim lost the task: {e}");
+                    self.record_exit(&rec.id, died(Some("Unknown"), &message))
+                }
+            }
+        }
+    }
+
+    /// StartContainer.
+    pub async fn start(&self, id: &str) -> Result<()> {
+        let mut rec = self.ctx.container(id, "container_id")?;
+        if rec.state != ContainerState::Created {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {} is not in the created state",
+                rec.id
+            )));
+        }
+        let shim = self.shim_of(&rec).await?;
+        // Taken before the start: a fast process may exit (and be recorded) before it returns.
+        let started_at = now_unix_nanos();
+        shim.start(&rec.id)
+            .await
+            .map_err(|e| CriError::shim("starting container", e))?;
+        rec.started_at = started_at;
+        // Serialised with exit events: a fast exit must not be overwritten by Running.
+        let _g = self
+            .ctx
+            .record_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(cur) = self.ctx.records.container(&rec.id) {
+            if cur.state == ContainerState::Exited {
+                // It already ran to completion: keep the exit, add the start time.
+                let mut done = cur;
+                done.started_at = started_at.min(done.finished_at);
+                return Ok(self.ctx.records.put_container(&done)?);
+            }
+        }
+        rec.state = ContainerState::Running;
+        Ok(self.ctx.records.put_container(&rec)?)
+    }
+
+    /// StopContainer: the image's stop signal, SIGKILL after `timeout` seconds (0 = at once).
+    pub async fn stop(&self, id: &str, timeout: i64) -> Result<()> {
+        let rec = self.ctx.container(id, "container_id")?;
+        self.stop_record(&rec, timeout).await
+    }
+
+    /// Stops one container and records its exit.
+    pub async fn stop_record(&self, rec: &ContainerRecord, timeout: i64) -> Result<()> {
+        if rec.state == ContainerState::Exited {
+            return Ok(());
+        }
+        let Some(shim) = self.ctx.shims.get(&rec.sandbox_id).await else {
+            self.reap_orphans(&rec.sandbox_id).await;
+            return Ok(());
+        };
+        if timeout > 0 && rec.state == ContainerState::Running {
+            let _ = shim.kill(&rec.id, rec.stop_signal, false).await;
+            let grace = Duration::from_secs(timeout as u64);
+            if let Ok(Ok(st)) = tokio::time::timeout(grace, shim.wait(&rec.id)).await {
+                self.record_exit(&rec.id, Exit::reported(&st));
+                return Ok(());
+            }
+        }
+        let killed = match shim.kill(&rec.id, 9, true).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        };
+        let exit = match killed {
+            Ok(()) => shim.wait(&rec.id).await,
+            Err(e) => Err(e),
+        };
+        match exit {
+            Ok(st) => self.record_exit(&rec.id, Exit::reported(&st)),
+            Err(e) if e.is_not_found() => self.record_exit(
+                &rec.id,
+                died(Some("Unknown"), "the shim no longer knows the task"),
+            ),
+            Err(e) => return Err(CriError::shim(format!("stopping container {}", rec.id), e)),
+        }
+        Ok(())
+    }
+
+    /// RemoveContainer: kills a running container, then frees everything. Idempotent; an
+    /// unknown id is not an error.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        match self.ctx.resolve_container(id, "container_id")? {
+            Some(rec) => self.remove_record(&rec).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Removes one container: its task, files and record.
+    pub async fn remove_record(&self, rec: &ContainerRecord) -> Result<()> {
+        self.stop_record(rec, 0).await?;
+        if let Some(shim) = self.ctx.shims.get(&rec.sandbox_id).await {
+            match shim.delete(&rec.id).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(CriError::shim(format!("deleting task {}", rec.id), e)),
+            }
+        }
+        self.release_fs(&rec.id).await;
+        let _g = self
+            .ctx
+            .record_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.ctx.records.delete_container(&rec.id)?;
+        info!(container = %rec.id, "container removed");
+        Ok(())
+    }
+
+    /// Stops every container of a pod at once (as kubelet expects of a pod stop) and
+    /// deletes their tasks, so that the shim can go.
+    pub async fn stop_all_of(&self, sandbox: &str) -> Result<()> {
+        for c in self.ctx.containers_of(sandbox) {
+            self.stop_record(&c, 0).await?;
+            if let Some(shim) = self.ctx.shims.get(sandbox).await {
+                let _ = shim.delete(&c.id).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every container of a pod.
+    pub async fn remove_all_of(&self, sandbox: &str) -> Result<()> {
+        for c in self.ctx.containers_of(sandbox) {
+            self.remove_record(&c).await?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts and removes a container's rootfs, writable layer and bundle.
+    pub async fn release_fs(&self, id: &str) {
+        let (cdir, bundle) = (
+            self.ctx.paths.container_dir(id),
+            self.ctx.paths.bundle_dir(id),
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir_all(&bundle);
+            let _ = std::fs::remove_dir_all(&cdir);
+        })
+        .await;
+    }
+}
+
+/// A container berth gives up on: 137, with why.
+fn died<'a>(reason: Option<&'a str>, message: &'a str) -> Exit<'a> {
+    Exit {
+        code: 137,
+        at: 0,
+        reason,
+        message,
+    }
+}

@@ -1,0 +1,158 @@
+//! The CRI -> OCI translation: a container's runtime spec (`config.json`), typed with
+//! `oci-spec`, built from its CRI config, its pod's config and its image config with
+//! Kubernetes' rules (those containerd's CRI plugin applies): command replaces
+//! Entrypoint, args replace Cmd, env merged, working dir and user from the image unless
+//! overridden, default capabilities, masked and read-only paths, the pod's namespaces,
+//! hosts/resolv.conf/hostname and /dev/shm.
+//!
+//! `oci-spec`'s defaults are runc's example config (a hostname, mounts, rlimits, a
+//! TERM env...): every struct here is built with every field set on purpose, and the
+//! golden tests (`cri/tests/spec_golden.rs`) pin the JSON.
+
+mod linux;
+mod mounts;
+mod process;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use k8s_cri::v1 as cri;
+use oci_spec::image::ImageConfiguration;
+use oci_spec::runtime::{Root, Spec};
+
+pub use linux::linux_resources;
+pub use process::{
+    DEFAULT_CAPABILITIES, DEFAULT_PATH, exec_process, process_args, process_env, process_user,
+};
+
+/// The OCI runtime spec version berth writes.
+pub const OCI_VERSION: &str = "1.0.2";
+
+/// A container config that cannot become a spec; the message names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// The CRI field at fault.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+pub(crate) fn err(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Where the pod's shared files are.
+pub struct SandboxFiles {
+    /// The pod's hostname file.
+    pub hostname: PathBuf,
+    /// The pod's hosts file.
+    pub hosts: PathBuf,
+    /// The pod's resolv.conf.
+    pub resolv_conf: PathBuf,
+    /// The pod's /dev/shm, unless it uses the host IPC namespace.
+    pub shm: Option<PathBuf>,
+}
+
+/// Everything a spec is built from.
+pub struct SpecInputs<'a> {
+    /// The container's id.
+    pub id: &'a str,
+    /// Its CRI config.
+    pub config: &'a cri::ContainerConfig,
+    /// Its pod's CRI config.
+    pub pod: &'a cri::PodSandboxConfig,
+    /// The image config.
+    pub image: &'a ImageConfiguration,
+    /// The mounted root filesystem (used to resolve user names).
+    pub rootfs: &'a Path,
+    /// The pod's files.
+    pub files: &'a SandboxFiles,
+    /// The pod's pinned netns, or None for host network.
+    pub netns: Option<&'a Path>,
+    /// The pod's infra pid, whose IPC/UTS/PID namespaces the container joins.
+    pub infra_pid: u32,
+    /// The OCI `cgroupsPath`.
+    pub cgroups_path: &'a str,
+    /// Lowest oom_score_adj this host allows (berthd's own without CAP_SYS_RESOURCE).
+    pub min_oom_score_adj: Option<i32>,
+    /// Host directory for the image's declared volumes (`<dir>/<n>`).
+    pub volumes_dir: &'a Path,
+}
+
+impl SpecInputs<'_> {
+    /// The container's security context, if it has one.
+    fn security(&self) -> Option<&cri::LinuxContainerSecurityContext> {
+        self.config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+    }
+
+    fn privileged(&self) -> bool {
+        self.security().is_some_and(|s| s.privileged)
+    }
+
+    fn readonly_rootfs(&self) -> bool {
+        self.security().is_some_and(|s| s.readonly_rootfs)
+    }
+}
+
+/// The image's declared volumes, sorted (their order numbers the volume dirs).
+pub fn image_volumes(image: &ImageConfiguration) -> Vec<String> {
+    let mut v = image
+        .config()
+        .as_ref()
+        .and_then(|c| c.volumes().clone())
+        .unwrap_or_default();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Builds the OCI runtime spec of a container.
+pub fn build_spec(inp: &SpecInputs<'_>) -> Result<Spec, SpecError> {
+    let process = process::container_process(inp)?;
+    let (mounts, rootfs_propagation) = mounts::container_mounts(inp)?;
+    let linux = linux::container_linux(inp, rootfs_propagation)?;
+    let mut root = Root::default();
+    root.set_path(PathBuf::from("rootfs"))
+        .set_readonly(Some(inp.readonly_rootfs()));
+    let mut spec = Spec::default();
+    spec.set_version(OCI_VERSION.into())
+        .set_root(Some(root))
+        .set_mounts(Some(mounts))
+        .set_process(Some(process))
+        .set_hostname(None)
+        .set_domainname(None)
+        .set_hooks(None)
+        .set_annotations(Some(annotations(inp.config)))
+        .set_linux(Some(linux))
+        .set_solaris(None)
+        .set_windows(None)
+        .set_vm(None)
+        .set_zos(None)
+        .set_uid_mappings(None)
+        .set_gid_mappings(None);
+    Ok(spec)
+}
+
+/// The container's annotations plus the two CRI ones runtimes look for.
+fn annotations(c: &cri::ContainerConfig) -> HashMap<String, String> {
+    let mut a = c.annotations.clone();
+    a.insert(
+        "io.kubernetes.cri.container-type".into(),
+        "container".into(),
+    );
+    a.insert(
+        "io.kubernetes.cri.container-name".into(),
+        c.metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default(),
+    );
+    a
+}
