@@ -16,6 +16,7 @@ use k8s_cri::v1::{
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::error::CriError;
 use crate::status::{from_image_error, invalid_field};
 
 /// The CRI image service.
@@ -209,15 +210,16 @@ impl ImageService for CriImageService {
             self.images.resolve(&name).map_err(from_image_error)?,
         ) {
             if let Some(user) = containers.using_image(rec.id.as_str()) {
-                return Err(Status::failed_precondition(format!(
+                return Err(CriError::FailedPrecondition(format!(
                     "image {name} is in use by container {user}; remove the container first"
-                )));
+                ))
+                .into());
             }
         }
         let images = self.images.clone();
         tokio::task::spawn_blocking(move || images.remove(&name))
             .await
-            .map_err(|e| Status::internal(format!("remove task failed: {e}")))?
+            .map_err(CriError::from)?
             .map_err(from_image_error)?;
         Ok(Response::new(RemoveImageResponse {}))
     }

@@ -12,6 +12,7 @@ use tracing::instrument;
 use std::sync::Arc;
 
 use crate::config::{CgroupDriver, Config};
+use crate::error::CriError;
 use crate::services::Services;
 
 /// The CRI API version berth serves.
@@ -32,7 +33,7 @@ impl CriRuntimeService {
         let svc = self.svc.clone();
         tokio::task::spawn_blocking(move || f(&svc))
             .await
-            .map_err(|e| Status::internal(format!("stats reader: {e}")))
+            .map_err(|e| CriError::from(e).into())
     }
 
     /// Serves runtime calls with the effective `config`.
@@ -42,7 +43,7 @@ impl CriRuntimeService {
 }
 
 fn not_yet(rpc: &str, capability: &str) -> Status {
-    Status::unimplemented(format!("{rpc}: berth does not implement {capability} yet"))
+    CriError::Unimplemented(format!("{rpc}: berth does not implement {capability} yet")).into()
 }
 
 fn condition(kind: &str, ok: bool, reason: &str, message: &str) -> cri::RuntimeCondition {
@@ -94,8 +95,8 @@ impl RuntimeService for CriRuntimeService {
         let conditions = vec![condition("RuntimeReady", true, "", ""), network];
         let mut info = HashMap::new();
         if req.into_inner().verbose {
-            let cfg =
-                serde_json::to_string(&self.config).map_err(|e| Status::internal(e.to_string()))?;
+            let cfg = serde_json::to_string(&self.config)
+                .map_err(|e| CriError::internal("encoding the config", e))?;
             info.insert("config".to_string(), cfg);
         }
         Ok(Response::new(cri::StatusResponse {
@@ -354,7 +355,7 @@ impl RuntimeService for CriRuntimeService {
             .ctx
             .net
             .set_pod_cidr(&cidr)
-            .map_err(|e| Status::from(crate::error::CriError::from(e)))?;
+            .map_err(CriError::from)?;
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
     async fn checkpoint_container(
