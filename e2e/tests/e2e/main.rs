@@ -4759,9 +4759,9 @@ fn main() -> anyhow::Result<()> {
         ),
     ];
     if !nix::unistd::geteuid().is_root() {
-        return Err(anyhow!(
-            "the e2e suite needs root (mounts, device nodes, ownership)"
-        ));
+        // `cargo test` as a user runs every test that can run so; this suite cannot.
+        eprintln!("skipped: the e2e suite needs root (mounts, device nodes, ownership)");
+        return Ok(());
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     // The registries are started from this (main) thread, which lives until the end.
