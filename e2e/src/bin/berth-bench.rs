@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use berth_e2e::berthd::CriClient;
+use berth_e2e::calls;
 use berth_e2e::testimages::{Compression, ImageBuilder, LayerBuilder, large_layers};
 use clap::{Parser, Subcommand};
 use k8s_cri::v1 as cri;
@@ -238,33 +239,15 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 async fn pull(c: &mut CriClient, image: &str) -> Result<String> {
-    let req = cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Ok(c.image
-        .pull_image(req)
+    calls::pull(c, image)
         .await
-        .with_context(|| format!("pulling {image}"))?
-        .into_inner()
-        .image_ref)
+        .with_context(|| format!("pulling {image}"))
 }
 
 async fn remove(c: &mut CriClient, image: &str) -> Result<()> {
-    let req = cri::RemoveImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-    };
-    c.image
-        .remove_image(req)
+    calls::remove_image(c, image)
         .await
-        .with_context(|| format!("removing {image}"))?;
-    Ok(())
+        .with_context(|| format!("removing {image}"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -543,14 +526,7 @@ fn ctr_config(image: &str) -> cri::ContainerConfig {
 }
 
 async fn run_pod(c: &mut CriClient, cfg: &cri::PodSandboxConfig) -> Result<String> {
-    let r = c
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?;
-    Ok(r.into_inner().pod_sandbox_id)
+    Ok(calls::run_pod(c, cfg.clone()).await?)
 }
 
 /// Creates and starts the sleeping bench container in `pod`; returns its id.
@@ -560,35 +536,12 @@ async fn start_sleeper(
     cfg: &cri::PodSandboxConfig,
     image: &str,
 ) -> Result<String> {
-    let ctr = c
-        .runtime
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(ctr_config(image)),
-            sandbox_config: Some(cfg.clone()),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    c.runtime
-        .start_container(cri::StartContainerRequest {
-            container_id: ctr.clone(),
-        })
-        .await?;
-    Ok(ctr)
+    Ok(calls::create_and_start(c, pod, cfg, ctr_config(image)).await?)
 }
 
 async fn remove_pod(c: &mut CriClient, id: &str) -> Result<()> {
-    c.runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: id.into(),
-        })
-        .await?;
-    c.runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: id.into(),
-        })
-        .await?;
+    calls::stop_pod(c, id).await?;
+    calls::remove_pod(c, id).await?;
     Ok(())
 }
 
@@ -714,29 +667,7 @@ const STATS_CGROUP: &str = "berth-bench-stats";
 
 /// Removes the bench's cgroup parents in every hierarchy (deepest first; empty ones only).
 fn remove_stats_cgroups() {
-    for h in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let top = h.path().join(STATS_CGROUP);
-        let mut dirs = vec![top];
-        let mut i = 0;
-        while i < dirs.len() {
-            let kids: Vec<PathBuf> = std::fs::read_dir(&dirs[i])
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect();
-            dirs.extend(kids);
-            i += 1;
-        }
-        for d in dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
+    calls::remove_cgroup_tree(STATS_CGROUP);
 }
 
 async fn stats_bench(

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use berth_e2e::berthd::{Berthd, CriClient};
+use berth_e2e::calls::{pull, pull_auth, remove_pod, run_pod, stop_pod};
 use berth_e2e::registry::TestRegistry;
 use berth_e2e::testimages::{
     Compression, EntryType, ImageBuilder, LayerBuilder, MediaTypes, Platform, PushedImage,
@@ -299,23 +300,6 @@ fn spec(image: &str) -> Option<cri::ImageSpec> {
         image: image.to_string(),
         ..Default::default()
     })
-}
-
-async fn pull(c: &mut CriClient, image: &str) -> Result<String, tonic::Status> {
-    pull_auth(c, image, None).await
-}
-
-async fn pull_auth(
-    c: &mut CriClient,
-    image: &str,
-    auth: Option<cri::AuthConfig>,
-) -> Result<String, tonic::Status> {
-    let req = cri::PullImageRequest {
-        image: spec(image),
-        auth,
-        sandbox_config: None,
-    };
-    Ok(c.image.pull_image(req).await?.into_inner().image_ref)
 }
 
 async fn status(c: &mut CriClient, image: &str, verbose: bool) -> Result<cri::ImageStatusResponse> {
@@ -1438,20 +1422,6 @@ fn pod_config_in(name: &str, uid: &str, test: &str) -> cri::PodSandboxConfig {
     }
 }
 
-async fn run_pod(
-    c: &mut CriClient,
-    config: cri::PodSandboxConfig,
-) -> Result<String, tonic::Status> {
-    let r = c
-        .runtime
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config),
-            runtime_handler: String::new(),
-        })
-        .await?;
-    Ok(r.into_inner().pod_sandbox_id)
-}
-
 async fn pod_status(
     c: &mut CriClient,
     id: &str,
@@ -1488,24 +1458,6 @@ async fn list_ctrs(c: &mut CriClient) -> Result<Vec<cri::Container>, tonic::Stat
         .await?
         .into_inner()
         .containers)
-}
-
-async fn stop_pod(c: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
-    c.runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: id.into(),
-        })
-        .await
-        .map(|_| ())
-}
-
-async fn remove_pod(c: &mut CriClient, id: &str) -> Result<(), tonic::Status> {
-    c.runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: id.into(),
-        })
-        .await
-        .map(|_| ())
 }
 
 fn ns_ino(path: &str) -> Result<u64> {
@@ -1594,28 +1546,8 @@ impl Drop for CgroupParentGuard {
             Some(test) => cgroup_scope(test).trim_start_matches('/').to_string(),
             None => format!("berth-e2e-{}", std::process::id()),
         };
-        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-            for h in rd.flatten() {
-                // Deepest first: pod cgroups a failed test left, then scopes, then the parent.
-                let parent = h.path().join(&cg);
-                let mut dirs = vec![parent.clone()];
-                let mut i = 0;
-                while i < dirs.len() {
-                    let kids: Vec<PathBuf> = std::fs::read_dir(&dirs[i])
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.is_dir())
-                        .collect();
-                    dirs.extend(kids);
-                    i += 1;
-                }
-                for d in dirs.iter().rev() {
-                    let _ = std::fs::remove_dir(d);
-                }
-            }
-        }
+        // Deepest first: pod cgroups a failed test left, then scopes, then the parent.
+        berth_e2e::calls::remove_cgroup_tree(&cg);
     }
 }
 
