@@ -91,6 +91,8 @@ enum Kind {
         link: Vec<u8>,
         data: Vec<u8>,
     },
+    /// Bytes written into the archive as they are (whole 512-byte blocks).
+    Verbatim(Vec<u8>),
 }
 
 #[derive(Clone, Debug)]
@@ -244,6 +246,13 @@ impl LayerBuilder {
         self.push(name.as_ref(), kind, mode, 0, 0)
     }
 
+    /// Tar blocks written as they are, for archives no honest writer makes (lying sizes,
+    /// huge extension headers). Padded to whole 512-byte blocks.
+    pub fn verbatim_blocks(self, mut bytes: Vec<u8>) -> Self {
+        bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+        self.push(b"", Kind::Verbatim(bytes), 0, 0, 0)
+    }
+
     /// The layer as an uncompressed tar.
     pub fn to_tar(&self) -> Result<Vec<u8>> {
         self.write_tar(Vec::new())
@@ -261,6 +270,10 @@ impl LayerBuilder {
 }
 
 fn append_entry<W: Write>(builder: &mut tar::Builder<W>, e: &Entry) -> Result<()> {
+    if let Kind::Verbatim(bytes) = &e.kind {
+        builder.get_mut().write_all(bytes)?;
+        return Ok(());
+    }
     let mut name = e.name.clone();
     let (ty, link, data): (EntryType, &[u8], Box<dyn Read + '_>) = match &e.kind {
         Kind::Dir => {
@@ -276,6 +289,7 @@ fn append_entry<W: Write>(builder: &mut tar::Builder<W>, e: &Entry) -> Result<()
         Kind::BlockDevice(..) => (EntryType::Block, b"", Box::new(io::empty())),
         Kind::Fifo => (EntryType::Fifo, b"", Box::new(io::empty())),
         Kind::Raw { ty, link, data } => (*ty, link, Box::new(data.as_slice())),
+        Kind::Verbatim(_) => return Ok(()),
     };
     let size = match &e.kind {
         Kind::File(content) => content_size(content)?,

@@ -54,9 +54,25 @@ impl ImageError {
         ImageError::Io {
             context,
             path: path.into(),
-            source,
+            source: with_causes(source),
         }
     }
+}
+
+/// The tar crate's errors say what failed ("failed to unpack `f`") and keep why in
+/// their source: the message a user sees carries both.
+fn with_causes(e: std::io::Error) -> std::io::Error {
+    use std::error::Error;
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    if cause.is_none() {
+        return e;
+    }
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    std::io::Error::new(e.kind(), text)
 }
 
 macro_rules! store_error_from {

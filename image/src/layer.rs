@@ -84,11 +84,12 @@ fn read_through(
     let stats = match target {
         Some(dir) => {
             let dec = decompress(&mut *src).map_err(|e| stream_error(e, name))?;
+            let marks = dec.marks();
             let mut hashing = HashingReader {
                 inner: dec,
                 hasher: Sha256::new(),
             };
-            let stats = unpack_layer(&mut hashing, dir, name)?;
+            let stats = unpack_layer(&mut hashing, &marks, dir, name)?;
             let diff = Digest::from_hasher(hashing.hasher);
             if diff != *diff_id {
                 return Err(ImageError::DigestMismatch(format!(

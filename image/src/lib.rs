@@ -12,6 +12,7 @@ pub mod registry;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod tarmodel;
 pub mod token;
 pub mod unpack;
 

@@ -123,22 +123,44 @@ pub async fn exchange_identity_token(
             challenge.realm
         )));
     }
-    let body: serde_json::Value = resp.json().await.map_err(|e| {
+    let failed = |e: String| {
         ImageError::Registry(format!(
             "pulling {image}: token service {}: {e}",
             challenge.realm
         ))
-    })?;
-    body.get("access_token")
-        .or_else(|| body.get("token"))
-        .and_then(|t| t.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| {
-            ImageError::Registry(format!(
-                "pulling {image}: token service {} sent no access_token",
-                challenge.realm
-            ))
-        })
+    };
+    let bytes = read_capped(resp).await.map_err(failed)?;
+    let body: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| failed(e.to_string()))?;
+    body.access_token.or(body.token).ok_or_else(|| {
+        ImageError::Registry(format!(
+            "pulling {image}: token service {} sent no access_token",
+            challenge.realm
+        ))
+    })
+}
+
+/// The fields of a token service's answer that berth uses.
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+/// The most of a token service's answer read (a token is a few KiB).
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+
+/// The body, refused past `MAX_TOKEN_RESPONSE` (a hostile service could stream GiBs).
+async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
+            return Err(format!("the answer is over {MAX_TOKEN_RESPONSE} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

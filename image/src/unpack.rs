@@ -12,6 +12,7 @@ use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use nix::unistd::{Gid, Uid, fchownat};
 
 use crate::error::{ImageError, Result};
+use crate::tarmodel::{Marks, TarGuard, check_entry};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -25,8 +26,28 @@ pub struct UnpackStats {
     pub inodes: u64,
 }
 
-/// Wraps a layer stream in the decompressor its first bytes call for (gzip, zstd or plain tar).
-pub fn decompress<'a, R: Read + 'a>(mut reader: R) -> io::Result<Box<dyn Read + 'a>> {
+/// A decompressed layer stream, its tar structure followed as it passes (`tarmodel`).
+pub struct TarStream<'a> {
+    reader: Box<dyn Read + 'a>,
+    marks: Marks,
+}
+
+impl TarStream<'_> {
+    /// Where the guard saw each entry's data, for the unpacker to check.
+    pub fn marks(&self) -> Marks {
+        self.marks.clone()
+    }
+}
+
+impl Read for TarStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+/// Wraps a layer stream in the decompressor its first bytes call for (gzip, zstd or plain
+/// tar), then in the tar guard.
+pub fn decompress<'a, R: Read + 'a>(mut reader: R) -> io::Result<TarStream<'a>> {
     // A single read may return fewer bytes than the magic numbers; read until 4 or EOF.
     let mut head = [0u8; 4];
     let mut n = 0;
@@ -40,137 +61,28 @@ pub fn decompress<'a, R: Read + 'a>(mut reader: R) -> io::Result<Box<dyn Read + 
     }
     let head = &head[..n];
     let buf = BufReader::with_capacity(256 * 1024, io::Cursor::new(head.to_vec()).chain(reader));
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(TarGuard::new(flate2::bufread::MultiGzDecoder::new(buf)))
+    let marks = Marks::default();
+    let reader: Box<dyn Read + 'a> = if head.starts_with(&[0x1f, 0x8b]) {
+        let gz = flate2::bufread::MultiGzDecoder::new(buf);
+        Box::new(TarGuard::new(gz, marks.clone()))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(TarGuard::new(zstd::stream::read::Decoder::with_buffer(
-            buf,
-        )?))
+        let zs = zstd::stream::read::Decoder::with_buffer(buf)?;
+        Box::new(TarGuard::new(zs, marks.clone()))
     } else {
-        Box::new(TarGuard::new(buf))
-    })
-}
-
-/// Largest PAX or GNU long-name/long-link header body accepted (Go's archive/tar limit).
-const MAX_META_ENTRY: u64 = 1 << 20;
-
-/// Follows the tar block structure of a stream as it passes and refuses metadata
-/// entries (PAX `x`/`g`, GNU `L`/`K`) larger than 1 MiB: the tar crate reads those
-/// whole into memory, so a small compressed layer could otherwise exhaust it.
-pub struct TarGuard<R> {
-    inner: R,
-    /// Bytes left in the current 512-byte block.
-    in_block: usize,
-    /// The header block being collected.
-    header: Vec<u8>,
-    /// Whole data blocks left before the next header.
-    data_blocks: u64,
-    /// Sparse extension header blocks left.
-    sparse_ext: bool,
-}
-
-impl<R: Read> TarGuard<R> {
-    /// Guards `inner`.
-    pub fn new(inner: R) -> Self {
-        TarGuard {
-            inner,
-            in_block: 0,
-            header: Vec::with_capacity(512),
-            data_blocks: 0,
-            sparse_ext: false,
-        }
-    }
-
-    fn observe(&mut self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() {
-            if self.data_blocks > 0 || self.in_block > 0 {
-                // Inside data: skip whole blocks quickly.
-                if self.in_block == 0 {
-                    self.in_block = 512;
-                    self.data_blocks -= 1;
-                }
-                let k = self.in_block.min(bytes.len());
-                self.in_block -= k;
-                bytes = &bytes[k..];
-                continue;
-            }
-            let k = (512 - self.header.len()).min(bytes.len());
-            self.header.extend_from_slice(&bytes[..k]);
-            bytes = &bytes[k..];
-            if self.header.len() == 512 {
-                self.on_header()?;
-                self.header.clear();
-            }
-        }
-        Ok(())
-    }
-
-    fn on_header(&mut self) -> io::Result<()> {
-        let h = &self.header;
-        if self.sparse_ext {
-            // GNU sparse extension block: its own "isextended" flag at 504.
-            self.sparse_ext = h[504] != 0;
-            return Ok(());
-        }
-        if h.iter().all(|&b| b == 0) {
-            return Ok(()); // end-of-archive blocks
-        }
-        let size = parse_tar_number(&h[124..136]).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "tar header with an invalid size field",
-            )
-        })?;
-        let kind = h[156];
-        if matches!(kind, b'x' | b'g' | b'L' | b'K') && size > MAX_META_ENTRY {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "tar metadata entry of type '{}' is {size} bytes (limit {MAX_META_ENTRY})",
-                    kind as char
-                ),
-            ));
-        }
-        if kind == b'S' {
-            self.sparse_ext = h[482] != 0;
-        }
-        // Directories, links and devices carry no data whatever their size field says.
-        let has_data = !matches!(kind, b'1' | b'2' | b'3' | b'4' | b'5' | b'6');
-        self.data_blocks = if has_data { size.div_ceil(512) } else { 0 };
-        Ok(())
-    }
-}
-
-impl<R: Read> Read for TarGuard<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.observe(&buf[..n])?;
-        Ok(n)
-    }
-}
-
-/// A tar numeric field: octal text, or base-256 when the high bit is set.
-fn parse_tar_number(field: &[u8]) -> Option<u64> {
-    if field.first().is_some_and(|b| b & 0x80 != 0) {
-        let mut v: u64 = u64::from(field[0] & 0x7f);
-        for &b in &field[1..] {
-            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
-        }
-        return Some(v);
-    }
-    let text = std::str::from_utf8(field).ok()?;
-    let t = text.trim_matches(|c: char| c == '\0' || c == ' ');
-    if t.is_empty() {
-        Some(0)
-    } else {
-        u64::from_str_radix(t, 8).ok()
-    }
+        Box::new(TarGuard::new(buf, marks.clone()))
+    };
+    Ok(TarStream { reader, marks })
 }
 
 /// Unpacks the (uncompressed) tar stream `reader` into `dest`. `layer` names the
 /// layer in errors. The stream is read to its end so that a hashing reader below
 /// sees every byte.
-pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<UnpackStats> {
+pub fn unpack_layer<R: Read>(
+    reader: R,
+    marks: &Marks,
+    dest: &Path,
+    layer: &str,
+) -> Result<UnpackStats> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
@@ -179,13 +91,22 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path, layer: &str) -> Result<Unpa
     archive.set_overwrite(true);
     let mut stats = UnpackStats::default();
     let tar_err = |e: io::Error| tar_error(layer, e);
-    for entry in archive.entries().map_err(tar_err)? {
-        let mut entry = entry.map_err(tar_err)?;
-        unpack_entry(&mut entry, dest, layer, &mut stats)?;
+    let result = (|| {
+        for entry in archive.entries().map_err(tar_err)? {
+            let mut entry = entry.map_err(tar_err)?;
+            check_entry(marks, entry.raw_file_position(), entry.size())
+                .map_err(|why| ImageError::Unsupported(format!("layer {layer}: {why}")))?;
+            unpack_entry(&mut entry, dest, layer, &mut stats)?;
+        }
+        // Drain the padding after the end-of-archive marker so hashes cover the whole stream.
+        io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(tar_err)?;
+        Ok(stats)
+    })();
+    // The guard's refusal is the cause, whatever entry the tar crate was on.
+    match (result, marks.borrow().refused.clone()) {
+        (Err(_), Some(why)) => Err(ImageError::Unsupported(format!("layer {layer}: {why}"))),
+        (r, _) => r,
     }
-    // Drain the padding after the end-of-archive marker so hashes cover the whole stream.
-    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(tar_err)?;
-    Ok(stats)
 }
 
 fn tar_error(layer: &str, e: io::Error) -> ImageError {
@@ -514,6 +435,12 @@ mod tests {
 
     /// Unpacking keeps owners and makes device nodes: root only. Without it the test
     /// says so and passes over the rest.
+    fn unpack_tar(data: &[u8], dest: &Path, layer: &str) -> Result<UnpackStats> {
+        let stream = decompress(data).unwrap();
+        let marks = stream.marks();
+        unpack_layer(stream, &marks, dest, layer)
+    }
+
     fn skip_unless_root() -> bool {
         if nix::unistd::geteuid().is_root() {
             return false;
@@ -558,7 +485,7 @@ mod tests {
             (b"opq/new", tar::EntryType::Regular, b"hi", None),
             (b"opq/hard", tar::EntryType::Link, b"", Some(b"opq/new")),
         ]);
-        let stats = unpack_layer(&tar[..], dir.path(), "test").unwrap();
+        let stats = unpack_tar(&tar, dir.path(), "test").unwrap();
         let wh = fs::symlink_metadata(dir.path().join("data/gone")).unwrap();
         assert_eq!(wh.mode() & libc::S_IFMT, libc::S_IFCHR);
         assert_eq!(wh.rdev(), 0);
@@ -604,7 +531,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let dest = dir.path().join("fs");
             fs::create_dir(&dest).unwrap();
-            let err = unpack_layer(&tar[..], &dest, "evil").unwrap_err();
+            let err = unpack_tar(&tar, &dest, "evil").unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, ImageError::UnsafeLayerEntry { .. }), "{msg}");
             assert!(msg.contains(needle), "{msg}");
@@ -623,7 +550,7 @@ mod tests {
         let mut t = h.as_bytes().to_vec();
         t.extend(std::iter::repeat_n(b'a', 2 << 20)); // the rest would follow
         let dir = tempfile::tempdir().unwrap();
-        let err = unpack_layer(decompress(&t[..]).unwrap(), dir.path(), "bomb").unwrap_err();
+        let err = unpack_tar(&t, dir.path(), "bomb").unwrap_err();
         assert!(err.to_string().contains("limit"), "{err}");
     }
 
@@ -644,7 +571,7 @@ mod tests {
         b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
         let data = b.into_inner().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let stats = unpack_layer(decompress(&data[..]).unwrap(), dir.path(), "long").unwrap();
+        let stats = unpack_tar(&data, dir.path(), "long").unwrap();
         assert_eq!(stats.bytes, 3);
         assert_eq!(fs::read(dir.path().join(&long)).unwrap(), b"abc");
     }

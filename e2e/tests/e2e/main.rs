@@ -4678,6 +4678,10 @@ fn main() -> anyhow::Result<()> {
             interop::recursive_read_only_mounts_as_reported,
         ),
         Trial::test(
+            "hostile_layers_and_manifests_are_refused",
+            security::hostile_layers_and_manifests_are_refused,
+        ),
+        Trial::test(
             "state_is_private_to_root",
             security::state_is_private_to_root,
         ),

@@ -171,3 +171,121 @@ pub fn state_is_private_to_root() -> Result<(), Failed> {
         Ok(())
     })
 }
+
+/// A registry that answers every manifest request with an endless JSON body (chunked,
+/// no length), as a hostile registry could; `/v2/` says hello. Returns its address.
+fn endless_manifest_registry() -> Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(match stream.try_clone() {
+                    Ok(s) => s,
+                    Err(_) => return,
+                });
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    return;
+                }
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let mut out = stream;
+                if !first.contains("/manifests/") {
+                    let _ = out.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+                    );
+                    return;
+                }
+                let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let chunk = [b' '; 64 * 1024];
+                let framed = [
+                    format!("{:x}\r\n", chunk.len()).into_bytes(),
+                    chunk.to_vec(),
+                    b"\r\n".to_vec(),
+                ]
+                .concat();
+                // Up to 1 GiB, until berthd hangs up.
+                for _ in 0..(1 << 30) / chunk.len() {
+                    if out.write_all(&framed).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A layer whose PAX record says size=0 before a file header claiming 2^40 bytes, then a
+/// 1 GiB GNU long-name entry (which the tar crate would read whole), and a 1 GiB
+/// manifest: both refused with a clear error while berthd stays small.
+pub fn hostile_layers_and_manifests_are_refused() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut blocks = Vec::new();
+        let pax_record = "10 size=0\n"; // "LEN key=value\n", LEN counting itself
+        let mut h = tar::Header::new_ustar();
+        h.set_path("PaxHeaders/f").map_err(|e| anyhow!("{e}"))?;
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(pax_record.len() as u64);
+        h.set_cksum();
+        blocks.extend(h.as_bytes());
+        let mut body = pax_record.as_bytes().to_vec();
+        body.resize(512, 0);
+        blocks.extend(body);
+        let mut f = tar::Header::new_ustar();
+        f.set_path("f").map_err(|e| anyhow!("{e}"))?;
+        f.set_mode(0o644);
+        f.set_uid(0);
+        f.set_gid(0);
+        f.set_mtime(0);
+        f.set_size(1 << 40);
+        f.set_cksum();
+        blocks.extend(f.as_bytes());
+        let mut long = tar::Header::new_gnu();
+        long.set_path("././@LongLink").map_err(|e| anyhow!("{e}"))?;
+        long.set_entry_type(tar::EntryType::GNULongName);
+        long.set_size(1 << 30);
+        long.set_cksum();
+        blocks.extend(long.as_bytes());
+        blocks.extend(vec![b'a'; 128 << 20]); // the tar crate would hold all of it
+        let image = ImageBuilder::new()
+            .layer(
+                LayerBuilder::new().verbatim_blocks(blocks),
+                Compression::Gzip,
+            )
+            .push(w.reg.addr(), "test/pax-bomb", "1", None)
+            .await?;
+        let mut c = b.client().await?;
+        let err = pull(&mut c, &image.reference)
+            .await
+            .expect_err("a hostile layer must be refused");
+        ensure!(
+            err.message().contains("limit"),
+            "{:?}: {}",
+            err.code(),
+            err.message()
+        );
+        let registry = endless_manifest_registry()?;
+        let err = pull(&mut c, &format!("{registry}/evil/endless:1"))
+            .await
+            .expect_err("a 1 GiB manifest must be refused");
+        ensure!(
+            err.message().contains("too large"),
+            "{:?}: {}",
+            err.code(),
+            err.message()
+        );
+        // Nothing half-pulled, and berthd's peak memory stayed small.
+        ensure!(snapshots_on_disk(&b)?.is_empty(), "a snapshot was left");
+        let peak = b.peak_rss_kib().context("berthd's VmHWM")?;
+        ensure!(peak < 64 << 10, "berthd's peak RSS was {} MiB", peak >> 10);
+        c.runtime.version(cri::VersionRequest::default()).await?;
+        Ok(())
+    })
+}
