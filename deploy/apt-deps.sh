@@ -27,7 +27,7 @@ BERTH_RUN_PACKAGES="runc containernetworking-plugins iptables iproute2"
 # busybox-static to build images from local material, crun for the handler test,
 # Go, grpc-go, gorilla/websocket and docker/spdystream to build clients berth did not
 # write (GOPATH mode, offline); test.sh installs grpcio with pip into target/python.
-BERTH_TEST_PACKAGES="docker-registry apache2-utils busybox-static coreutils openssl crun golang-go golang-google-grpc-dev golang-github-gorilla-websocket-dev golang-github-docker-spdystream-dev"
+BERTH_TEST_PACKAGES="docker-registry apparmor apache2-utils busybox-static coreutils openssl crun golang-go golang-google-grpc-dev golang-github-gorilla-websocket-dev golang-github-docker-spdystream-dev"
 
 berth_require_cargo() {
   if ! command -v cargo >/dev/null 2>&1; then

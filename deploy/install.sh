@@ -26,6 +26,14 @@ if ! ls /etc/cni/net.d/*.conf /etc/cni/net.d/*.conflist >/dev/null 2>&1; then
 fi
 [[ -e /etc/crictl.yaml ]] || install -m 0644 "$HERE/crictl.yaml" /etc/crictl.yaml
 
+# The profile behind AppArmor `RuntimeDefault`, where the host runs AppArmor (berthd
+# refuses RuntimeDefault there until it is loaded).
+if [[ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" == Y ]]; then
+  command -v apparmor_parser >/dev/null || berth_apt_install apparmor
+  install -D -m 0644 "$HERE/apparmor/berth-default" /etc/apparmor.d/berth-default
+  apparmor_parser -r -W /etc/apparmor.d/berth-default
+fi
+
 if [[ -d /run/systemd/system ]]; then
   install -m 0644 "$HERE/berth.service" /etc/systemd/system/berth.service
   systemctl daemon-reload

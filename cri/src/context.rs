@@ -13,6 +13,7 @@ use crate::error::{CriError, Result};
 use crate::events::Exchange;
 use crate::handlers::RuntimeHandlers;
 use crate::layout::Paths;
+use crate::oci::HostFacts;
 use crate::records::{ContainerRecord, RecordStore, SandboxRecord};
 use crate::shims::{ShimRegistry, shim_binary};
 
@@ -59,6 +60,8 @@ pub struct Context {
     pub cgroups: Hierarchy,
     /// What each runtime handler supports.
     pub handlers: RuntimeHandlers,
+    /// This host as container specs need it (capabilities, seccomp, AppArmor/SELinux).
+    pub host: HostFacts,
 }
 
 impl Context {
@@ -71,7 +74,16 @@ impl Context {
         let paths = Paths::new(&cfg.root, &cfg.state);
         let cgroups = Hierarchy::detect().unwrap_or_default();
         info!(mode = ?cgroups.mode(), "cgroup hierarchies");
+        let host = HostFacts::detect();
+        info!(
+            capabilities = host.capabilities.len(),
+            seccomp = host.seccomp.supported,
+            apparmor = host.modules.apparmor_profiles.is_some(),
+            selinux = host.modules.selinux,
+            "host security facts"
+        );
         Context {
+            host,
             net: Arc::new(CniManager::new(cfg.cni_settings())),
             shims: ShimRegistry::new(shim_binary(&cfg.shim), paths.clone()),
             handlers: RuntimeHandlers::probe(&cfg).await,

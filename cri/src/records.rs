@@ -143,6 +143,9 @@ pub struct ContainerRecord {
     /// The OCI `linux.cgroupsPath` it was created with ("" in records older than it).
     #[serde(default)]
     pub cgroups_path: String,
+    /// The identity its process runs as (None in records older than it).
+    #[serde(default)]
+    pub user: Option<crate::oci::ProcessIds>,
 }
 
 /// One redb table of JSON records keyed by id, mirrored in a map.

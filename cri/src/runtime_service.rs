@@ -103,9 +103,9 @@ impl RuntimeService for CriRuntimeService {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
             runtime_handlers: self.svc.ctx.handlers.to_cri(),
-            // SupplementalGroupsPolicy is not implemented yet.
+            // Merge/Strict are applied and ContainerStatus.user reports the result.
             features: Some(cri::RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         }))
     }

@@ -5,9 +5,15 @@
 //! `BERTH_BLESS=1 cargo test -p berth-cri --test spec_golden` rewrites the files; review
 //! the diff before committing it.
 
+// The deprecated string forms (seccomp_profile_path) are cases too.
+#![allow(deprecated)]
+
 use std::path::{Path, PathBuf};
 
-use berth_cri::oci::{SandboxFiles, SpecInputs, build_spec};
+use berth_cri::oci::{
+    HostFacts, KERNEL_CAPABILITIES, SandboxFiles, SeccompHost, SecurityModules, SpecInputs,
+    build_spec, parse_mountinfo,
+};
 use k8s_cri::v1 as cri;
 use oci_spec::image::ImageConfiguration;
 use serde_json::{Value, json};
@@ -31,6 +37,41 @@ fn rootfs() -> tempfile::TempDir {
     )
     .unwrap();
     d
+}
+
+/// A host of this machine's shape, given by hand: every capability but
+/// CAP_SYS_RESOURCE, seccomp on Linux 6.1 amd64, no AppArmor or SELinux, two devices,
+/// and mounts where `/mnt/host` is a slave, `/mnt/shared` shared and `/` private.
+fn host_facts() -> HostFacts {
+    let device = |path: &str, typ: &str, major: i64, minor: i64| {
+        serde_json::from_value(json!({
+            "path": path, "type": typ, "major": major, "minor": minor,
+            "fileMode": 0o666, "uid": 0, "gid": 0,
+        }))
+        .unwrap()
+    };
+    HostFacts {
+        capabilities: KERNEL_CAPABILITIES
+            .iter()
+            .filter(|c| **c != "CAP_SYS_RESOURCE")
+            .map(|c| c.to_string())
+            .collect(),
+        seccomp: SeccompHost {
+            supported: true,
+            kernel: (6, 1),
+            arch: "amd64".into(),
+        },
+        modules: SecurityModules::default(),
+        devices: vec![
+            device("/dev/null", "c", 1, 3),
+            device("/dev/sda", "b", 8, 0),
+        ],
+        mounts: parse_mountinfo(
+            "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+             2 1 0:40 / /mnt/host rw master:4 - tmpfs t rw\n\
+             3 1 0:41 / /mnt/shared rw shared:5 - tmpfs t rw\n",
+        ),
+    }
 }
 
 fn kv(k: &str, v: &str) -> cri::KeyValue {
@@ -96,6 +137,26 @@ fn typed(image: &Value) -> ImageConfiguration {
     serde_json::from_value(image.clone()).expect("a valid image config")
 }
 
+fn privileged_pod(pod: &mut cri::PodSandboxConfig) {
+    if let Some(l) = pod.linux.as_mut() {
+        l.security_context
+            .get_or_insert_with(Default::default)
+            .privileged = true;
+    }
+}
+
+/// Where `seccomp_localhost`'s profile is written (the spec holds its contents).
+const LOCALHOST_PROFILE: &str = "/tmp/berth-golden-seccomp.json";
+
+fn write_localhost_profile() {
+    let profile = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["sethostname", "chmod"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    });
+    std::fs::write(LOCALHOST_PROFILE, profile.to_string()).unwrap();
+}
+
 fn sc(c: &mut cri::ContainerConfig) -> &mut cri::LinuxContainerSecurityContext {
     c.linux
         .get_or_insert_with(Default::default)
@@ -141,6 +202,49 @@ fn cases() -> Vec<Case> {
 
     let mut c = case("privileged");
     sc(&mut c.container).privileged = true;
+    privileged_pod(&mut c.pod);
+    c.container.devices = vec![cri::Device {
+        container_path: "/dev/null".into(),
+        host_path: "/dev/null".into(),
+        permissions: "rw".into(),
+    }];
+    v.push(c);
+
+    let mut c = case("all_capabilities");
+    sc(&mut c.container).capabilities = Some(cri::Capability {
+        add_capabilities: vec!["ALL".into()],
+        drop_capabilities: vec!["NET_RAW".into()],
+        ..Default::default()
+    });
+    v.push(c);
+
+    let mut c = case("seccomp_runtime_default");
+    sc(&mut c.container).seccomp = Some(cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+        localhost_ref: String::new(),
+    });
+    v.push(c);
+
+    let mut c = case("seccomp_runtime_default_sys_admin");
+    let s = sc(&mut c.container);
+    s.seccomp_profile_path = "runtime/default".into();
+    s.capabilities = Some(cri::Capability {
+        add_capabilities: vec!["SYS_ADMIN".into()],
+        ..Default::default()
+    });
+    v.push(c);
+
+    let mut c = case("seccomp_localhost");
+    sc(&mut c.container).seccomp = Some(cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::Localhost as i32,
+        localhost_ref: LOCALHOST_PROFILE.into(),
+    });
+    v.push(c);
+
+    let mut c = case("image_groups");
+    c.image["config"]["User"] = json!("web");
+    let s = sc(&mut c.container);
+    s.supplemental_groups = vec![1234, 50];
     v.push(c);
 
     let mut c = case("host_namespaces");
@@ -319,6 +423,7 @@ fn spec_of(c: &Case, rootfs: &Path) -> Value {
         cgroups_path: "/kubepods/poduid-1/c1",
         min_oom_score_adj: c.min_oom,
         volumes_dir: Path::new("/var/lib/berth/containers/c1/volumes"),
+        host: &host_facts(),
     })
     .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     // Canonical: whatever the builder's types, compare the JSON it writes.
@@ -341,6 +446,7 @@ fn canonical_capabilities(spec: &mut Value) {
 #[test]
 fn build_spec_matches_the_golden_files() {
     let root = rootfs();
+    write_localhost_profile();
     let bless = std::env::var_os("BERTH_BLESS").is_some();
     let mut failed = Vec::new();
     for c in cases() {
@@ -392,6 +498,7 @@ fn invalid_configs_name_the_field() {
             cgroups_path: "/x",
             min_oom_score_adj: None,
             volumes_dir: Path::new("/v"),
+            host: &host_facts(),
         })
         .map(|_| ())
         .unwrap_err()
@@ -411,4 +518,95 @@ fn invalid_configs_name_the_field() {
         permissions: String::new(),
     }];
     assert!(inputs(&c).contains("config.devices[0].host_path"));
+    // Security asks that cannot be met: each names its field (or file).
+    let sc_field = "config.linux.security_context";
+    let mut c = case("bad");
+    sc(&mut c.container).privileged = true;
+    let e = inputs(&c);
+    assert!(
+        e.contains(&format!("{sc_field}.privileged"))
+            && e.contains("no privileged container allowed in sandbox"),
+        "{e}"
+    );
+    let mut c = case("bad");
+    sc(&mut c.container).run_as_group = Some(cri::Int64Value { value: 5 });
+    let e = inputs(&c);
+    assert!(
+        e.contains(&format!("{sc_field}.run_as_group")) && e.contains("specified without user"),
+        "{e}"
+    );
+    let mut c = case("bad");
+    sc(&mut c.container).seccomp = Some(cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::Localhost as i32,
+        localhost_ref: "/nonexistent/profile.json".into(),
+    });
+    let e = inputs(&c);
+    assert!(
+        e.contains(&format!("{sc_field}.seccomp")) && e.contains("/nonexistent/profile.json"),
+        "{e}"
+    );
+    let mut c = case("bad");
+    sc(&mut c.container).seccomp_profile_path = "custom".into();
+    assert!(inputs(&c).contains(&format!("{sc_field}.seccomp_profile_path")));
+    let mut c = case("bad");
+    sc(&mut c.container).apparmor = Some(cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::Localhost as i32,
+        localhost_ref: "my-profile".into(),
+    });
+    let e = inputs(&c);
+    assert!(
+        e.contains(&format!("{sc_field}.apparmor")) && e.contains("apparmor is not supported"),
+        "{e}"
+    );
+    let mut c = case("bad");
+    sc(&mut c.container).selinux_options = Some(cri::SeLinuxOption {
+        r#type: "spc_t".into(),
+        ..Default::default()
+    });
+    assert!(inputs(&c).contains(&format!("{sc_field}.selinux_options")));
+    let mut c = case("bad");
+    sc(&mut c.container).namespace_options = Some(cri::NamespaceOption {
+        userns_options: Some(cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert!(inputs(&c).contains(&format!("{sc_field}.namespace_options.userns_options")));
+    let mut c = case("bad");
+    sc(&mut c.container).capabilities = Some(cri::Capability {
+        add_capabilities: vec!["SYS_RESOURCE".into()],
+        ..Default::default()
+    });
+    let e = inputs(&c);
+    assert!(
+        e.contains("add_capabilities") && e.contains("CAP_SYS_RESOURCE"),
+        "{e}"
+    );
+    // Propagation the host mount cannot carry.
+    for (host, prop, what) in [
+        (
+            "/var/lib/x",
+            cri::MountPropagation::PropagationBidirectional,
+            "not a shared mount",
+        ),
+        (
+            "/mnt/host/d",
+            cri::MountPropagation::PropagationBidirectional,
+            "not a shared mount",
+        ),
+        (
+            "/var/lib/x",
+            cri::MountPropagation::PropagationHostToContainer,
+            "not a shared or slave mount",
+        ),
+    ] {
+        let mut c = case("bad");
+        c.container.mounts = vec![mount(host, "/m", false, prop)];
+        let e = inputs(&c);
+        assert!(
+            e.contains("config.mounts[0].propagation") && e.contains(what),
+            "{host}: {e}"
+        );
+    }
 }

@@ -17,7 +17,10 @@ use tracing::info;
 use super::{ContainerService, signal_number};
 use crate::context::new_id;
 use crate::error::{CriError, Result};
-use crate::oci::{SandboxFiles, SpecInputs, build_spec, image_volumes};
+use crate::oci::{
+    HostFacts, ProcessIds, SandboxFiles, SpecInputs, build_spec, host_devices, image_volumes,
+    needs_host_devices, needs_host_mounts, parse_mountinfo,
+};
 use crate::oom_score::clamp_oom_score_adj;
 use crate::records::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
 use crate::undo::Undo;
@@ -70,13 +73,15 @@ impl ContainerService {
     /// The steps after the checks.
     async fn build(&self, plan: &Plan, undo: &mut Undo) -> Result<()> {
         self.mount_rootfs(plan, undo).await?;
-        self.write_bundle(plan)?;
+        let user = self.write_bundle(plan)?;
         let shim = self.ctx.shims.get(&plan.pod.id).await.ok_or_else(|| {
             CriError::FailedPrecondition(format!("the shim of pod {} is gone", plan.pod.id))
         })?;
         let pid = self.create_task(plan, &shim, undo).await?;
         crate::failpoint::failpoint("container-before-record");
-        self.ctx.records.put_container(&self.record(plan, pid))?;
+        self.ctx
+            .records
+            .put_container(&self.record(plan, pid, user))?;
         Ok(())
     }
 
@@ -182,8 +187,9 @@ impl ContainerService {
         .await?
     }
 
-    /// `config.json` (0600: it holds env values from Secrets).
-    fn write_bundle(&self, plan: &Plan) -> Result<()> {
+    /// `config.json` (0600: it holds env values from Secrets); the identity its
+    /// process runs as.
+    fn write_bundle(&self, plan: &Plan) -> Result<ProcessIds> {
         let ctx = &self.ctx;
         let paths = &ctx.paths;
         let host_ipc = plan
@@ -205,6 +211,7 @@ impl ContainerService {
             (clamped > -1000).then_some(clamped)
         };
         let bundle = paths.bundle_dir(&plan.id);
+        let host = self.host_facts(&plan.config);
         let spec = build_spec(&SpecInputs {
             id: &plan.id,
             config: &plan.config,
@@ -217,11 +224,37 @@ impl ContainerService {
             cgroups_path: &plan.cgroups_path,
             min_oom_score_adj: min_oom,
             volumes_dir: &paths.container_dir(&plan.id).join("volumes"),
+            host: &host,
         })?;
         let bytes =
             serde_json::to_vec_pretty(&spec).map_err(|e| CriError::internal("encoding spec", e))?;
         crate::layout::write_private(&bundle.join("config.json"), &bytes)
-            .map_err(|e| CriError::internal("writing config.json", e))
+            .map_err(|e| CriError::internal("writing config.json", e))?;
+        let user = spec
+            .process()
+            .as_ref()
+            .map(|p| p.user().clone())
+            .unwrap_or_default();
+        Ok(ProcessIds {
+            uid: user.uid(),
+            gid: user.gid(),
+            additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        })
+    }
+
+    /// This host as the container's spec needs it: what berthd learnt at start, plus
+    /// the host's devices for a privileged container and its mounts for propagating
+    /// bind mounts, read now (they change).
+    fn host_facts(&self, config: &cri::ContainerConfig) -> HostFacts {
+        let mut host = self.ctx.host.clone();
+        if needs_host_devices(config) {
+            host.devices = host_devices(Path::new("/dev"));
+        }
+        if needs_host_mounts(config) {
+            let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            host.mounts = parse_mountinfo(&text);
+        }
+        host
     }
 
     /// The shim runs `<runtime> create`; a later failure kills and deletes the task.
@@ -244,7 +277,7 @@ impl ContainerService {
         Ok(pid)
     }
 
-    fn record(&self, plan: &Plan, pid: u32) -> ContainerRecord {
+    fn record(&self, plan: &Plan, pid: u32, user: ProcessIds) -> ContainerRecord {
         let stop_signal = plan
             .image_config
             .config()
@@ -276,6 +309,7 @@ impl ContainerService {
             stop_signal,
             config: plan.config.clone(),
             cgroups_path: plan.cgroups_path.clone(),
+            user: Some(user),
         }
     }
 }

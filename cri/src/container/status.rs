@@ -54,6 +54,13 @@ impl ContainerService {
                     linux: Some(r),
                     ..Default::default()
                 }),
+            user: rec.user.as_ref().map(|u| cri::ContainerUser {
+                linux: Some(cri::LinuxContainerUser {
+                    uid: u.uid.into(),
+                    gid: u.gid.into(),
+                    supplemental_groups: u.additional_gids.iter().map(|g| i64::from(*g)).collect(),
+                }),
+            }),
             ..Default::default()
         };
         let mut info = HashMap::new();

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::{
     Linux, LinuxCpu, LinuxDevice, LinuxDeviceCgroup, LinuxDeviceType, LinuxHugepageLimit,
-    LinuxMemory, LinuxNamespace, LinuxNamespaceType, LinuxResources,
+    LinuxMemory, LinuxNamespace, LinuxNamespaceType, LinuxResources, LinuxSeccomp,
 };
 
 use super::{SpecError, SpecInputs, err};
@@ -205,6 +205,7 @@ fn hidden_paths(inp: &SpecInputs<'_>) -> (Option<Vec<String>>, Option<Vec<String
 pub(super) fn container_linux(
     inp: &SpecInputs<'_>,
     rootfs_propagation: &str,
+    seccomp: Option<LinuxSeccomp>,
 ) -> Result<Linux, SpecError> {
     let cri_resources = inp
         .config
@@ -213,8 +214,23 @@ pub(super) fn container_linux(
         .and_then(|l| l.resources.clone())
         .unwrap_or_default();
     let mut resources = linux_resources(&cri_resources);
-    let (devices, mut rules) = devices(inp.config)?;
-    rules.insert(0, device_rule(false, None, None, "rwm"));
+    let (mut devices, mut rules) = devices(inp.config)?;
+    if inp.privileged() {
+        // Every host device, and the device cgroup allows all (containerd's
+        // WithHostDevices and WithAllDevicesAllowed); a CRI device wins over the
+        // host's at the same path.
+        let asked: Vec<PathBuf> = devices.iter().map(|d| d.path().clone()).collect();
+        devices.extend(
+            inp.host
+                .devices
+                .iter()
+                .filter(|d| !asked.contains(d.path()))
+                .cloned(),
+        );
+        rules = vec![device_rule(true, None, None, "rwm")];
+    } else {
+        rules.insert(0, device_rule(false, None, None, "rwm"));
+    }
     resources.set_devices(Some(rules));
     let sysctl: HashMap<String, String> = inp
         .pod
@@ -233,7 +249,7 @@ pub(super) fn container_linux(
         .set_cgroups_path(Some(PathBuf::from(inp.cgroups_path)))
         .set_namespaces(Some(namespaces(inp)))
         .set_devices(Some(devices))
-        .set_seccomp(None)
+        .set_seccomp(seccomp)
         .set_rootfs_propagation(Some(rootfs_propagation.to_string()))
         .set_masked_paths(masked)
         .set_readonly_paths(readonly)

@@ -9,9 +9,13 @@
 //! TERM env...): every struct here is built with every field set on purpose, and the
 //! golden tests (`cri/tests/spec_golden.rs`) pin the JSON.
 
+mod host;
 mod linux;
 mod mounts;
 mod process;
+mod seccomp;
+mod security;
+mod user;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,10 +24,14 @@ use k8s_cri::v1 as cri;
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{Root, Spec};
 
-pub use linux::linux_resources;
-pub use process::{
-    DEFAULT_CAPABILITIES, DEFAULT_PATH, exec_process, process_args, process_env, process_user,
+pub use host::{
+    HostFacts, HostMount, KERNEL_CAPABILITIES, capability_names_of, host_devices, parse_mountinfo,
 };
+pub use linux::linux_resources;
+pub use process::{DEFAULT_CAPABILITIES, DEFAULT_PATH, exec_process, process_args, process_env};
+pub use seccomp::{SeccompChoice, SeccompHost};
+pub use security::{DEFAULT_APPARMOR_PROFILE, SecurityModules, check_selinux, check_userns};
+pub use user::{ProcessIds, process_ids};
 
 /// The OCI runtime spec version berth writes.
 pub const OCI_VERSION: &str = "1.0.2";
@@ -81,6 +89,9 @@ pub struct SpecInputs<'a> {
     pub min_oom_score_adj: Option<i32>,
     /// Host directory for the image's declared volumes (`<dir>/<n>`).
     pub volumes_dir: &'a Path,
+    /// This host: capabilities, seccomp, security modules, and (when the container
+    /// needs them) its devices and mounts.
+    pub host: &'a HostFacts,
 }
 
 impl SpecInputs<'_> {
@@ -99,6 +110,51 @@ impl SpecInputs<'_> {
     fn readonly_rootfs(&self) -> bool {
         self.security().is_some_and(|s| s.readonly_rootfs)
     }
+
+    fn pod_privileged(&self) -> bool {
+        self.pod
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .is_some_and(|s| s.privileged)
+    }
+}
+
+/// Whether a container needs the host's devices or mounts in its [`HostFacts`]:
+/// privileged ones get every device; propagating bind mounts check their host mount.
+pub fn needs_host_devices(config: &cri::ContainerConfig) -> bool {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .is_some_and(|s| s.privileged)
+}
+
+/// See [`needs_host_devices`].
+pub fn needs_host_mounts(config: &cri::ContainerConfig) -> bool {
+    let private = cri::MountPropagation::PropagationPrivate as i32;
+    config.mounts.iter().any(|m| m.propagation != private)
+}
+
+/// Confinement the container asks for that this pod or host cannot give.
+fn check_confinement(inp: &SpecInputs<'_>) -> Result<(), SpecError> {
+    const SC: &str = "config.linux.security_context";
+    if inp.privileged() && !inp.pod_privileged() {
+        return Err(err(
+            &format!("{SC}.privileged"),
+            "no privileged container allowed in sandbox (the pod is not privileged)",
+        ));
+    }
+    let sc = inp.security();
+    check_selinux(
+        sc.and_then(|s| s.selinux_options.as_ref()),
+        &format!("{SC}.selinux_options"),
+        &inp.host.modules,
+    )?;
+    check_userns(
+        sc.and_then(|s| s.namespace_options.as_ref()),
+        &format!("{SC}.namespace_options"),
+    )
 }
 
 /// The image's declared volumes, sorted (their order numbers the volume dirs).
@@ -115,9 +171,13 @@ pub fn image_volumes(image: &ImageConfiguration) -> Vec<String> {
 
 /// Builds the OCI runtime spec of a container.
 pub fn build_spec(inp: &SpecInputs<'_>) -> Result<Spec, SpecError> {
-    let process = process::container_process(inp)?;
+    check_confinement(inp)?;
+    let caps = process::capability_names(inp.security(), inp.host)?;
+    let process = process::container_process(inp, &caps)?;
     let (mounts, rootfs_propagation) = mounts::container_mounts(inp)?;
-    let linux = linux::container_linux(inp, rootfs_propagation)?;
+    let choice = seccomp::choose(inp.security())?;
+    let seccomp = seccomp::linux_seccomp(&choice, inp.privileged(), &caps, &inp.host.seccomp)?;
+    let linux = linux::container_linux(inp, rootfs_propagation, seccomp)?;
     let mut root = Root::default();
     root.set_path(PathBuf::from("rootfs"))
         .set_readonly(Some(inp.readonly_rootfs()));
@@ -155,4 +215,29 @@ fn annotations(c: &cri::ContainerConfig) -> HashMap<String, String> {
             .unwrap_or_default(),
     );
     a
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A host for unit tests: this machine's shape (no CAP_SYS_RESOURCE, seccomp, no
+    /// AppArmor or SELinux), nothing read from it.
+    pub(crate) fn host_facts() -> HostFacts {
+        HostFacts {
+            capabilities: KERNEL_CAPABILITIES
+                .iter()
+                .filter(|c| **c != "CAP_SYS_RESOURCE")
+                .map(|c| c.to_string())
+                .collect(),
+            seccomp: SeccompHost {
+                supported: true,
+                kernel: (6, 1),
+                arch: "amd64".into(),
+            },
+            modules: SecurityModules::default(),
+            devices: Vec::new(),
+            mounts: Vec::new(),
+        }
+    }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Mount;
 
+use super::host::{HostFacts, mount_of};
 use super::{SpecError, SpecInputs, err, image_volumes};
 
 /// A mount with every field set.
@@ -128,8 +129,54 @@ fn propagation(m: &cri::Mount, field: &str) -> Result<&'static str, SpecError> {
     }
 }
 
+/// A propagating bind mount needs its host mount to propagate: `rshared` a shared one,
+/// `rslave` a shared or slave one (containerd's `ensureShared` / `ensureSharedOrSlave`),
+/// else events would silently not cross. The host path is taken with symlinks
+/// resolved, as containerd does.
+fn check_host_propagation(
+    host_path: &str,
+    prop: &str,
+    field: &str,
+    host: &HostFacts,
+) -> Result<(), SpecError> {
+    if prop == "rprivate" {
+        return Ok(());
+    }
+    let path = std::fs::canonicalize(host_path).unwrap_or_else(|_| PathBuf::from(host_path));
+    let on = mount_of(&host.mounts, &path);
+    let ok = on.is_some_and(|m| m.shared || (prop == "rslave" && m.slave));
+    if ok {
+        return Ok(());
+    }
+    let what = if prop == "rshared" {
+        "shared"
+    } else {
+        "shared or slave"
+    };
+    let mount_point = on.map_or_else(
+        || "an unknown mount".into(),
+        |m| m.mount_point.display().to_string(),
+    );
+    Err(err(
+        &format!("{field}.propagation"),
+        format!(
+            "path {host_path:?} is mounted on {mount_point:?} but it is not a {what} mount \
+             (make it one on the host, e.g. `mount --make-{} {mount_point}`)",
+            if prop == "rshared" {
+                "shared"
+            } else {
+                "rslave"
+            }
+        ),
+    ))
+}
+
 /// One CRI bind mount, checked.
-fn cri_mount(m: &cri::Mount, field: &str) -> Result<(Mount, &'static str), SpecError> {
+fn cri_mount(
+    m: &cri::Mount,
+    field: &str,
+    host: &HostFacts,
+) -> Result<(Mount, &'static str), SpecError> {
     if !m.container_path.starts_with('/') || m.container_path.split('/').any(|p| p == "..") {
         return Err(err(
             &format!("{field}.container_path"),
@@ -160,6 +207,8 @@ fn cri_mount(m: &cri::Mount, field: &str) -> Result<(Mount, &'static str), SpecE
         }
         options.push("rro");
     }
+    // What the request alone makes wrong is reported before what the host lacks.
+    check_host_propagation(&m.host_path, prop, field, host)?;
     let bind = mount(&m.container_path, "bind", Path::new(&m.host_path), &options);
     Ok((bind, prop))
 }
@@ -176,7 +225,7 @@ pub(super) fn container_mounts(
     mounts.extend(volume_mounts(inp, &cri_dest)?);
     let mut rootfs_propagation = "rprivate";
     for (i, m) in c.mounts.iter().enumerate() {
-        let (bind, prop) = cri_mount(m, &format!("config.mounts[{i}]"))?;
+        let (bind, prop) = cri_mount(m, &format!("config.mounts[{i}]"), inp.host)?;
         rootfs_propagation = match (rootfs_propagation, prop) {
             (_, "rshared") | ("rshared", _) => "rshared",
             (_, "rslave") | ("rslave", _) => "rslave",

@@ -1,12 +1,15 @@
 //! The container's process: argv, env, working dir, user and groups, capabilities.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use k8s_cri::v1 as cri;
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{Capability, LinuxCapabilities, Process, User};
 
+use super::host::{HostFacts, KERNEL_CAPABILITIES};
+use super::security::apparmor_profile;
+use super::user::process_ids;
 use super::{SpecError, SpecInputs, err};
 
 /// Capabilities every container gets unless dropped (containerd's default set).
@@ -25,51 +28,6 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
     "CAP_SYS_CHROOT",
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
-];
-
-/// Every capability, for privileged containers and "ALL".
-const ALL_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
 ];
 
 /// PATH for images that set none (containerd's default spec does the same).
@@ -149,143 +107,17 @@ pub fn process_env(config: &cri::ContainerConfig, image: &ImageConfiguration) ->
         .collect()
 }
 
-/// Reads a small file of the image (`etc/passwd`, `etc/group`) without following
-/// symlinks anywhere on the way, and only if it is a regular file under 1 MiB: an image
-/// must not make berthd read host files, devices or FIFOs.
-fn read_image_file(rootfs: &Path, rel: &str) -> Option<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut cur = rootfs.to_path_buf();
-    let parts: Vec<&str> = rel.split('/').collect();
-    for (i, part) in parts.iter().enumerate() {
-        cur.push(part);
-        let meta = std::fs::symlink_metadata(&cur).ok()?;
-        let last = i + 1 == parts.len();
-        if meta.file_type().is_symlink()
-            || (last && (!meta.is_file() || meta.len() > 1 << 20))
-            || (!last && !meta.is_dir())
-        {
-            return None;
-        }
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&cur)
-        .ok()?;
-    let mut text = String::new();
-    f.by_ref().take(1 << 20).read_to_string(&mut text).ok()?;
-    Some(text)
-}
-
-/// Looks a name up in a passwd- or group-style file of the rootfs: (id, primary gid).
-fn lookup(rootfs: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
-    let text = read_image_file(rootfs, file)?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[0] == name)
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().unwrap_or(0))))?
-    })
-}
-
-/// The primary gid of a uid in the image's /etc/passwd (0 when it is not there).
-fn primary_gid(rootfs: &Path, uid: u32) -> u32 {
-    read_image_file(rootfs, "etc/passwd")
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 3 && f[2] == uid.to_string()).then(|| f[3].parse().ok())?
-            })
-        })
-        .unwrap_or(0)
-}
-
-/// A user name or number of the image: (uid, its primary gid).
-fn resolve_user(rootfs: &Path, name: &str, field: &str) -> Result<(u32, u32), SpecError> {
-    if let Ok(uid) = name.parse::<u32>() {
-        return Ok((
-            uid,
-            lookup(rootfs, "etc/passwd", name).map_or(0, |(_, g)| g),
-        ));
-    }
-    lookup(rootfs, "etc/passwd", name).ok_or_else(|| {
-        err(
-            field,
-            format!("user {name:?} is not in the image's /etc/passwd"),
-        )
-    })
-}
-
-/// The uid, gid and additional gids the process runs as.
-pub fn process_user(
-    config: &cri::ContainerConfig,
-    image: &ImageConfiguration,
-    rootfs: &Path,
-) -> Result<(u32, u32, Vec<u32>), SpecError> {
-    let sc = config
-        .linux
-        .as_ref()
-        .and_then(|l| l.security_context.as_ref());
-    let image_user = image_text(image, |c| c.user().clone());
-    let (user_part, group_part) = match image_user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (image_user.as_str(), None),
-    };
-    let (mut uid, mut gid) = if let Some(u) = sc.and_then(|s| s.run_as_user.as_ref()) {
-        let uid = u32::try_from(u.value)
-            .map_err(|_| err("config.linux.security_context.run_as_user", "out of range"))?;
-        (uid, primary_gid(rootfs, uid))
-    } else if let Some(name) = sc
-        .map(|s| s.run_as_username.as_str())
-        .filter(|n| !n.is_empty())
-    {
-        resolve_user(
-            rootfs,
-            name,
-            "config.linux.security_context.run_as_username",
-        )?
-    } else if !user_part.is_empty() {
-        resolve_user(rootfs, user_part, "image config User")?
-    } else {
-        (0, 0)
-    };
-    if let Some(g) = group_part.filter(|g| !g.is_empty()) {
-        gid = match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => lookup(rootfs, "etc/group", g)
-                .map(|(id, _)| id)
-                .ok_or_else(|| {
-                    err(
-                        "image config User",
-                        format!("group {g:?} is not in the image's /etc/group"),
-                    )
-                })?,
-        };
-    }
-    if let Some(g) = sc.and_then(|s| s.run_as_group.as_ref()) {
-        gid = u32::try_from(g.value)
-            .map_err(|_| err("config.linux.security_context.run_as_group", "out of range"))?;
-    }
-    uid = uid.min(0x7fff_ffff);
-    let additional = sc
-        .map(|s| {
-            s.supplemental_groups
-                .iter()
-                .filter_map(|g| u32::try_from(*g).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok((uid, gid, additional))
-}
-
-/// The capability names the process gets: defaults (or all when privileged), then
-/// the config's adds and drops.
-fn capability_names(
+/// The capability names the process gets: the defaults, or every capability berthd
+/// holds when privileged; then the config's adds (`ALL` = every one berthd holds) and
+/// drops. A capability berthd does not hold cannot be given: asking for one is an
+/// error naming it, not a runc failure at start.
+pub(super) fn capability_names(
     sc: Option<&cri::LinuxContainerSecurityContext>,
+    host: &HostFacts,
 ) -> Result<Vec<String>, SpecError> {
-    let all = || ALL_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+    let field = "config.linux.security_context.capabilities.add_capabilities";
     let mut caps: Vec<String> = if sc.is_some_and(|s| s.privileged) {
-        all()
+        host.capabilities.clone()
     } else {
         DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect()
     };
@@ -301,11 +133,15 @@ fn capability_names(
     };
     for a in c.add_capabilities.iter().map(|a| norm(a)) {
         if a == "ALL" {
-            caps = all();
-        } else if !ALL_CAPABILITIES.contains(&a.as_str()) {
+            caps = host.capabilities.clone();
+        } else if !KERNEL_CAPABILITIES.contains(&a.as_str()) {
+            return Err(err(field, format!("unknown capability {a}")));
+        } else if !host.capabilities.contains(&a) {
             return Err(err(
-                "config.linux.security_context.capabilities.add_capabilities",
-                format!("unknown capability {a}"),
+                field,
+                format!(
+                    "{a} is not in berthd's own capability set on this host, so no container can have it"
+                ),
             ));
         } else if !caps.contains(&a) {
             caps.push(a);
@@ -322,10 +158,8 @@ fn capability_names(
 }
 
 /// The bounding, effective and permitted sets (no inheritable or ambient ones).
-fn capabilities(
-    sc: Option<&cri::LinuxContainerSecurityContext>,
-) -> Result<LinuxCapabilities, SpecError> {
-    let set: HashSet<Capability> = capability_names(sc)?
+fn capabilities(names: &[String]) -> Result<LinuxCapabilities, SpecError> {
+    let set: HashSet<Capability> = names
         .iter()
         .map(|n| {
             // oci-spec reads the names as the runtime spec writes them ("CAP_CHOWN").
@@ -380,19 +214,23 @@ fn oom_score_adj(inp: &SpecInputs<'_>) -> i32 {
     }
 }
 
-/// The container's process.
-pub(super) fn container_process(inp: &SpecInputs<'_>) -> Result<Process, SpecError> {
+/// The container's process, with these capabilities.
+pub(super) fn container_process(
+    inp: &SpecInputs<'_>,
+    caps: &[String],
+) -> Result<Process, SpecError> {
     let c = inp.config;
     let sc = inp.security();
     let args = process_args(c, inp.image)?;
     let env = process_env(c, inp.image);
     let cwd = working_dir(inp)?;
-    let (uid, gid, additional_gids) = process_user(c, inp.image, inp.rootfs)?;
+    let ids = process_ids(c, inp.image, inp.rootfs)?;
+    let apparmor = apparmor_profile(sc, inp.privileged(), &inp.host.modules)?;
     let mut user = User::default();
-    user.set_uid(uid)
-        .set_gid(gid)
+    user.set_uid(ids.uid)
+        .set_gid(ids.gid)
         .set_umask(None)
-        .set_additional_gids(Some(additional_gids))
+        .set_additional_gids(Some(ids.additional_gids))
         .set_username(None);
     let mut p = Process::default();
     p.set_terminal(Some(c.tty))
@@ -402,10 +240,10 @@ pub(super) fn container_process(inp: &SpecInputs<'_>) -> Result<Process, SpecErr
         .set_command_line(None)
         .set_env(Some(env))
         .set_cwd(PathBuf::from(cwd))
-        .set_capabilities(Some(capabilities(sc)?))
+        .set_capabilities(Some(capabilities(caps)?))
         .set_rlimits(None)
         .set_no_new_privileges(Some(sc.is_some_and(|s| s.no_new_privs)))
-        .set_apparmor_profile(None)
+        .set_apparmor_profile(apparmor)
         .set_oom_score_adj(Some(oom_score_adj(inp)))
         .set_selinux_label(None)
         .set_io_priority(None)
@@ -476,67 +314,47 @@ mod tests {
     }
 
     #[test]
-    fn users_resolve_from_the_image() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
-        std::fs::write(
-            dir.path().join("etc/passwd"),
-            "root:x:0:0::/:/bin/sh\nweb:x:1000:1001::/:/bin/sh\n",
+    fn capabilities_add_and_drop() {
+        // A host like this one: every capability but CAP_SYS_RESOURCE.
+        let host = HostFacts {
+            capabilities: KERNEL_CAPABILITIES
+                .iter()
+                .filter(|c| **c != "CAP_SYS_RESOURCE")
+                .map(|c| c.to_string())
+                .collect(),
+            ..super::super::tests::host_facts()
+        };
+        let sc =
+            |add: &[&str], drop: &[&str], privileged: bool| cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+                    drop_capabilities: drop.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                }),
+                privileged,
+                ..Default::default()
+            };
+        let caps = capability_names(
+            Some(&sc(&["NET_ADMIN"], &["CAP_KILL", "mknod"], false)),
+            &host,
         )
         .unwrap();
-        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
-        let c = cfg(&["x"], &[]);
-        let user = |u: &str| process_user(&c, &image(serde_json::json!({"User": u})), dir.path());
-        assert_eq!(user("web").unwrap(), (1000, 1001, vec![]));
-        assert_eq!(user("web:staff").unwrap(), (1000, 50, vec![]));
-        assert_eq!(user("42:43").unwrap(), (42, 43, vec![]));
-        assert!(user("nobody").is_err());
-        let mut c2 = cfg(&["x"], &[]);
-        c2.linux = Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                run_as_user: Some(cri::Int64Value { value: 7 }),
-                supplemental_groups: vec![9],
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        let web = image(serde_json::json!({"User": "web"}));
-        assert_eq!(
-            process_user(&c2, &web, dir.path()).unwrap(),
-            (7, 0, vec![9])
-        );
-    }
-
-    #[test]
-    fn capabilities_add_and_drop() {
-        let sc = cri::LinuxContainerSecurityContext {
-            capabilities: Some(cri::Capability {
-                add_capabilities: vec!["NET_ADMIN".into()],
-                drop_capabilities: vec!["CAP_KILL".into(), "mknod".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let caps = capability_names(Some(&sc)).unwrap();
         assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
         assert!(
             !caps.contains(&"CAP_KILL".to_string()) && !caps.contains(&"CAP_MKNOD".to_string())
         );
-        let bad = cri::LinuxContainerSecurityContext {
-            capabilities: Some(cri::Capability {
-                add_capabilities: vec!["FLY".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert!(capabilities(Some(&bad)).is_err());
-        // Every name berth knows is one oci-spec knows.
-        assert!(
-            capabilities(Some(&cri::LinuxContainerSecurityContext {
-                privileged: true,
-                ..Default::default()
-            }))
-            .is_ok()
+        assert!(capability_names(Some(&sc(&["FLY"], &[], false)), &host).is_err());
+        let e = capability_names(Some(&sc(&["SYS_RESOURCE"], &[], false)), &host).unwrap_err();
+        assert!(e.message.contains("CAP_SYS_RESOURCE"), "{e}");
+        // ALL and privileged are what berthd holds.
+        assert_eq!(
+            capability_names(Some(&sc(&["ALL"], &[], false)), &host).unwrap(),
+            host.capabilities
         );
+        let privileged = capability_names(Some(&sc(&[], &[], true)), &host).unwrap();
+        assert_eq!(privileged, host.capabilities);
+        assert!(capabilities(&privileged).is_ok());
+        let none = capability_names(Some(&sc(&[], &["ALL"], true)), &host).unwrap();
+        assert!(none.is_empty());
     }
 }

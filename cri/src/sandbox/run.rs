@@ -78,7 +78,7 @@ impl SandboxService {
     }
 
     async fn run_detached(&self, req: cri::RunPodSandboxRequest) -> Result<String> {
-        let spec = pod_spec(&self.ctx.cfg, &req)?;
+        let spec = pod_spec(&self.ctx.cfg, &self.ctx.host.modules, &req)?;
         let config = req.config.unwrap_or_default();
         let _create = self.ctx.create_lock.lock().await;
         if let Some(holder) = self.ctx.records.sandbox_by_key(&spec.key) {

@@ -7,6 +7,7 @@ use k8s_cri::v1 as cri;
 
 use crate::config::{CgroupDriver, Config};
 use crate::error::{CriError, Result};
+use crate::oci::{SecurityModules, check_selinux, check_userns};
 
 /// Validated parts of a RunPodSandbox request.
 pub(super) struct PodSpec {
@@ -130,8 +131,31 @@ fn sysctls(
     Ok(out)
 }
 
+/// Confinement the pod asks for that berth cannot give: an error, not a weaker pod.
+fn check_pod_confinement(
+    linux: &cri::LinuxPodSandboxConfig,
+    modules: &SecurityModules,
+) -> Result<()> {
+    let sc = linux.security_context.as_ref();
+    let field = "config.linux.security_context";
+    check_selinux(
+        sc.and_then(|s| s.selinux_options.as_ref()),
+        &format!("{field}.selinux_options"),
+        modules,
+    )?;
+    check_userns(
+        sc.and_then(|s| s.namespace_options.as_ref()),
+        &format!("{field}.namespace_options"),
+    )?;
+    Ok(())
+}
+
 /// Checks a RunPodSandbox request.
-pub(super) fn pod_spec(cfg: &Config, req: &cri::RunPodSandboxRequest) -> Result<PodSpec> {
+pub(super) fn pod_spec(
+    cfg: &Config,
+    modules: &SecurityModules,
+    req: &cri::RunPodSandboxRequest,
+) -> Result<PodSpec> {
     let config = req
         .config
         .as_ref()
@@ -139,6 +163,7 @@ pub(super) fn pod_spec(cfg: &Config, req: &cri::RunPodSandboxRequest) -> Result<
     let meta = metadata(config)?;
     let handler = handler(cfg, &req.runtime_handler)?;
     let linux = config.linux.clone().unwrap_or_default();
+    check_pod_confinement(&linux, modules)?;
     let ns = linux
         .security_context
         .as_ref()

@@ -393,6 +393,7 @@ mod tests {
             stop_signal: 15,
             config: cri::ContainerConfig::default(),
             cgroups_path: String::new(),
+            user: None,
         };
         assert_eq!(rec.state, ContainerState::Running);
         let r = ContainerReading {

@@ -54,7 +54,7 @@ fn check_status(st: &cri::StatusResponse) -> Result<()> {
         );
     }
     let features = st.features.as_ref().context("status.features")?;
-    ensure!(!features.supplemental_groups_policy);
+    ensure!(features.supplemental_groups_policy);
     Ok(())
 }
 

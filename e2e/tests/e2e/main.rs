@@ -24,6 +24,7 @@ use k8s_cri::v1 as cri;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tonic::Code;
 
+mod confinement;
 mod interop;
 mod security;
 
@@ -4692,6 +4693,22 @@ fn main() -> anyhow::Result<()> {
         Trial::test(
             "crash_mid_pull_leaves_nothing_half_recorded",
             crash_mid_pull_leaves_nothing_half_recorded,
+        ),
+        Trial::test(
+            "seccomp_profiles_filter_syscalls",
+            confinement::seccomp_profiles_filter_syscalls,
+        ),
+        Trial::test(
+            "privileged_and_all_capabilities",
+            confinement::privileged_and_all_capabilities,
+        ),
+        Trial::test(
+            "image_groups_reach_the_process",
+            confinement::image_groups_reach_the_process,
+        ),
+        Trial::test(
+            "mount_propagation_both_ways",
+            confinement::mount_propagation_both_ways,
         ),
     ];
     if !nix::unistd::geteuid().is_root() {
