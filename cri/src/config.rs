@@ -77,6 +77,8 @@ pub struct CniConfig {
     pub bin_dirs: Vec<PathBuf>,
     /// Longest a plugin call may take.
     pub plugin_timeout_secs: u64,
+    /// Let pods ask for their IPs with the `berth.dev/ips` annotation.
+    pub allow_ips_annotation: bool,
 }
 
 impl Default for CniConfig {
@@ -85,6 +87,7 @@ impl Default for CniConfig {
             conf_dir: PathBuf::from("/etc/cni/net.d"),
             bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
             plugin_timeout_secs: 60,
+            allow_ips_annotation: false,
         }
     }
 }
@@ -341,6 +344,7 @@ impl Config {
             conf_dir: self.cni.conf_dir.clone(),
             bin_dirs: self.cni.bin_dirs.clone(),
             timeout: std::time::Duration::from_secs(self.cni.plugin_timeout_secs),
+            allow_ips_annotation: self.cni.allow_ips_annotation,
         }
     }
 

@@ -74,7 +74,8 @@ async fn sweep_containers(ctx: &Context, containers: &ContainerService, ctrs: &H
 /// Shims of pods with no record: their tasks, then the shim itself.
 async fn sweep_shims(ctx: &Context, pods: &HashSet<String>) {
     for name in names(&ctx.paths.shim_sockets()) {
-        let (prefix, console) = match name.strip_suffix(".console") {
+        // A shim's console socket lives in `<socket>.c/`.
+        let (prefix, console) = match name.strip_suffix(".c") {
             Some(p) => (p, true),
             None => (name.as_str(), false),
         };
@@ -92,7 +93,11 @@ async fn sweep_shims(ctx: &Context, pods: &HashSet<String>) {
                 let _ = client.shutdown().await;
             }
         }
-        let _ = std::fs::remove_file(&path);
+        let _ = if console {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
     }
 }
 

@@ -36,6 +36,10 @@ pub struct CniSettings {
     pub bin_dirs: Vec<PathBuf>,
     /// Per plugin call.
     pub timeout: Duration,
+    /// Whether a pod's `berth.dev/ips` annotation may ask the plugins (those with the
+    /// `ips` capability) for addresses. Off by default: a pod author must not choose
+    /// its IPs on a shared network unless the operator says so.
+    pub allow_ips_annotation: bool,
 }
 
 /// A hostPort mapping for the `portMappings` capability.
@@ -264,6 +268,14 @@ impl CniManager {
             );
         }
         if let Some(ips) = pod.annotations.get(IPS_ANNOTATION) {
+            if !self.settings.allow_ips_annotation {
+                return Err(NetError::InvalidArgument {
+                    field: format!("config.annotations[{IPS_ANNOTATION:?}]"),
+                    message: "pods may not choose their IPs on this node \
+                              (cni.allow_ips_annotation is false)"
+                        .into(),
+                });
+            }
             let list: Vec<String> = ips
                 .split(',')
                 .map(str::trim)
@@ -501,6 +513,7 @@ mod tests {
             conf_dir: "/nonexistent".into(),
             bin_dirs: vec![],
             timeout: Duration::from_secs(1),
+            allow_ips_annotation: false,
         });
         m.set_pod_cidr("10.1.0.0/24, fd00::/64").unwrap();
         assert!(m.set_pod_cidr("10.1.0.0").is_err());
@@ -544,5 +557,32 @@ mod tests {
             .insert(EGRESS_ANNOTATION.into(), "lots".into());
         let e = m.capability_args(&pod).unwrap_err().to_string();
         assert!(e.contains(EGRESS_ANNOTATION), "{e}");
+    }
+
+    #[test]
+    fn the_ips_annotation_only_where_the_operator_allows_it() {
+        let settings = |allow| CniSettings {
+            conf_dir: "/nonexistent".into(),
+            bin_dirs: vec![],
+            timeout: Duration::from_secs(1),
+            allow_ips_annotation: allow,
+        };
+        let mut pod = PodNetwork::default();
+        pod.annotations
+            .insert(IPS_ANNOTATION.into(), "10.1.0.9, fd00::9/64".into());
+        let e = CniManager::new(settings(false))
+            .capability_args(&pod)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(IPS_ANNOTATION) && e.contains("cni.allow_ips_annotation"),
+            "{e}"
+        );
+        let allowed = CniManager::new(settings(true));
+        let c = allowed.capability_args(&pod).unwrap();
+        assert_eq!(c["ips"], json!(["10.1.0.9", "fd00::9/64"]));
+        pod.annotations
+            .insert(IPS_ANNOTATION.into(), "10.1.0".into());
+        assert!(allowed.capability_args(&pod).is_err());
     }
 }

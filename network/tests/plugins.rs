@@ -28,6 +28,7 @@ fn manager(dir: &Path, conflist: &str) -> CniManager {
         conf_dir: dir.join("conf"),
         bin_dirs: vec![dir.join("nowhere"), dir.join("bin")],
         timeout: Duration::from_secs(2),
+        allow_ips_annotation: false,
     })
 }
 

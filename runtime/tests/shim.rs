@@ -697,7 +697,7 @@ async fn shim_gives_terminals_keeps_stdin_open_and_updates_resources() {
     client.delete("hostpid").await.unwrap();
 
     assert_eq!(env.runc_list(), "");
-    assert!(!env.dir.path().join("shim.sock.console").exists());
+    assert!(!env.dir.path().join("shim.sock.c").exists());
     client.shutdown().await.unwrap();
     eventually("shim exit", || !pid_alive(shim_pid)).await;
 }

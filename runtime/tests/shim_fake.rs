@@ -97,6 +97,11 @@ impl Drop for Env {
         {
             if let Ok(pid) = std::fs::read_to_string(&pidfile).map(|s| s.trim().parse::<i32>()) {
                 if let Ok(pid) = pid {
+                    // The fake's processes are a session each: the whole group.
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,
@@ -325,6 +330,33 @@ async fn stdin_stays_open_until_close_io() {
     let not_json = c.update("c2", b"[1]".to_vec()).await;
     assert_eq!(code(not_json), pb::ErrorCode::InvalidArgument);
     c.kill_and_reap("c2", Duration::from_secs(5)).await.unwrap();
+    c.delete("c1").await.unwrap();
+    c.shutdown().await.unwrap();
+}
+
+/// A container sharing the pod's PID namespace whose init exits while a child keeps
+/// writing to its stdout: the shim kills the rest first, then drains what is left,
+/// so the exit is reported (and the writer is gone) instead of the shim draining a
+/// pipe that never empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_outlives_init_is_killed_before_the_drain() {
+    let env = Env::start().await;
+    let c = env.client();
+    let pid = env.create("c1", "yes & sleep 0.3; exit 4", false).await;
+    c.start("c1").await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), c.wait("c1"))
+        .await
+        .expect("the exit of an init whose child still writes is reported")
+        .unwrap();
+    assert_eq!(exit.exit_status, 4);
+    let group = nix::unistd::Pid::from_raw(pid as i32);
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        nix::sys::signal::killpg(group, None).is_err()
+    });
+    assert!(gone, "the writer survived its container's init");
+    // The shim still answers and the output before the exit reached the log.
+    assert!(log_lines(&env.log("c1")).iter().any(|l| l == "stdout F y"));
     c.delete("c1").await.unwrap();
     c.shutdown().await.unwrap();
 }

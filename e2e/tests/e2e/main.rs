@@ -2851,6 +2851,26 @@ fn pod_networking_with_cni() -> Result<(), Failed> {
         let logs = b.dir().join("logs");
         let host_port = free_port()?;
 
+        // A pod may not choose its IPs unless the operator allows it.
+        let mut chooser = container_pod("net", "n-ips", &logs);
+        chooser
+            .annotations
+            .insert("berth.dev/ips".into(), "10.88.7.7".into());
+        let e = c
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(chooser),
+                runtime_handler: String::new(),
+            })
+            .await
+            .expect_err("a pod choosing its IP");
+        ensure!(
+            e.code() == Code::InvalidArgument
+                && e.message().contains("berth.dev/ips")
+                && e.message().contains("cni.allow_ips_annotation"),
+            "{e:?}"
+        );
+
         // Pod A serves HTTP on 8080, mapped to a host port; pod B is a client.
         let mut cfg_a = container_pod("net", "n-a", &logs);
         cfg_a.port_mappings = vec![cri::PortMapping {

@@ -194,9 +194,11 @@ fn endless_manifest_registry() -> Result<String> {
                     line.clear();
                 }
                 let mut out = stream;
+                // Each answer closes its connection, and says so: a client must not
+                // reuse it.
                 if !first.contains("/manifests/") {
                     let _ = out.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
                     );
                     return;
                 }

@@ -504,13 +504,18 @@ impl Shim {
         }
     }
 
-    /// One process exited: its output drained, the OOM verdict read, the rest of a
-    /// PID-sharing container killed, the exit recorded (containers: on disk, fsynced),
-    /// then its waiters answered and the exit published.
+    /// One process exited: the rest of a PID-sharing container killed, its output
+    /// drained, the OOM verdict read, the exit recorded (containers: on disk,
+    /// fsynced), then its waiters answered and the exit published.
     fn on_exit(&mut self, pid: u32, exit_status: u32) {
         let Some((id, exec)) = self.tasks.find_pid(pid) else {
             return; // an orphan reparented to us, or a runtime helper
         };
+        // Kill before draining: a surviving writer would keep the pipe from ever
+        // running dry.
+        if exec.is_empty() {
+            self.kill_the_rest(&id);
+        }
         // Whatever the process wrote before exiting belongs before its exit.
         self.drain_output(&id, &exec, Stream::Stdout, true);
         self.drain_output(&id, &exec, Stream::Stderr, true);
@@ -522,7 +527,9 @@ impl Shim {
             oom_killed,
         };
         if exec.is_empty() {
-            self.end_task(&id, &rec);
+            if let Err(e) = self.exits.record(&id, &rec) {
+                eprintln!("berth-shim: recording exit of {id}: {e}");
+            }
         }
         let Some(p) = self.tasks.process_mut(&id, &exec) else {
             return;
@@ -567,9 +574,9 @@ impl Shim {
             })
     }
 
-    /// A task's init exited: the rest of a PID-sharing container is killed and the
-    /// exit written to disk before anyone hears of it.
-    fn end_task(&mut self, id: &str, rec: &ExitRecord) {
+    /// A task's init exited: the rest of a PID-sharing container is killed (a
+    /// container with its own PID namespace lost the rest with its init).
+    fn kill_the_rest(&mut self, id: &str) {
         let Some(t) = self.tasks.0.get(id) else {
             return;
         };
@@ -579,9 +586,6 @@ impl Shim {
                     eprintln!("berth-shim: killing the rest of {id} after its init exited: {e}");
                 }
             }
-        }
-        if let Err(e) = self.exits.record(id, rec) {
-            eprintln!("berth-shim: recording exit of {id}: {e}");
         }
     }
 }

@@ -15,6 +15,10 @@ use crate::criolog::Stream;
 use crate::relay::Relay;
 use crate::runc::ProcessIo;
 
+/// The most a process's exit waits on draining one of its pipes: what a killed
+/// container left in a pipe is far less (a pipe holds 64 KiB to 1 MiB).
+const EXIT_DRAIN_LIMIT: usize = 4 << 20;
+
 impl ProcessStdio {
     /// Pipes for stdout and stderr (read ends non-blocking), and stdin when asked; also
     /// returns the ends the process gets.
@@ -119,22 +123,26 @@ impl Shim {
     }
 
     /// The console socket for the next terminal process. Commands run one at a time,
-    /// so one path serves; it sits beside the shim's socket, whose path is kept short
-    /// (socket paths are limited to 108 bytes).
+    /// so one path serves; its dir sits beside the shim's socket, whose path is kept
+    /// short (socket paths are limited to 108 bytes).
     fn console_socket(&self) -> io::Result<ConsoleSocket> {
-        let mut path = self.socket.clone().into_os_string();
-        path.push(".console");
-        ConsoleSocket::bind(Path::new(&path))
+        let mut dir = self.socket.clone().into_os_string();
+        dir.push(".c");
+        ConsoleSocket::bind(Path::new(&dir))
     }
 
-    /// Reads what a process wrote (once, or until EOF or nothing is left); at EOF closes
-    /// the pipe.
+    /// Reads what a process wrote (once, or until EOF or nothing is left, at most
+    /// `EXIT_DRAIN_LIMIT`, after which the poll loop reads on); at EOF closes the pipe.
     pub(super) fn drain_output(&mut self, id: &str, exec: &str, s: Stream, to_the_end: bool) {
         let Some(p) = self.tasks.process_mut(id, exec) else {
             return;
         };
         let mut buf = [0u8; 64 * 1024];
+        let mut drained = 0;
         loop {
+            if drained >= EXIT_DRAIN_LIMIT {
+                return; // a writer that outlived the kill must not hold up the exit
+            }
             let fd = match s {
                 Stream::Stdout => p.stdio.stdout.as_ref(),
                 Stream::Stderr => p.stdio.stderr.as_ref(),
@@ -142,6 +150,7 @@ impl Shim {
             let Some(fd) = fd else { return };
             match nix::unistd::read(fd, &mut buf) {
                 Ok(n) if n > 0 => {
+                    drained += n;
                     deliver(p, s, &buf[..n]);
                     if !to_the_end {
                         return; // one read per poll round keeps other work moving
