@@ -54,16 +54,93 @@ pub struct StreamConfig {
     pub tls_cert: PathBuf,
     /// PEM private key of `tls_cert`.
     pub tls_key: PathBuf,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Bytes one session buffers from its client, all streams together.
+    pub session_buffer_bytes: usize,
+    /// Bytes one stream buffers; also the largest SPDY frame or WebSocket message.
+    pub stream_buffer_bytes: usize,
+    /// Port-forward streams open at once in one session.
+    pub max_port_forward_streams: usize,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
+        let limits = berth_stream::limits::StreamLimits::default();
         StreamConfig {
             address: "127.0.0.1".into(),
             port: 0,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            max_connections: limits.max_connections,
+            session_buffer_bytes: limits.session_buffer_bytes,
+            stream_buffer_bytes: limits.stream_buffer_bytes,
+            max_port_forward_streams: limits.max_port_forward_streams,
         }
+    }
+}
+
+impl StreamConfig {
+    /// The streaming server's limits.
+    pub fn limits(&self) -> berth_stream::limits::StreamLimits {
+        berth_stream::limits::StreamLimits {
+            max_connections: self.max_connections,
+            session_buffer_bytes: self.session_buffer_bytes,
+            stream_buffer_bytes: self.stream_buffer_bytes,
+            max_port_forward_streams: self.max_port_forward_streams,
+            ..Default::default()
+        }
+    }
+
+    /// The first bad value, as (key, why).
+    fn check(&self) -> Option<(&'static str, String)> {
+        const CHUNK: usize = berth_stream::limits::CHUNK;
+        if self.address.parse::<std::net::IpAddr>().is_err() {
+            return Some((
+                "stream.address",
+                format!("{:?} is not an IP address", self.address),
+            ));
+        }
+        let (no_cert, no_key) = (
+            self.tls_cert.as_os_str().is_empty(),
+            self.tls_key.as_os_str().is_empty(),
+        );
+        if no_cert != no_key {
+            let key = if no_cert {
+                "stream.tls_cert"
+            } else {
+                "stream.tls_key"
+            };
+            return Some((
+                key,
+                "tls_cert and tls_key go together: set both or neither".into(),
+            ));
+        }
+        const MAX_FRAME: usize = berth_stream::spdy::frame::MAX_DATA;
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Some(("stream.max_connections", "must be 1 to 1000000".into()));
+        }
+        if !(CHUNK..=MAX_FRAME).contains(&self.stream_buffer_bytes) {
+            return Some((
+                "stream.stream_buffer_bytes",
+                format!("must be {CHUNK} to {MAX_FRAME}"),
+            ));
+        }
+        if self.session_buffer_bytes < self.stream_buffer_bytes
+            || self.session_buffer_bytes > 1 << 30
+        {
+            return Some((
+                "stream.session_buffer_bytes",
+                "must be at least stream.stream_buffer_bytes and at most 1 GiB".into(),
+            ));
+        }
+        if !(2..=65_536).contains(&self.max_port_forward_streams) {
+            return Some((
+                "stream.max_port_forward_streams",
+                "must be 2 to 65536".into(),
+            ));
+        }
+        None
     }
 }
 
@@ -254,26 +331,8 @@ impl Config {
                 "must be an absolute path".into(),
             ));
         }
-        if self.stream.address.parse::<std::net::IpAddr>().is_err() {
-            return Err(invalid(
-                "stream.address".into(),
-                format!("{:?} is not an IP address", self.stream.address),
-            ));
-        }
-        let (no_cert, no_key) = (
-            self.stream.tls_cert.as_os_str().is_empty(),
-            self.stream.tls_key.as_os_str().is_empty(),
-        );
-        if no_cert != no_key {
-            return Err(invalid(
-                if no_cert {
-                    "stream.tls_cert"
-                } else {
-                    "stream.tls_key"
-                }
-                .into(),
-                "tls_cert and tls_key go together: set both or neither".into(),
-            ));
+        if let Some((key, why)) = self.stream.check() {
+            return Err(invalid(key.into(), why));
         }
         if self.cni.plugin_timeout_secs == 0 {
             return Err(invalid(
@@ -454,5 +513,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stream.address"), "{e}");
+        for (toml, key) in [
+            ("max_connections = 0", "stream.max_connections"),
+            ("stream_buffer_bytes = 1000", "stream.stream_buffer_bytes"),
+            (
+                "session_buffer_bytes = 40000",
+                "stream.session_buffer_bytes",
+            ),
+            (
+                "max_port_forward_streams = 1",
+                "stream.max_port_forward_streams",
+            ),
+        ] {
+            let e = Config::parse(&format!("[stream]\n{toml}"), Path::new("x"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
     }
 }

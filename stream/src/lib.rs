@@ -5,6 +5,7 @@
 //! port-forward protocols on top; plus the
 //! client side, for `berthctl`.
 
+pub mod admission;
 pub mod client;
 pub mod limits;
 pub mod portforward;

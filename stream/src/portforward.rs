@@ -1,15 +1,16 @@
 //! Port-forward over SPDY (`portforward.k8s.io`): each forwarded connection is a
 //! pair of streams (`streamType` data and error, same `requestID`, the `port`
 //! header), paired within 30 s; the data stream is spliced to a TCP connection to
-//! the pod's port; a failure is written as text on the error stream.
+//! the pod's port; a failure is written as text on the error stream. A session holds
+//! at most `max_port_forward_streams` streams; more are refused (REFUSED_STREAM).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::limits::STREAM_CREATION_TIMEOUT;
+use crate::limits::{STREAM_CREATION_TIMEOUT, StreamLimits};
 use crate::runtime::{PortForwardRequest, StreamRuntime};
 use crate::spdy::{Connection, Incoming, Stream};
 
@@ -17,6 +18,8 @@ use crate::spdy::{Connection, Incoming, Stream};
 struct Pair {
     data: Option<Stream>,
     error: Option<Stream>,
+    /// The streams' places under the session's cap, freed when the pair is done.
+    slots: Vec<OwnedSemaphorePermit>,
 }
 
 fn parse_port(s: Option<&str>) -> Result<u16, String> {
@@ -39,9 +42,19 @@ pub async fn serve(
     mut incoming: mpsc::Receiver<Incoming>,
     req: PortForwardRequest,
     runtime: Arc<dyn StreamRuntime>,
+    limits: StreamLimits,
 ) {
     let pairs: Arc<Mutex<HashMap<String, Pair>>> = Arc::default();
+    let streams = Arc::new(Semaphore::new(limits.max_port_forward_streams));
     while let Some(inc) = incoming.recv().await {
+        let Ok(stream_slot) = streams.clone().try_acquire_owned() else {
+            tracing::debug!(
+                max = limits.max_port_forward_streams,
+                "port-forward: refusing a stream over the session's limit"
+            );
+            inc.refuse().await;
+            continue;
+        };
         let port = parse_port(inc.headers.get("port"));
         let kind = inc.headers.get("streamType").unwrap_or("").to_string();
         let (Ok(port), "data" | "error") = (&port, kind.as_str()) else {
@@ -77,6 +90,7 @@ pub async fn serve(
                 Next::Duplicate(pair.error.as_ref().map(|e| e.writer()))
             } else {
                 *slot = Some(stream);
+                pair.slots.push(stream_slot);
                 if pair.data.is_some() && pair.error.is_some() {
                     Next::Ready(g.remove(&request_id).unwrap_or_default())
                 } else {
@@ -121,12 +135,16 @@ pub async fn serve(
         if let Some(Pair {
             data: Some(d),
             error: Some(e),
+            slots,
         }) = ready
         {
             let port = parse_port(d.headers().get("port")).unwrap_or(port);
             let rt = runtime.clone();
             let pod = req.pod_sandbox_id.clone();
-            tokio::spawn(forward(d, e, rt, pod, port));
+            tokio::spawn(async move {
+                forward(d, e, rt, pod, port).await;
+                drop(slots);
+            });
         }
     }
     conn.close().await;

@@ -18,13 +18,31 @@ use crate::spdy::Connection;
 use crate::status::{PORT_FORWARD_PROTOCOL, REMOTE_COMMAND_PROTOCOLS};
 use crate::tokens::{RequestCache, TokenError};
 
-use crate::limits::IDLE_TIMEOUT;
+use crate::admission::{Admission, Slot, Ticket};
+use crate::limits::{IDLE_TIMEOUT, MAX_HEADER_BYTES, StreamLimits};
 
 /// The streaming server: hands out URLs and serves them.
 pub struct StreamServer {
     cache: RequestCache<StreamRequest>,
     base_url: String,
     runtime: Arc<dyn StreamRuntime>,
+    limits: StreamLimits,
+}
+
+/// Accept errors (out of fds, out of memory) back off from 5 ms doubling to 1 s,
+/// as Go's http server does, instead of spinning.
+struct AcceptBackoff(Option<std::time::Duration>);
+
+impl AcceptBackoff {
+    async fn failed(&mut self, e: &std::io::Error) {
+        let d = self
+            .0
+            .map_or(std::time::Duration::from_millis(5), |d| d * 2)
+            .min(std::time::Duration::from_secs(1));
+        tracing::warn!(error = %e, retry_in = ?d, "streaming: accept failed");
+        self.0 = Some(d);
+        tokio::time::sleep(d).await;
+    }
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -40,6 +58,10 @@ fn text(status: StatusCode, body: &str) -> Reply {
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
+    // One request per connection (stream URLs are single use): a refused client
+    // cannot keep a place with an idle keep-alive connection.
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
     r
 }
 
@@ -80,6 +102,7 @@ impl StreamServer {
         addr: SocketAddr,
         runtime: Arc<dyn StreamRuntime>,
         tls: Option<Arc<rustls::ServerConfig>>,
+        limits: StreamLimits,
     ) -> std::io::Result<Arc<StreamServer>> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
@@ -88,44 +111,135 @@ impl StreamServer {
             cache: RequestCache::default(),
             base_url: format!("{scheme}://{local}"),
             runtime,
+            limits,
         });
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-        let s = server.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                // Interactive traffic: small frames must not wait for Nagle.
-                let _ = tcp.set_nodelay(true);
-                let s = s.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    match acceptor {
-                        Some(a) => match a.accept(tcp).await {
-                            Ok(t) => s.serve_io(t).await,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "streaming: TLS handshake failed")
-                            }
-                        },
-                        None => s.serve_io(tcp).await,
-                    }
-                });
-            }
-        });
+        tokio::spawn(server.clone().accept_loop(listener, acceptor));
         Ok(server)
     }
 
-    /// HTTP/1.1 with upgrades on one connection.
-    async fn serve_io<I>(self: Arc<Self>, io: I)
-    where
+    /// Accepts connections under `Admission`'s rules: at most `max_connections`, a new
+    /// one taking the place of the oldest that has not sent its request, and closed at
+    /// once when every place is being served.
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        let admission = Arc::new(Admission::new(self.limits.max_connections));
+        let mut backoff = AcceptBackoff(None);
+        let mut refused = 0u64;
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    backoff.failed(&e).await;
+                    continue;
+                }
+            };
+            backoff.0 = None;
+            let Some(ticket) = admission.admit().await else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        max_connections = self.limits.max_connections,
+                        refused,
+                        "streaming: every connection place is in use, closing new connections"
+                    );
+                }
+                drop(tcp);
+                continue;
+            };
+            // Interactive traffic: small frames must not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(
+                self.clone()
+                    .serve_tcp(tcp, acceptor.clone(), ticket, admission.clone()),
+            );
+        }
+    }
+
+    /// One admitted connection: its TLS handshake if any, then HTTP, unless it is
+    /// evicted while it still has not sent its request.
+    async fn serve_tcp(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+        ticket: Ticket,
+        admission: Arc<Admission>,
+    ) {
+        let Ticket { slot, id, evicted } = ticket;
+        // The handshake and the request's headers must all arrive by then.
+        let deadline = tokio::time::Instant::now() + self.limits.header_timeout;
+        let started = {
+            let admission = admission.clone();
+            move || admission.started(id)
+        };
+        let serve = async move {
+            // (peek, not readable(): tokio reports a new socket readable until a read
+            // says otherwise.)
+            match tokio::time::timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => return tracing::debug!("streaming: a connection sent nothing"),
+            }
+            // TLS's and hyper's state (several KiB, and hyper's 16 KiB of buffers)
+            // only for a client that has sent something.
+            Box::pin(self.serve_sent(tcp, acceptor, slot, started, deadline)).await
+        };
+        tokio::select! {
+            _ = serve => {}
+            _ = crate::admission::evicted(evicted) => {
+                tracing::debug!("streaming: closed an idle connection to admit a new one");
+            }
+        }
+        admission.started(id);
+    }
+
+    /// A connection that has sent its first bytes: TLS if configured, then HTTP.
+    async fn serve_sent(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+        slot: Slot,
+        started: impl Fn() + Send + Sync + 'static,
+        deadline: tokio::time::Instant,
+    ) {
+        let Some(a) = acceptor else {
+            return self.serve_io(tcp, slot, started, deadline).await;
+        };
+        match tokio::time::timeout_at(deadline, a.accept(tcp)).await {
+            Ok(Ok(t)) => self.serve_io(t, slot, started, deadline).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "streaming: TLS handshake failed"),
+            Err(_) => tracing::debug!("streaming: TLS handshake timed out"),
+        }
+    }
+
+    /// HTTP/1.1 with upgrades, one request per connection (stream URLs are single
+    /// use); the client must send its headers within `header_timeout` and in at most
+    /// `MAX_HEADER_BYTES`.
+    async fn serve_io<I>(
+        self: Arc<Self>,
+        io: I,
+        slot: Slot,
+        started: impl Fn() + Send + Sync + 'static,
+        deadline: tokio::time::Instant,
+    ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let header_timeout = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(std::time::Duration::from_millis(1));
         let svc = hyper::service::service_fn(move |req| {
+            started();
             let s = self.clone();
-            async move { Ok::<_, std::convert::Infallible>(s.handle(req)) }
+            let slot = slot.clone();
+            async move { Ok::<_, std::convert::Infallible>(s.handle(req, slot)) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_HEADER_BYTES)
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades()
             .await;
@@ -147,7 +261,7 @@ impl StreamServer {
         Ok(format!("{}/{path}/{token}", self.base_url))
     }
 
-    fn handle(self: &Arc<Self>, mut req: Request<Body>) -> Reply {
+    fn handle(self: &Arc<Self>, mut req: Request<Body>, slot: Slot) -> Reply {
         let not_found = || text(StatusCode::NOT_FOUND, "404 page not found\n");
         if req.method() != hyper::Method::GET && req.method() != hyper::Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -171,7 +285,7 @@ impl StreamServer {
             _ => return not_found(),
         }
         if header_has(&req, UPGRADE, "websocket") && header_has(&req, CONNECTION, "upgrade") {
-            return self.upgrade_websocket(req, stream_req);
+            return self.upgrade_websocket(req, stream_req, slot);
         }
         let server_protocols = Self::spdy_protocols(&stream_req);
         let client: Vec<String> = req
@@ -220,6 +334,7 @@ impl StreamServer {
         let me = self.clone();
         let proto = chosen.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let Ok(upgraded) = upgrade.await else {
                 return;
             };
@@ -243,11 +358,11 @@ impl StreamServer {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
-        let (conn, incoming) = Connection::server(io, IDLE_TIMEOUT);
+        let (conn, incoming) = Connection::server(io, IDLE_TIMEOUT, self.limits);
         let rt = self.runtime.clone();
         match stream_req.into_command() {
             Ok(cmd) => crate::remotecommand::serve(conn, incoming, &protocol, cmd, rt).await,
-            Err(pf) => crate::portforward::serve(conn, incoming, pf, rt).await,
+            Err(pf) => crate::portforward::serve(conn, incoming, pf, rt, self.limits).await,
         }
     }
 
@@ -257,6 +372,7 @@ impl StreamServer {
         self: &Arc<Self>,
         mut req: Request<Body>,
         stream_req: StreamRequest,
+        slot: Slot,
     ) -> Reply {
         use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
         if req.method() != hyper::Method::GET {
@@ -314,14 +430,21 @@ impl StreamServer {
         let upgrade = hyper::upgrade::on(&mut req);
         let me = self.clone();
         let proto = chosen.clone();
+        let limits = self.limits;
         tokio::spawn(async move {
+            let _slot = slot;
             let Ok(upgraded) = upgrade.await else {
                 return;
             };
+            // No message or frame over the stream buffer: tungstenite would otherwise
+            // assemble up to 64 MiB per message.
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(Some(limits.stream_buffer_bytes))
+                .max_frame_size(Some(limits.stream_buffer_bytes));
             let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 tokio_tungstenite::tungstenite::protocol::Role::Server,
-                None,
+                Some(config),
             )
             .await;
             if let Some(spdy_protocol) = tunnel {
@@ -331,7 +454,7 @@ impl StreamServer {
             let rt = me.runtime.clone();
             match stream_req.into_command() {
                 Ok(cmd) => crate::ws::serve_command(ws, proto, cmd, rt).await,
-                Err(pf) => crate::ws::serve_port_forward(ws, proto, pf, rt).await,
+                Err(pf) => crate::ws::serve_port_forward(ws, proto, pf, rt, limits).await,
             }
         });
         let mut extra = vec![("sec-websocket-accept", derive_accept_key(key.as_bytes()))];

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::limits::{Held, StreamLimits, chunks};
 use crate::runtime::{Command, PortForwardRequest, SessionIo, StreamRuntime, TermSize};
 
 /// Exec/attach subprotocols, in the order berth prefers when a client offers several
@@ -158,8 +159,10 @@ pub async fn serve_command<T>(
             };
             match ch {
                 0 => {
-                    if let Some(tx) = &stdin_tx {
-                        if tx.send(Bytes::from(data)).await.is_err() {
+                    // In chunks: the queue's bound is then its length times CHUNK.
+                    for chunk in chunks(Bytes::from(data)) {
+                        let Some(tx) = &stdin_tx else { break };
+                        if tx.send(chunk).await.is_err() {
                             stdin_tx = None;
                         }
                     }
@@ -233,6 +236,7 @@ pub async fn serve_port_forward<T>(
     protocol: String,
     req: PortForwardRequest,
     runtime: Arc<dyn StreamRuntime>,
+    limits: StreamLimits,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -240,23 +244,34 @@ pub async fn serve_port_forward<T>(
     let (sink, mut source) = ws.split();
     let (out_tx, out_rx) = mpsc::channel::<Message>(32);
     let write_task = tokio::spawn(writer(sink, out_rx));
-    if req.ports.is_empty() {
-        let _ = out_tx
-            .send(framing.encode(1, b"query parameter \"port\" is required"))
-            .await;
+    // Two channels per port, as two streams each over SPDY; channel numbers are bytes.
+    let most = (limits.max_port_forward_streams / 2).min(128);
+    let refusal = if req.ports.is_empty() {
+        Some("query parameter \"port\" is required".to_string())
+    } else if req.ports.len() > most {
+        Some(format!(
+            "{} ports requested, at most {most} may be forwarded in one session",
+            req.ports.len()
+        ))
+    } else {
+        None
+    };
+    if let Some(msg) = refusal {
+        let _ = out_tx.send(framing.encode(1, msg.as_bytes())).await;
         drop(out_tx);
         let _ = write_task.await;
         return;
     }
+    let budget = limits.session_budget();
     for (i, p) in req.ports.iter().enumerate() {
         let le = p.to_le_bytes();
         let _ = out_tx.send(framing.encode(2 * i as u8, &le)).await;
         let _ = out_tx.send(framing.encode(2 * i as u8 + 1, &le)).await;
     }
-    let mut inputs: Vec<Option<mpsc::Sender<Bytes>>> = Vec::new();
+    let mut inputs: Vec<Option<mpsc::Sender<Held>>> = Vec::new();
     let mut forwards = Vec::new();
     for (i, port) in req.ports.iter().copied().enumerate() {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+        let (tx, mut rx) = mpsc::channel::<Held>(limits.stream_queue());
         inputs.push(Some(tx));
         let (rt, pod, out) = (runtime.clone(), req.pod_sandbox_id.clone(), out_tx.clone());
         forwards.push(tokio::spawn(async move {
@@ -272,7 +287,7 @@ pub async fn serve_port_forward<T>(
             let (mut rd, mut wr) = tcp.into_split();
             let up = tokio::spawn(async move {
                 while let Some(b) = rx.recv().await {
-                    if wr.write_all(&b).await.is_err() {
+                    if wr.write_all(&b.into_bytes()).await.is_err() {
                         break;
                     }
                 }
@@ -301,11 +316,17 @@ pub async fn serve_port_forward<T>(
                 continue;
             };
             let i = (ch / 2) as usize;
-            if ch % 2 == 0 {
-                if let Some(Some(tx)) = inputs.get(i) {
-                    if tx.send(Bytes::from(data)).await.is_err() {
-                        inputs[i] = None;
-                    }
+            if ch % 2 != 0 {
+                continue;
+            }
+            // Each chunk holds its share of the session's budget until written.
+            for chunk in chunks(Bytes::from(data)) {
+                let Some(Some(tx)) = inputs.get(i) else { break };
+                let Some(held) = budget.hold(chunk).await else {
+                    break;
+                };
+                if tx.send(held).await.is_err() {
+                    inputs[i] = None;
                 }
             }
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_stream::client::{self, ClientError, CommandIo};
+use berth_stream::limits::StreamLimits;
 use berth_stream::runtime::BoxFuture;
 use berth_stream::*;
 use bytes::Bytes;
@@ -55,9 +56,18 @@ impl StreamRuntime for Scripted {
 }
 
 async fn server() -> Arc<StreamServer> {
-    StreamServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(Scripted), None)
-        .await
-        .unwrap()
+    server_with(StreamLimits::default()).await
+}
+
+async fn server_with(limits: StreamLimits) -> Arc<StreamServer> {
+    StreamServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(Scripted),
+        None,
+        limits,
+    )
+    .await
+    .unwrap()
 }
 
 fn exec_req(cmd: &[&str], stdin: bool) -> StreamRequest {
@@ -684,6 +694,7 @@ async fn tls_serves_https_urls_over_spdy_and_websocket() {
         "127.0.0.1:0".parse().unwrap(),
         Arc::new(Scripted),
         Some(cfg),
+        StreamLimits::default(),
     )
     .await
     .unwrap();
@@ -741,4 +752,303 @@ async fn tls_serves_https_urls_over_spdy_and_websocket() {
     assert!(bad.is_err());
     let missing = berth_stream::tls::server_config(&dir.join("nope.crt"), &key).unwrap_err();
     assert!(missing.to_string().contains("nope.crt"), "{missing}");
+}
+
+/// SYN_STREAM frames for `(id, streamType)`s, their header blocks on one zlib stream
+/// with the SPDY/3 dictionary (as a client's session compresses them).
+fn syn_streams(streams: &[(u32, &str)]) -> Vec<u8> {
+    let dict = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/spdy/dictionary.bin"
+    ))
+    .unwrap();
+    let mut z = Compress::new(Compression::default(), true);
+    z.set_dictionary(&dict).unwrap();
+    let mut out = Vec::new();
+    for (id, t) in streams {
+        let mut raw = vec![0, 0, 0, 1];
+        raw.extend(10u32.to_be_bytes());
+        raw.extend(b"streamtype");
+        raw.extend((t.len() as u32).to_be_bytes());
+        raw.extend(t.as_bytes());
+        let mut hb = Vec::with_capacity(512);
+        z.compress_vec(&raw, &mut hb, FlushCompress::Sync).unwrap();
+        out.extend([0x80, 0x03, 0x00, 0x01, 0x00]);
+        out.extend(&((10 + hb.len()) as u32).to_be_bytes()[1..]);
+        out.extend(id.to_be_bytes());
+        out.extend([0, 0, 0, 0, 0, 0]);
+        out.extend(hb);
+    }
+    out
+}
+
+/// A DATA frame over `stream_buffer_bytes` resets its stream (FRAME_TOO_LARGE) and
+/// is skipped, never buffered; the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_reset_their_stream() {
+    let s = server_with(StreamLimits {
+        stream_buffer_bytes: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let url = s.url_for(exec_req(&["sh", "0"], true)).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let (head, mut tcp) = raw_upgrade(&url, &["v4.channel.k8s.io"]);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let streams = [(1, "error"), (3, "stdin"), (5, "stdout"), (7, "stderr")];
+        tcp.write_all(&syn_streams(&streams)).unwrap();
+        for _ in 0..4 {
+            let (h, _) = read_frame(&mut tcp);
+            assert_eq!(&h[..4], &[0x80, 0x03, 0x00, 0x02], "SYN_REPLY");
+        }
+        // 200 KiB in one DATA frame on stdin, then a small one the stream no longer takes.
+        let big = 200 * 1024u32;
+        let mut f = 3u32.to_be_bytes().to_vec();
+        f.extend(big.to_be_bytes());
+        f.extend(vec![b'x'; big as usize]);
+        tcp.write_all(&f).unwrap();
+        // The reset stdin ends the command; its status arrives on the error stream.
+        let (mut reset, mut error_stream) = (None, Vec::new());
+        loop {
+            let (h, p) = read_frame(&mut tcp);
+            if h[..4] == [0x80, 0x03, 0x00, 0x03] {
+                reset = Some(p);
+            } else if h[..4] == [0, 0, 0, 1] {
+                error_stream.extend(p);
+                if h[4] & 1 == 1 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            reset.as_deref(),
+            Some(&[0, 0, 0, 3, 0, 0, 0, 11][..]),
+            "RST_STREAM stream 3, FRAME_TOO_LARGE"
+        );
+        assert_eq!(error_stream, br#"{"metadata":{},"status":"Success"}"#);
+    })
+    .await
+    .unwrap();
+}
+
+/// At most `max_connections` are served. A new connection takes the place of the
+/// oldest one that has not sent a request; idle ones are dropped after
+/// `header_timeout`; when every place is a live session, a new one is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_and_idle_ones_make_room() {
+    let s = server_with(StreamLimits {
+        max_connections: 4,
+        header_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let addr = s.base_url().strip_prefix("http://").unwrap().to_string();
+    let a2 = addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let addr = a2;
+        let mut idle: Vec<std::net::TcpStream> = (0..4)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut fifth = std::net::TcpStream::connect(&addr).unwrap();
+        // The oldest idle connection made room for it.
+        idle[0]
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(idle[0].read(&mut b), Ok(0)),
+            "the oldest idle connection was not closed"
+        );
+        fifth
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        fifth
+            .write_all(b"GET /exec/nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = fifth.read_to_end(&mut answer);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 404"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        // The others that never send a request are dropped by the header timeout.
+        let t0 = std::time::Instant::now();
+        for mut c in idle.drain(1..) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+        }
+        let waited = t0.elapsed();
+        assert!(
+            waited < Duration::from_secs(4),
+            "idle connections lived {waited:?}"
+        );
+    })
+    .await
+    .unwrap();
+    // Four live sessions take every place: a fifth connection is closed at once.
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        let url = s
+            .url_for(StreamRequest::PortForward(PortForwardRequest {
+                pod_sandbox_id: "p1".into(),
+                ports: vec![1],
+            }))
+            .unwrap();
+        sessions.push(client::connect_port_forward(&url).await.unwrap());
+    }
+    let a3 = addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut over = std::net::TcpStream::connect(&a3).unwrap();
+        over.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(over.read(&mut b), Ok(0)), "served over the cap");
+    })
+    .await
+    .unwrap();
+    // A session that ends frees its place.
+    sessions.pop().unwrap().close().await;
+    let url = s.url_for(exec_req(&["sh", "0"], false)).unwrap();
+    let mut ran = None;
+    for _ in 0..20 {
+        let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
+        let r = client::run_command(
+            &url.clone(),
+            CommandIo {
+                stdin: None::<&[u8]>,
+                stdout: Some(out_w),
+                stderr: Some(tokio::io::sink()),
+                tty: false,
+                resize: None,
+            },
+        )
+        .await;
+        if let Ok(code) = r {
+            let mut out = String::new();
+            out_r.read_to_string(&mut out).await.unwrap();
+            ran = Some((code, out));
+            break;
+        }
+        // The URL is single use only once served; the place may take a moment.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ran, Some((0, "ran sh 0\n".to_string())));
+}
+
+/// A port-forward session holds at most `max_port_forward_streams`; one more is
+/// refused (REFUSED_STREAM), and a finished pair frees its places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_streams_are_capped() {
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let s = server_with(StreamLimits {
+        max_port_forward_streams: 2,
+        ..Default::default()
+    })
+    .await;
+    let url = s
+        .url_for(StreamRequest::PortForward(PortForwardRequest {
+            pod_sandbox_id: "p1".into(),
+            ports: vec![port],
+        }))
+        .unwrap();
+    let conn = client::connect_port_forward(&url).await.unwrap();
+    let headers = |t: &str, id: u32| {
+        berth_stream::spdy::Headers::default()
+            .with("streamType", t)
+            .with("port", &port.to_string())
+            .with("requestID", &id.to_string())
+    };
+    let error = conn.open(headers("error", 0)).await.unwrap();
+    let data = conn.open(headers("data", 0)).await.unwrap();
+    let third = conn.open(headers("error", 1)).await;
+    assert!(
+        matches!(third, Err(berth_stream::spdy::SpdyError::Refused)),
+        "a third stream was accepted"
+    );
+    data.writer().reset().await;
+    error.writer().reset().await;
+    // Once the pair is done, its places serve the next connection.
+    let mut served = false;
+    for i in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (mine, theirs) = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = l.local_addr().unwrap();
+            let c = tokio::net::TcpStream::connect(a).await.unwrap();
+            (c, l.accept().await.unwrap().0)
+        };
+        let conn2 = conn.clone();
+        let fwd =
+            tokio::spawn(async move { client::forward_one(&conn2, 10 + i, port, theirs).await });
+        let mut mine = mine;
+        mine.write_all(b"ping").await.unwrap();
+        mine.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), mine.read_to_end(&mut back)).await;
+        let done = fwd.await.unwrap();
+        if done.is_ok() && back == b"ping" {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "the freed places were never reused");
+    conn.close().await;
+}
+
+/// A WebSocket message over `stream_buffer_bytes` ends the session (1009, message too
+/// big) instead of being assembled in memory; one under it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_messages_are_capped() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let s = server_with(StreamLimits {
+        stream_buffer_bytes: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let send = async |size: usize| -> Vec<Message> {
+        let url = s.url_for(exec_req(&["sh", "0"], true)).unwrap();
+        let (mut ws, _) = client::ws_connect(&url, &["v5.channel.k8s.io"])
+            .await
+            .unwrap();
+        let mut msg = vec![0u8]; // stdin
+        msg.extend(std::iter::repeat_n(b'q', size));
+        let _ = ws.send(Message::Binary(msg.into())).await;
+        let _ = ws.send(Message::Binary(vec![255, 0].into())).await; // stdin done
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            ws.filter_map(|m| async move { m.ok() }).collect::<Vec<_>>(),
+        );
+        got.await.expect("the session ends")
+    };
+    let small = send(60 * 1024).await;
+    let stdout: usize = small
+        .iter()
+        .filter_map(|m| match m {
+            Message::Binary(b) if b.first() == Some(&1) => Some(b.len() - 1),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(
+        stdout,
+        60 * 1024,
+        "a message under the cap is relayed whole"
+    );
+    let big = send(200 * 1024).await;
+    assert!(
+        !big.iter()
+            .any(|m| matches!(m, Message::Binary(b) if b.first() == Some(&1) && b.len() > 1)),
+        "a message over the cap reached the process"
+    );
 }

@@ -121,10 +121,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .context("stream.tls_cert / stream.tls_key")?,
         )
     };
-    let streams =
-        berth_stream::StreamServer::start(stream_addr, svc.streaming.runtime(), stream_tls)
-            .await
-            .with_context(|| format!("binding the streaming server on {stream_addr}"))?;
+    let streams = berth_stream::StreamServer::start(
+        stream_addr,
+        svc.streaming.runtime(),
+        stream_tls,
+        config.stream.limits(),
+    )
+    .await
+    .with_context(|| format!("binding the streaming server on {stream_addr}"))?;
     info!(url = %streams.base_url(), "streaming server listening");
     svc.streaming.set_server(streams);
     info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving CRI v1");

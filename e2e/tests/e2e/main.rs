@@ -4715,6 +4715,10 @@ fn main() -> anyhow::Result<()> {
             crash_mid_pull_leaves_nothing_half_recorded,
         ),
         Trial::test(
+            "streaming_floods_leave_berthd_small",
+            security::streaming_floods_leave_berthd_small,
+        ),
+        Trial::test(
             "seccomp_profiles_filter_syscalls",
             confinement::seccomp_profiles_filter_syscalls,
         ),

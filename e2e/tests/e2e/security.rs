@@ -291,3 +291,223 @@ pub fn hostile_layers_and_manifests_are_refused() -> Result<(), Failed> {
         Ok(())
     })
 }
+
+/// Lets this process hold as many fds as its hard limit allows.
+fn raise_fd_limit() -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct passed.
+    let ok = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    };
+    ensure!(
+        ok,
+        "raising RLIMIT_NOFILE: {}",
+        std::io::Error::last_os_error()
+    );
+    ensure!(
+        lim.rlim_cur > 12_000,
+        "the fd limit {} is below 12000",
+        lim.rlim_cur
+    );
+    Ok(())
+}
+
+/// berthd's resident memory now (VmRSS), in KiB.
+fn rss_kib(b: &Berthd) -> Result<u64> {
+    let pid = b.pid().context("berthd pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// An exec URL for `script` in `ctr`, with stdin.
+async fn exec_url(c: &mut CriClient, ctr: &str, script: &str) -> Result<String> {
+    Ok(c.runtime
+        .exec(cri::ExecRequest {
+            container_id: ctr.into(),
+            cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        })
+        .await?
+        .into_inner()
+        .url)
+}
+
+/// Runs an exec session at `url` with `stdin`; its exit code and stdout.
+async fn exec_session<I>(url: &str, stdin: I) -> Result<(i32, Vec<u8>)>
+where
+    I: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    let (mut out_r, out_w) = tokio::io::duplex(1 << 16);
+    let reading = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut out_r, &mut out).await;
+        out
+    });
+    let code = berth_stream::client::run_command(
+        url,
+        berth_stream::client::CommandIo {
+            stdin: Some(stdin),
+            stdout: Some(out_w),
+            stderr: Some(tokio::io::sink()),
+            tty: false,
+            resize: None,
+        },
+    )
+    .await?;
+    Ok((code, reading.await?))
+}
+
+/// A streaming client opening 10 000 connections (half of them sending a request's
+/// first header lines and stopping), then pushing 1 GiB of stdin through one
+/// session and as much as it can into a process that never reads: berthd stays
+/// under 64 MiB and a session opened before, and one opened after, both work.
+pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("flood", "fl-1", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let ctr = create_ctr(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("app", &w.busybox.reference, "exec sleep 3600"),
+        )
+        .await?;
+        c.runtime.start_container(start(&ctr)).await?;
+
+        // Session A: an interactive cat, checked before, during and after.
+        let url = exec_url(&mut c, &ctr, "exec busybox cat").await?;
+        let (mut to_cat, cat_in) = tokio::io::duplex(1 << 16);
+        let (out_r, out_w) = tokio::io::duplex(1 << 16);
+        let session_a = tokio::spawn(async move {
+            berth_stream::client::run_command(
+                &url,
+                berth_stream::client::CommandIo {
+                    stdin: Some(cat_in),
+                    stdout: Some(out_w),
+                    stderr: Some(tokio::io::sink()),
+                    tty: false,
+                    resize: None,
+                },
+            )
+            .await
+        });
+        let mut from_cat = tokio::io::BufReader::new(out_r);
+        let mut echo = async |line: &str| -> Result<()> {
+            to_cat.write_all(format!("{line}\n").as_bytes()).await?;
+            let mut got = String::new();
+            tokio::time::timeout(Duration::from_secs(10), from_cat.read_line(&mut got)).await??;
+            ensure!(
+                got == format!("{line}\n"),
+                "session A echoed {got:?} for {line:?}"
+            );
+            Ok(())
+        };
+        echo("before").await.context("session A before")?;
+
+        let before = rss_kib(&b)?;
+        // 10 000 connections, held open.
+        raise_fd_limit()?;
+        let base = c
+            .runtime
+            .exec(cri::ExecRequest {
+                container_id: ctr.clone(),
+                cmd: vec!["true".into()],
+                stdout: true,
+                ..Default::default()
+            })
+            .await
+            .context("an exec URL")?
+            .into_inner()
+            .url;
+        let addr = base
+            .strip_prefix("http://")
+            .and_then(|r| r.split('/').next())
+            .context("streaming address")?
+            .to_string();
+        let flood = tokio::task::spawn_blocking(move || -> Result<Vec<std::net::TcpStream>> {
+            let mut held = Vec::with_capacity(10_000);
+            for i in 0..10_000 {
+                let mut s = std::net::TcpStream::connect(&addr)?;
+                if i % 2 == 0 {
+                    let _ =
+                        std::io::Write::write_all(&mut s, b"GET /exec/x HTTP/1.1\r\nHost: a\r\n");
+                }
+                held.push(s);
+            }
+            Ok(held)
+        })
+        .await?
+        .context("the flood")?;
+        echo("during the flood")
+            .await
+            .context("session A during the flood")?;
+        let during = rss_kib(&b)?;
+
+        // 1 GiB of stdin through a session whose process reads it all.
+        let url = exec_url(&mut c, &ctr, "busybox wc -c").await?;
+        let t0 = std::time::Instant::now();
+        let (code, out) = exec_session(&url, tokio::io::repeat(b'z').take(1 << 30))
+            .await
+            .context("1 GiB of stdin")?;
+        let took = t0.elapsed();
+        ensure!(
+            code == 0 && String::from_utf8_lossy(&out).trim() == (1u64 << 30).to_string(),
+            "1 GiB through stdin: {code} {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        eprintln!("1 GiB of stdin in {took:?}; berthd RSS {during} KiB during the flood");
+        // And into a process that never reads: the client is held back, not buffered.
+        let url = exec_url(&mut c, &ctr, "exec sleep 3600").await?;
+        let stuck = tokio::time::timeout(
+            Duration::from_secs(3),
+            exec_session(&url, tokio::io::repeat(b'z').take(1 << 30)),
+        )
+        .await;
+        ensure!(
+            stuck.is_err(),
+            "a process that reads nothing took 1 GiB: {stuck:?}"
+        );
+        let burst = rss_kib(&b)?;
+        echo("after the burst").await?;
+        drop(flood);
+
+        // A new session works, and the old one still does.
+        let url = exec_url(&mut c, &ctr, "busybox tr a-z A-Z").await?;
+        let (code, out) = exec_session(&url, &b"fresh\n"[..]).await?;
+        ensure!(
+            code == 0 && out == b"FRESH\n",
+            "a new session: {code} {out:?}"
+        );
+        echo("at the end").await?;
+        drop(to_cat);
+        let code = tokio::time::timeout(Duration::from_secs(10), session_a).await???;
+        ensure!(code == 0, "session A ended with {code}");
+        let peak = b.peak_rss_kib().context("berthd's VmHWM")?;
+        eprintln!(
+            "berthd RSS: {before} KiB before, {during} KiB in the flood, {burst} KiB after the bursts, peak {peak} KiB"
+        );
+        ensure!(peak < 64 << 10, "berthd's peak RSS was {} MiB", peak >> 10);
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "flood")?;
+        Ok(())
+    })
+}

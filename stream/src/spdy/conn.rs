@@ -9,22 +9,25 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::SpdyError;
-use super::frame::{FLAG_FIN, Frame, RST_CANCEL, RST_PROTOCOL_ERROR};
+use super::frame::{
+    FLAG_FIN, Frame, RST_CANCEL, RST_FRAME_TOO_LARGE, RST_PROTOCOL_ERROR, RST_REFUSED_STREAM,
+};
 use super::headers::{HeaderCodec, Headers};
+use crate::limits::{Budget, Held, StreamLimits, chunks};
 
 /// How long `open` waits for the peer's SYN_REPLY (client-go's value).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest DATA frame berth writes (larger writes are split).
-const CHUNK: usize = 32 * 1024;
+const CHUNK: usize = crate::limits::CHUNK;
 
 struct Entry {
     /// Where received data goes; `None` once the peer sent FIN or the stream was reset.
-    data: Option<mpsc::Sender<Bytes>>,
+    data: Option<mpsc::Sender<Held>>,
     /// berth sent FIN.
     local_fin: bool,
 }
@@ -42,6 +45,9 @@ struct Shared {
     /// Held from id allocation until the SYN_STREAM is queued: ids must reach the
     /// peer in increasing order (spdystream's `nextIdLock`).
     open_lock: tokio::sync::Mutex<()>,
+    limits: StreamLimits,
+    /// What received data may hold, all streams together.
+    budget: Budget,
 }
 
 impl Shared {
@@ -71,7 +77,7 @@ pub struct Incoming {
     pub id: u32,
     /// Its headers.
     pub headers: Headers,
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Held>,
     conn: Arc<Shared>,
 }
 
@@ -88,7 +94,7 @@ impl Incoming {
         Ok(Stream {
             id: self.id,
             headers: self.headers,
-            rx: self.rx,
+            rx: StreamReader(self.rx),
             writer: StreamWriter {
                 id: self.id,
                 conn: self.conn,
@@ -98,14 +104,34 @@ impl Incoming {
 
     /// Refuses it with RST_STREAM CANCEL (what apimachinery does to a rejected stream).
     pub async fn reject(self) {
+        self.reset_with(RST_CANCEL).await
+    }
+
+    /// Refuses it with REFUSED_STREAM: the session holds as many streams as allowed.
+    pub async fn refuse(self) {
+        self.reset_with(RST_REFUSED_STREAM).await
+    }
+
+    async fn reset_with(self, status: u32) {
         self.conn.lock().remove(&self.id);
         let _ = self
             .conn
             .send(Frame::RstStream {
                 id: self.id,
-                status: RST_CANCEL,
+                status,
             })
             .await;
+    }
+}
+
+/// The read side of a stream.
+pub struct StreamReader(mpsc::Receiver<Held>);
+
+impl StreamReader {
+    /// The next chunk the peer sent (at most 32 KiB); `None` at FIN, reset or
+    /// connection end. Taking it frees its share of the session's budget.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.0.recv().await.map(Held::into_bytes)
     }
 }
 
@@ -113,7 +139,7 @@ impl Incoming {
 pub struct Stream {
     id: u32,
     headers: Headers,
-    rx: mpsc::Receiver<Bytes>,
+    rx: StreamReader,
     writer: StreamWriter,
 }
 
@@ -139,7 +165,7 @@ impl Stream {
     }
 
     /// Splits into the read side and the write side.
-    pub fn split(self) -> (mpsc::Receiver<Bytes>, StreamWriter) {
+    pub fn split(self) -> (StreamReader, StreamWriter) {
         (self.rx, self.writer)
     }
 }
@@ -234,12 +260,16 @@ pub struct Connection {
 
 impl Connection {
     /// Serves the server side: streams the peer opens arrive on the receiver.
-    pub fn server<T>(io: T, idle: Duration) -> (Connection, mpsc::Receiver<Incoming>)
+    pub fn server<T>(
+        io: T,
+        idle: Duration,
+        limits: StreamLimits,
+    ) -> (Connection, mpsc::Receiver<Incoming>)
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(16);
-        (Connection::start(io, true, Some(tx), idle), rx)
+        (Connection::start(io, true, Some(tx), idle, limits), rx)
     }
 
     /// Runs the client side (berthctl): open streams with `open`.
@@ -247,7 +277,8 @@ impl Connection {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
-        Connection::start(io, false, None, Duration::ZERO)
+        let limits = StreamLimits::default();
+        Connection::start(io, false, None, Duration::ZERO, limits)
     }
 
     fn start<T>(
@@ -255,6 +286,7 @@ impl Connection {
         server: bool,
         incoming: Option<mpsc::Sender<Incoming>>,
         idle: Duration,
+        limits: StreamLimits,
     ) -> Connection
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
@@ -270,6 +302,8 @@ impl Connection {
             closed_notify: Notify::new(),
             going_away: AtomicBool::new(false),
             open_lock: tokio::sync::Mutex::new(()),
+            limits,
+            budget: limits.session_budget(),
         });
         let (r, w) = tokio::io::split(io);
         tokio::spawn(write_loop(w, out_rx, shared.clone()));
@@ -281,7 +315,7 @@ impl Connection {
     pub async fn open(&self, headers: Headers) -> Result<Stream, SpdyError> {
         let order = self.shared.open_lock.lock().await;
         let id = self.shared.next_id.fetch_add(2, Ordering::SeqCst);
-        let (data_tx, data_rx) = mpsc::channel(16);
+        let (data_tx, data_rx) = mpsc::channel(self.shared.limits.stream_queue());
         let (reply_tx, reply_rx) = oneshot::channel();
         self.shared.lock().insert(
             id,
@@ -309,7 +343,7 @@ impl Connection {
             Ok(Ok(())) => Ok(Stream {
                 id,
                 headers,
-                rx: data_rx,
+                rx: StreamReader(data_rx),
                 writer: StreamWriter {
                     id,
                     conn: self.shared.clone(),
@@ -366,6 +400,12 @@ impl Connection {
             }
             n.await;
         }
+    }
+
+    /// Bytes received and not yet taken by the streams' readers.
+    pub fn buffered_bytes(&self) -> usize {
+        let budget = self.shared.limits.session_buffer_bytes;
+        budget.saturating_sub(self.shared.budget.available())
     }
 
     /// Whether the session has ended.
@@ -429,8 +469,37 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // The next stream id the peer may use (ids must increase).
         min_peer_id: if server { 1 } else { 2 },
     };
+    // Bytes still to discard of a DATA frame over the limit.
+    let mut skip = 0usize;
     'outer: loop {
         loop {
+            if skip > 0 {
+                let n = skip.min(buf.len());
+                buf.advance(n);
+                skip -= n;
+                if skip > 0 {
+                    break;
+                }
+            }
+            if let Some((id, len)) = Frame::oversized_data(&buf, shared.limits.stream_buffer_bytes)
+            {
+                tracing::debug!(
+                    id,
+                    len,
+                    "spdy: resetting a stream that sent a frame over the limit"
+                );
+                buf.advance(8);
+                skip = len;
+                shared.lock().remove(&id);
+                let rst = Frame::RstStream {
+                    id,
+                    status: RST_FRAME_TOO_LARGE,
+                };
+                if shared.send(rst).await.is_err() {
+                    break 'outer;
+                }
+                continue;
+            }
             let frame = match Frame::decode(&mut buf, &mut codec) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -495,9 +564,15 @@ impl FrameHandler {
             Frame::Data { id, flags, data } => {
                 let tx = self.shared.lock().get(&id).and_then(|e| e.data.clone());
                 if let Some(tx) = tx {
-                    if !data.is_empty() {
-                        // Awaiting here is the back-pressure: a slow reader slows the peer.
-                        let _ = tx.send(data).await;
+                    // Awaiting here is the back-pressure: a slow reader, or a session
+                    // holding its whole budget, slows the peer.
+                    for chunk in chunks(data) {
+                        let Some(held) = self.shared.budget.hold(chunk).await else {
+                            break;
+                        };
+                        if tx.send(held).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 self.fin_if(id, flags);
@@ -552,7 +627,7 @@ impl FrameHandler {
             return Continue(());
         }
         self.shared.last_peer.store(id, Ordering::SeqCst);
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(self.shared.limits.stream_queue());
         let entry = Entry {
             data: (flags & FLAG_FIN == 0).then_some(tx),
             local_fin: false,

@@ -32,12 +32,17 @@ pub const FLAG_FIN: u8 = 0x01;
 pub const FLAG_UNIDIRECTIONAL: u8 = 0x02;
 /// RST_STREAM PROTOCOL_ERROR.
 pub const RST_PROTOCOL_ERROR: u32 = 1;
+/// RST_STREAM REFUSED_STREAM: the receiver will not take more streams.
+pub const RST_REFUSED_STREAM: u32 = 3;
 /// RST_STREAM CANCEL (what `Reset()` sends).
 pub const RST_CANCEL: u32 = 5;
+/// RST_STREAM FRAME_TOO_LARGE: a DATA frame over the receiver's limit.
+pub const RST_FRAME_TOO_LARGE: u32 = 11;
 /// Largest DATA payload (24-bit length).
 pub const MAX_DATA: usize = (1 << 24) - 1;
-/// Largest control payload accepted (spdystream's default).
-const MAX_CONTROL: usize = (1 << 24) - 1;
+/// Largest control payload accepted. Kubernetes' header blocks are a few hundred
+/// bytes; the protocol's 16 MiB would let one frame pin that much per session.
+const MAX_CONTROL: usize = 256 * 1024;
 
 /// One frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +163,15 @@ impl Frame {
             }
         }
         Ok(())
+    }
+
+    /// The stream id and length of the DATA frame at the front of `buf` if its
+    /// payload exceeds `max` (so that it can be skipped, never buffered).
+    pub fn oversized_data(buf: &[u8], max: usize) -> Option<(u32, usize)> {
+        let head: [u8; 8] = buf.get(..8)?.try_into().ok()?;
+        let w0 = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = (u32::from_be_bytes([head[4], head[5], head[6], head[7]]) & 0x00ff_ffff) as usize;
+        (w0 & 0x8000_0000 == 0 && len > max).then_some((w0 & 0x7fff_ffff, len))
     }
 
     /// Takes one whole frame off the front of `buf`, or `None` if more bytes are needed.

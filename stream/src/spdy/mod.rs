@@ -5,7 +5,7 @@ pub mod conn;
 pub mod frame;
 pub mod headers;
 
-pub use conn::{Connection, Incoming, Stream, StreamWriter};
+pub use conn::{Connection, Incoming, Stream, StreamReader, StreamWriter};
 pub use frame::Frame;
 pub use headers::{HeaderCodec, Headers};
 

@@ -113,7 +113,11 @@ fn syn_stream_round_trips_with_priority_and_headers() {
 #[tokio::test]
 async fn session_streams_data_fin_ping_and_goaway() {
     let (c, s) = tokio::io::duplex(1 << 16);
-    let (server, mut incoming) = Connection::server(s, std::time::Duration::from_secs(60));
+    let (server, mut incoming) = Connection::server(
+        s,
+        std::time::Duration::from_secs(60),
+        crate::limits::StreamLimits::default(),
+    );
     let client = Connection::client(c);
     let srv = tokio::spawn(async move {
         let inc = incoming.recv().await.unwrap();
@@ -155,4 +159,65 @@ async fn session_streams_data_fin_ping_and_goaway() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// A session whose streams are not read holds at most its budget, whatever the
+/// client sends; once read, everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_buffers_at_most_its_budget() {
+    use crate::limits::{CHUNK, StreamLimits};
+    let limits = StreamLimits {
+        session_buffer_bytes: 2 * CHUNK,
+        stream_buffer_bytes: CHUNK,
+        ..Default::default()
+    };
+    let (c, s) = tokio::io::duplex(1 << 16);
+    let (server, mut incoming) = Connection::server(s, std::time::Duration::from_secs(60), limits);
+    let client = Connection::client(c);
+    let accepting = tokio::spawn(async move {
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            streams.push(incoming.recv().await.unwrap().accept().await.unwrap());
+        }
+        streams
+    });
+    let mut writers = Vec::new();
+    for i in 0..3 {
+        let st = client
+            .open(Headers::default().with("n", &i.to_string()))
+            .await
+            .unwrap();
+        writers.push(tokio::spawn(async move {
+            let w = st.writer();
+            w.write(&vec![b'a'; 1 << 20]).await.unwrap();
+            w.close().await.unwrap();
+        }));
+    }
+    let streams = accepting.await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        server.buffered_bytes() <= 2 * CHUNK,
+        "{} bytes buffered",
+        server.buffered_bytes()
+    );
+    assert!(
+        writers.iter().any(|w| !w.is_finished()),
+        "the client was not slowed down"
+    );
+    let mut totals = Vec::new();
+    for st in streams {
+        let (mut rx, _) = st.split();
+        totals.push(tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(b) = rx.recv().await {
+                assert!(b.len() <= CHUNK);
+                n += b.len();
+            }
+            n
+        }));
+    }
+    for t in totals {
+        assert_eq!(t.await.unwrap(), 1 << 20);
+    }
+    assert_eq!(server.buffered_bytes(), 0);
 }
