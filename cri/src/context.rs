@@ -79,7 +79,7 @@ impl Context {
             capabilities = host.capabilities.len(),
             seccomp = host.seccomp.supported,
             apparmor = host.modules.apparmor_profiles.is_some(),
-            selinux = host.modules.selinux,
+            selinux = ?host.modules.selinux.as_ref().map(|s| &s.process),
             "host security facts"
         );
         Context {

@@ -90,6 +90,9 @@ pub struct SandboxRecord {
     /// The pod's IP addresses from CNI, IPv4 first.
     #[serde(default)]
     pub ips: Vec<String>,
+    /// The pod's SELinux process label (its containers' default), on SELinux hosts.
+    #[serde(default)]
+    pub selinux_label: Option<String>,
 }
 
 /// A container's lifecycle state.
@@ -339,6 +342,7 @@ mod tests {
             cgroup_dirs: vec![],
             config: cri::PodSandboxConfig::default(),
             ips: vec![],
+            selinux_label: None,
         };
         s.put_sandbox(&rec("abc1")).unwrap();
         s.put_sandbox(&rec("abc2")).unwrap();

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use berth_cri::oci::{
-    HostFacts, KERNEL_CAPABILITIES, SandboxFiles, SeccompHost, SecurityModules, SpecInputs,
-    build_spec, parse_mountinfo,
+    HostFacts, KERNEL_CAPABILITIES, SandboxFiles, SeccompHost, SecurityModules, SelinuxDefaults,
+    SpecInputs, build_spec, parse_mountinfo,
 };
 use k8s_cri::v1 as cri;
 use oci_spec::image::ImageConfiguration;
@@ -183,6 +183,8 @@ struct Case {
     netns: Option<&'static str>,
     shm: bool,
     min_oom: Option<i32>,
+    /// On an SELinux host, with this pod label.
+    selinux_pod: Option<&'static str>,
 }
 
 fn case(name: &'static str) -> Case {
@@ -194,6 +196,7 @@ fn case(name: &'static str) -> Case {
         netns: Some("/run/berth/netns/p1"),
         shm: true,
         min_oom: None,
+        selinux_pod: None,
     }
 }
 
@@ -238,6 +241,20 @@ fn cases() -> Vec<Case> {
     sc(&mut c.container).seccomp = Some(cri::SecurityProfile {
         profile_type: cri::security_profile::ProfileType::Localhost as i32,
         localhost_ref: LOCALHOST_PROFILE.into(),
+    });
+    v.push(c);
+
+    // An SELinux host: the first container inherits its pod's label, the second
+    // takes its own type and level.
+    let mut c = case("selinux_inherits_the_pod_label");
+    c.selinux_pod = Some("system_u:system_r:container_t:s0:c4,c7");
+    v.push(c);
+    let mut c = case("selinux_options");
+    c.selinux_pod = Some("system_u:system_r:container_t:s0:c4,c7");
+    sc(&mut c.container).selinux_options = Some(cri::SeLinuxOption {
+        r#type: "spc_t".into(),
+        level: "s0:c1,c2".into(),
+        ..Default::default()
     });
     v.push(c);
 
@@ -411,6 +428,13 @@ fn spec_of(c: &Case, rootfs: &Path) -> Value {
         shm: c.shm.then(|| "/run/berth/sandboxes/p1/shm".into()),
     };
     let image = typed(&c.image);
+    let mut host = host_facts();
+    if c.selinux_pod.is_some() {
+        host.modules.selinux = Some(SelinuxDefaults {
+            process: "system_u:system_r:container_t:s0".into(),
+            file: "system_u:object_r:container_file_t:s0".into(),
+        });
+    }
     let spec = build_spec(&SpecInputs {
         id: "c1",
         config: &c.container,
@@ -423,7 +447,8 @@ fn spec_of(c: &Case, rootfs: &Path) -> Value {
         cgroups_path: "/kubepods/poduid-1/c1",
         min_oom_score_adj: c.min_oom,
         volumes_dir: Path::new("/var/lib/berth/containers/c1/volumes"),
-        host: &host_facts(),
+        host: &host,
+        pod_selinux_label: c.selinux_pod,
     })
     .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     // Canonical: whatever the builder's types, compare the JSON it writes.
@@ -499,6 +524,7 @@ fn invalid_configs_name_the_field() {
             min_oom_score_adj: None,
             volumes_dir: Path::new("/v"),
             host: &host_facts(),
+            pod_selinux_label: None,
         })
         .map(|_| ())
         .unwrap_err()

@@ -73,7 +73,10 @@ impl ContainerService {
     /// The steps after the checks.
     async fn build(&self, plan: &Plan, undo: &mut Undo) -> Result<()> {
         self.mount_rootfs(plan, undo).await?;
-        let user = self.write_bundle(plan)?;
+        let (user, mount_label) = self.write_bundle(plan)?;
+        if let Some(label) = mount_label {
+            relabel_volumes(&plan.config, label).await?;
+        }
         let shim = self.ctx.shims.get(&plan.pod.id).await.ok_or_else(|| {
             CriError::FailedPrecondition(format!("the shim of pod {} is gone", plan.pod.id))
         })?;
@@ -188,8 +191,8 @@ impl ContainerService {
     }
 
     /// `config.json` (0600: it holds env values from Secrets); the identity its
-    /// process runs as.
-    fn write_bundle(&self, plan: &Plan) -> Result<ProcessIds> {
+    /// process runs as, and its SELinux mount label on SELinux hosts.
+    fn write_bundle(&self, plan: &Plan) -> Result<(ProcessIds, Option<String>)> {
         let ctx = &self.ctx;
         let paths = &ctx.paths;
         let host_ipc = plan
@@ -225,6 +228,7 @@ impl ContainerService {
             min_oom_score_adj: min_oom,
             volumes_dir: &paths.container_dir(&plan.id).join("volumes"),
             host: &host,
+            pod_selinux_label: plan.pod.selinux_label.as_deref(),
         })?;
         let bytes =
             serde_json::to_vec_pretty(&spec).map_err(|e| CriError::internal("encoding spec", e))?;
@@ -235,11 +239,13 @@ impl ContainerService {
             .as_ref()
             .map(|p| p.user().clone())
             .unwrap_or_default();
-        Ok(ProcessIds {
+        let ids = ProcessIds {
             uid: user.uid(),
             gid: user.gid(),
             additional_gids: user.additional_gids().clone().unwrap_or_default(),
-        })
+        };
+        let mount_label = spec.linux().as_ref().and_then(|l| l.mount_label().clone());
+        Ok((ids, mount_label))
     }
 
     /// This host as the container's spec needs it: what berthd learnt at start, plus
@@ -371,6 +377,38 @@ fn log_path(pod: &cri::PodSandboxConfig, config: &cri::ContainerConfig) -> Strin
         .join(&config.log_path)
         .display()
         .to_string()
+}
+
+/// Volumes that ask for `selinux_relabel` get the container's mount label, as
+/// containerd relabels them (never a system directory such as `/` or `/usr`).
+async fn relabel_volumes(config: &cri::ContainerConfig, label: String) -> Result<()> {
+    let wanted: Vec<(usize, PathBuf)> = config
+        .mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.selinux_relabel)
+        .map(|(i, m)| (i, PathBuf::from(&m.host_path)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || {
+        for (i, path) in wanted {
+            let field = format!("config.mounts[{i}].selinux_relabel");
+            let real = path.canonicalize().unwrap_or(path);
+            if !crate::oci::relabel_allowed(&real) {
+                return Err(CriError::invalid(
+                    &field,
+                    format!("relabeling content in {} is not allowed", real.display()),
+                ));
+            }
+            crate::oci::relabel(&real, &label).map_err(|e| {
+                CriError::invalid(&field, format!("relabeling {}: {e}", real.display()))
+            })?;
+        }
+        Ok(())
+    })
+    .await?
 }
 
 fn make_dirs(cdir: &Path, rootfs: &Path, volumes: usize, host_dirs: &[PathBuf]) -> Result<()> {

@@ -15,6 +15,7 @@ mod mounts;
 mod process;
 mod seccomp;
 mod security;
+mod selinux;
 mod user;
 
 use std::collections::HashMap;
@@ -30,7 +31,11 @@ pub use host::{
 pub use linux::linux_resources;
 pub use process::{DEFAULT_CAPABILITIES, DEFAULT_PATH, exec_process, process_args, process_env};
 pub use seccomp::{SeccompChoice, SeccompHost};
-pub use security::{DEFAULT_APPARMOR_PROFILE, SecurityModules, check_selinux, check_userns};
+pub use security::{DEFAULT_APPARMOR_PROFILE, SecurityModules, check_userns};
+pub use selinux::{
+    SelinuxDefaults, SelinuxLabels, check_options as check_selinux, pod_label, pod_level, relabel,
+    relabel_allowed,
+};
 pub use user::{ProcessIds, process_ids};
 
 /// The OCI runtime spec version berth writes.
@@ -92,6 +97,8 @@ pub struct SpecInputs<'a> {
     /// This host: capabilities, seccomp, security modules, and (when the container
     /// needs them) its devices and mounts.
     pub host: &'a HostFacts,
+    /// The pod's SELinux process label, on SELinux hosts.
+    pub pod_selinux_label: Option<&'a str>,
 }
 
 impl SpecInputs<'_> {
@@ -146,11 +153,6 @@ fn check_confinement(inp: &SpecInputs<'_>) -> Result<(), SpecError> {
         ));
     }
     let sc = inp.security();
-    check_selinux(
-        sc.and_then(|s| s.selinux_options.as_ref()),
-        &format!("{SC}.selinux_options"),
-        &inp.host.modules,
-    )?;
     check_userns(
         sc.and_then(|s| s.namespace_options.as_ref()),
         &format!("{SC}.namespace_options"),
@@ -172,12 +174,20 @@ pub fn image_volumes(image: &ImageConfiguration) -> Vec<String> {
 /// Builds the OCI runtime spec of a container.
 pub fn build_spec(inp: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     check_confinement(inp)?;
+    let labels = selinux::container_labels(
+        inp.security().and_then(|s| s.selinux_options.as_ref()),
+        "config.linux.security_context.selinux_options",
+        inp.host.modules.selinux.as_ref(),
+        inp.pod_selinux_label,
+    )?;
     let caps = process::capability_names(inp.security(), inp.host)?;
-    let process = process::container_process(inp, &caps)?;
+    let mut process = process::container_process(inp, &caps)?;
+    process.set_selinux_label(labels.as_ref().map(|l| l.process.clone()));
     let (mounts, rootfs_propagation) = mounts::container_mounts(inp)?;
     let choice = seccomp::choose(inp.security())?;
     let seccomp = seccomp::linux_seccomp(&choice, inp.privileged(), &caps, &inp.host.seccomp)?;
-    let linux = linux::container_linux(inp, rootfs_propagation, seccomp)?;
+    let mut linux = linux::container_linux(inp, rootfs_propagation, seccomp)?;
+    linux.set_mount_label(labels.map(|l| l.mount));
     let mut root = Root::default();
     root.set_path(PathBuf::from("rootfs"))
         .set_readonly(Some(inp.readonly_rootfs()));

@@ -3,10 +3,9 @@
 //! default). `RuntimeDefault` AppArmor on a host without AppArmor is a no-op, as
 //! containerd has it: there is nothing to confine with and nothing was promised.
 
-use std::path::Path;
-
 use k8s_cri::v1 as cri;
 
+use super::selinux::SelinuxDefaults;
 use super::{SpecError, err};
 
 const APPARMOR_FIELD: &str = "config.linux.security_context.apparmor";
@@ -21,8 +20,8 @@ pub const DEFAULT_APPARMOR_PROFILE: &str = "berth-default";
 pub struct SecurityModules {
     /// AppArmor is enabled: the loaded profiles' names, or None without AppArmor.
     pub apparmor_profiles: Option<Vec<String>>,
-    /// SELinux is enabled.
-    pub selinux: bool,
+    /// SELinux is enabled: the policy's container labels.
+    pub selinux: Option<SelinuxDefaults>,
 }
 
 impl SecurityModules {
@@ -40,7 +39,7 @@ impl SecurityModules {
         });
         SecurityModules {
             apparmor_profiles,
-            selinux: Path::new("/sys/fs/selinux/enforce").exists(),
+            selinux: SelinuxDefaults::detect(),
         }
     }
 }
@@ -135,26 +134,6 @@ pub fn apparmor_profile(
     Ok(Some(name))
 }
 
-/// SELinux labels are not applied by berth: asking for one is an error, on any host.
-pub fn check_selinux(
-    options: Option<&cri::SeLinuxOption>,
-    field: &str,
-    modules: &SecurityModules,
-) -> Result<(), SpecError> {
-    let asked = options.is_some_and(|o| {
-        !(o.user.is_empty() && o.role.is_empty() && o.r#type.is_empty() && o.level.is_empty())
-    });
-    if !asked {
-        return Ok(());
-    }
-    let why = if modules.selinux {
-        "berth does not apply SELinux labels"
-    } else {
-        "SELinux is not enabled on this host"
-    };
-    Err(err(field, format!("{why}; remove the SELinux options")))
-}
-
 /// User namespaces are not supported: only the node's (mode NODE, or nothing) is.
 pub fn check_userns(ns: Option<&cri::NamespaceOption>, field: &str) -> Result<(), SpecError> {
     let mode = ns
@@ -218,7 +197,7 @@ mod tests {
         use cri::security_profile::ProfileType;
         let host = SecurityModules {
             apparmor_profiles: Some(vec![DEFAULT_APPARMOR_PROFILE.into(), "mine".into()]),
-            selinux: false,
+            selinux: None,
         };
         assert_eq!(
             apparmor_profile(None, false, &host).unwrap().as_deref(),
@@ -242,26 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn selinux_and_userns_are_refused() {
-        let opts = cri::SeLinuxOption {
-            level: "s0:c1,c2".into(),
-            ..Default::default()
-        };
-        let e = check_selinux(
-            Some(&opts),
-            "f.selinux_options",
-            &SecurityModules::default(),
-        )
-        .unwrap_err();
-        assert_eq!(e.field, "f.selinux_options");
-        assert!(
-            check_selinux(
-                Some(&cri::SeLinuxOption::default()),
-                "f",
-                &SecurityModules::default()
-            )
-            .is_ok()
-        );
+    fn user_namespaces_are_refused() {
         let pod_userns = cri::NamespaceOption {
             userns_options: Some(cri::UserNamespace {
                 mode: cri::NamespaceMode::Pod as i32,

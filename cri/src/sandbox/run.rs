@@ -102,6 +102,26 @@ impl SandboxService {
         }
     }
 
+    /// The pod's SELinux process label on an SELinux host: the policy's container
+    /// label under the pod's options, at an MCS level no other pod has (the create
+    /// lock is held, so no pod is being made meanwhile).
+    fn selinux_label(&self, id: &str, spec: &PodSpec) -> Option<String> {
+        let host = self.ctx.host.modules.selinux.as_ref()?;
+        let used: std::collections::HashSet<String> = self
+            .ctx
+            .records
+            .sandboxes()
+            .iter()
+            .filter_map(|p| p.selinux_label.as_deref())
+            .filter_map(|l| l.splitn(4, ':').nth(3).map(str::to_string))
+            .collect();
+        Some(crate::oci::pod_label(
+            spec.selinux.as_ref(),
+            host,
+            crate::oci::pod_level(id, &used),
+        ))
+    }
+
     /// The steps after the checks.
     async fn build(
         &self,
@@ -144,6 +164,7 @@ impl SandboxService {
                 .collect(),
             config,
             ips: ips.iter().map(|ip| ip.to_string()).collect(),
+            selinux_label: self.selinux_label(id, spec),
         };
         self.ctx.records.put_sandbox(&rec)?;
         self.watch(id, client.clone()).await;

@@ -21,6 +21,8 @@ pub(super) struct PodSpec {
     pub sysctls: Vec<(String, String)>,
     /// The pod cgroup under each hierarchy's root, if it has a `cgroup_parent`.
     pub cgroup_rel: Option<PathBuf>,
+    /// SELinux options that ask for something (only on SELinux hosts).
+    pub selinux: Option<cri::SeLinuxOption>,
 }
 
 /// A sysctl a pod may set: only namespaced ones (runc's rule).
@@ -132,22 +134,22 @@ fn sysctls(
 }
 
 /// Confinement the pod asks for that berth cannot give: an error, not a weaker pod.
+/// The SELinux options that ask for something.
 fn check_pod_confinement(
     linux: &cri::LinuxPodSandboxConfig,
     modules: &SecurityModules,
-) -> Result<()> {
+) -> Result<Option<cri::SeLinuxOption>> {
     let sc = linux.security_context.as_ref();
     let field = "config.linux.security_context";
-    check_selinux(
-        sc.and_then(|s| s.selinux_options.as_ref()),
-        &format!("{field}.selinux_options"),
-        modules,
-    )?;
     check_userns(
         sc.and_then(|s| s.namespace_options.as_ref()),
         &format!("{field}.namespace_options"),
     )?;
-    Ok(())
+    Ok(check_selinux(
+        sc.and_then(|s| s.selinux_options.as_ref()),
+        &format!("{field}.selinux_options"),
+        modules.selinux.as_ref(),
+    )?)
 }
 
 /// Checks a RunPodSandbox request.
@@ -163,7 +165,7 @@ pub(super) fn pod_spec(
     let meta = metadata(config)?;
     let handler = handler(cfg, &req.runtime_handler)?;
     let linux = config.linux.clone().unwrap_or_default();
-    check_pod_confinement(&linux, modules)?;
+    let selinux = check_pod_confinement(&linux, modules)?;
     let ns = linux
         .security_context
         .as_ref()
@@ -212,5 +214,6 @@ pub(super) fn pod_spec(
         hostname,
         sysctls,
         cgroup_rel,
+        selinux,
     })
 }
