@@ -74,8 +74,11 @@ async fn sweep_containers(ctx: &Context, containers: &ContainerService, ctrs: &H
 /// Shims of pods with no record: their tasks, then the shim itself.
 async fn sweep_shims(ctx: &Context, pods: &HashSet<String>) {
     for name in names(&ctx.paths.shim_sockets()) {
-        // A shim's console socket lives in `<socket>.c/`.
-        let (prefix, console) = match name.strip_suffix(".c") {
+        // A shim's console socket lives in `<socket>.c/` (before: `<socket>.console`).
+        let (prefix, console) = match name
+            .strip_suffix(".c")
+            .or_else(|| name.strip_suffix(".console"))
+        {
             Some(p) => (p, true),
             None => (name.as_str(), false),
         };
@@ -93,7 +96,7 @@ async fn sweep_shims(ctx: &Context, pods: &HashSet<String>) {
                 let _ = client.shutdown().await;
             }
         }
-        let _ = if console {
+        let _ = if path.is_dir() {
             std::fs::remove_dir_all(&path)
         } else {
             std::fs::remove_file(&path)

@@ -404,6 +404,25 @@ fn cases() -> Vec<Case> {
     });
     v.push(c);
 
+    // The restricted-profile pattern: drop everything, add one back.
+    let mut c = case("capabilities_drop_all_add_one");
+    sc(&mut c.container).capabilities = Some(cri::Capability {
+        add_capabilities: vec!["NET_BIND_SERVICE".into()],
+        drop_capabilities: vec!["ALL".into()],
+        ..Default::default()
+    });
+    v.push(c);
+
+    // Privileged: add/drop do not apply.
+    let mut c = case("privileged_ignores_drops");
+    sc(&mut c.container).privileged = true;
+    privileged_pod(&mut c.pod);
+    sc(&mut c.container).capabilities = Some(cri::Capability {
+        drop_capabilities: vec!["ALL".into()],
+        ..Default::default()
+    });
+    v.push(c);
+
     let mut c = case("command_args_env_workdir_volumes");
     c.container.args = vec!["--debug".into()];
     c.container.working_dir = "/work".into();

@@ -151,7 +151,8 @@ pub async fn serve(
 }
 
 async fn forward(data: Stream, error: Stream, rt: Arc<dyn StreamRuntime>, pod: String, port: u16) {
-    let ew = error.writer();
+    // berth only writes the error stream: what a client sends there is dropped.
+    let ew = error.into_writer();
     let tcp = match rt.port_forward(pod.clone(), port).await {
         Ok(t) => t,
         Err(e) => {

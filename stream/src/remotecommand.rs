@@ -152,7 +152,7 @@ fn wire(conn: &Connection, s: &mut Streams) -> Wired {
 /// After the runtime: all output written, input stopped, status, FIN, close.
 async fn finish(
     conn: Connection,
-    error: Option<Stream>,
+    error: Option<StreamWriter>,
     wired_out: Vec<(StreamWriter, JoinHandle<()>)>,
     inputs: Vec<StreamWriter>,
     status: Option<Vec<u8>>,
@@ -165,8 +165,7 @@ async fn finish(
     for w in inputs {
         w.reset().await;
     }
-    if let Some(e) = error {
-        let w = e.writer();
+    if let Some(w) = error {
         if let Some(msg) = status {
             let _ = w.write(&msg).await;
         }
@@ -197,9 +196,11 @@ pub async fn serve(
         return;
     };
     tokio::spawn(refuse_more(incoming));
+    // berth only writes the error stream: what a client sends there is dropped.
+    let error = s.error.take().map(Stream::into_writer);
     let wired = wire(&conn, &mut s);
     let status = cmd.run(runtime.as_ref(), wired.io, version).await;
-    finish(conn, s.error.take(), wired.outputs, wired.inputs, status).await;
+    finish(conn, error, wired.outputs, wired.inputs, status).await;
 }
 
 /// Streams opened after the session is set up are refused.

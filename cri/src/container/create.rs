@@ -36,6 +36,8 @@ struct Plan {
     image_config: ImageConfiguration,
     layers: Vec<PathBuf>,
     cgroups_path: String,
+    /// SELinux mount label (SELinux hosts): the rootfs is mounted with it.
+    mount_label: Option<String>,
 }
 
 impl ContainerService {
@@ -138,6 +140,17 @@ impl ContainerService {
                 holder.id
             )));
         }
+        let mount_label = crate::oci::container_labels(
+            config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .and_then(|s| s.selinux_options.as_ref()),
+            "config.linux.security_context.selinux_options",
+            self.ctx.host.modules.selinux.as_ref(),
+            pod.selinux_label.as_deref(),
+        )?
+        .map(|l| l.mount);
         let id = new_id();
         let cgroup_parent = pod
             .config
@@ -155,6 +168,7 @@ impl ContainerService {
             pod,
             image_name,
             image,
+            mount_label,
         })
     }
 
@@ -183,9 +197,10 @@ impl ContainerService {
             .collect();
         let volumes = image_volumes(&plan.image_config).len();
         let lower: Vec<PathBuf> = plan.layers.iter().rev().cloned().collect();
+        let label = plan.mount_label.clone();
         tokio::task::spawn_blocking(move || {
             make_dirs(&cdir, &rootfs, volumes, &host_dirs)?;
-            mount_overlay(&lower, &cdir, &rootfs)
+            mount_overlay(&lower, &cdir, &rootfs, label.as_deref())
         })
         .await?
     }
@@ -430,15 +445,20 @@ fn make_dirs(cdir: &Path, rootfs: &Path, volumes: usize, host_dirs: &[PathBuf]) 
     Ok(())
 }
 
-/// The image's snapshots (top first) under the container's writable layer.
-fn mount_overlay(lower: &[PathBuf], cdir: &Path, rootfs: &Path) -> Result<()> {
+/// The image's snapshots (top first) under the container's writable layer; on
+/// SELinux hosts every file in it carries the container's mount label (`context=`),
+/// as CRI-O mounts it.
+fn mount_overlay(lower: &[PathBuf], cdir: &Path, rootfs: &Path, label: Option<&str>) -> Result<()> {
     let lower: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
-    let opts = format!(
+    let mut opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         lower.join(":"),
         cdir.join("upper").display(),
         cdir.join("work").display()
     );
+    if let Some(l) = label {
+        opts.push_str(&format!(",context=\"{l}\""));
+    }
     nix::mount::mount(
         Some("overlay"),
         rootfs,

@@ -33,8 +33,8 @@ pub use process::{DEFAULT_CAPABILITIES, DEFAULT_PATH, exec_process, process_args
 pub use seccomp::{SeccompChoice, SeccompHost};
 pub use security::{DEFAULT_APPARMOR_PROFILE, SecurityModules, check_userns};
 pub use selinux::{
-    SelinuxDefaults, SelinuxLabels, check_options as check_selinux, pod_label, pod_level, relabel,
-    relabel_allowed,
+    SelinuxDefaults, SelinuxLabels, check_options as check_selinux, container_labels, pod_label,
+    pod_level, pod_mount_label, relabel, relabel_allowed,
 };
 pub use user::{ProcessIds, process_ids};
 

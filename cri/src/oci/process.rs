@@ -107,20 +107,22 @@ pub fn process_env(config: &cri::ContainerConfig, image: &ImageConfiguration) ->
         .collect()
 }
 
-/// The capability names the process gets: the defaults, or every capability berthd
-/// holds when privileged; then the config's adds (`ALL` = every one berthd holds) and
-/// drops. A capability berthd does not hold cannot be given: asking for one is an
-/// error naming it, not a runc failure at start.
+/// The capability names the process gets, in containerd's order: every capability
+/// berthd holds when privileged (add/drop do not apply, as containerd's
+/// `WithPrivileged`); else the defaults, then `ALL` in the adds (every one berthd
+/// holds), then `ALL` in the drops (none), then the named adds, then the named drops
+/// (so `drop: [ALL], add: [NET_BIND_SERVICE]` keeps that one). A capability berthd
+/// does not hold cannot be given: asking for one is an error naming it, not a runc
+/// failure at start.
 pub(super) fn capability_names(
     sc: Option<&cri::LinuxContainerSecurityContext>,
     host: &HostFacts,
 ) -> Result<Vec<String>, SpecError> {
     let field = "config.linux.security_context.capabilities.add_capabilities";
-    let mut caps: Vec<String> = if sc.is_some_and(|s| s.privileged) {
-        host.capabilities.clone()
-    } else {
-        DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect()
-    };
+    if sc.is_some_and(|s| s.privileged) {
+        return Ok(host.capabilities.clone());
+    }
+    let mut caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
     let norm = |c: &str| {
         if c.eq_ignore_ascii_case("ALL") {
             "ALL".to_string()
@@ -131,10 +133,16 @@ pub(super) fn capability_names(
     let Some(c) = sc.and_then(|s| s.capabilities.as_ref()) else {
         return Ok(caps);
     };
-    for a in c.add_capabilities.iter().map(|a| norm(a)) {
-        if a == "ALL" {
-            caps = host.capabilities.clone();
-        } else if !KERNEL_CAPABILITIES.contains(&a.as_str()) {
+    let adds: Vec<String> = c.add_capabilities.iter().map(|a| norm(a)).collect();
+    let drops: Vec<String> = c.drop_capabilities.iter().map(|d| norm(d)).collect();
+    if adds.iter().any(|a| a == "ALL") {
+        caps = host.capabilities.clone();
+    }
+    if drops.iter().any(|d| d == "ALL") {
+        caps.clear();
+    }
+    for a in adds.into_iter().filter(|a| a != "ALL") {
+        if !KERNEL_CAPABILITIES.contains(&a.as_str()) {
             return Err(err(field, format!("unknown capability {a}")));
         } else if !host.capabilities.contains(&a) {
             return Err(err(
@@ -147,12 +155,8 @@ pub(super) fn capability_names(
             caps.push(a);
         }
     }
-    for d in c.drop_capabilities.iter().map(|d| norm(d)) {
-        if d == "ALL" {
-            caps.clear();
-        } else {
-            caps.retain(|x| *x != d);
-        }
+    for d in drops.iter().filter(|d| *d != "ALL") {
+        caps.retain(|x| x != d);
     }
     Ok(caps)
 }
@@ -354,7 +358,15 @@ mod tests {
         let privileged = capability_names(Some(&sc(&[], &[], true)), &host).unwrap();
         assert_eq!(privileged, host.capabilities);
         assert!(capabilities(&privileged).is_ok());
-        let none = capability_names(Some(&sc(&[], &["ALL"], true)), &host).unwrap();
-        assert!(none.is_empty());
+        // Privileged ignores add/drop (containerd's WithPrivileged).
+        let still_all = capability_names(Some(&sc(&[], &["ALL"], true)), &host).unwrap();
+        assert_eq!(still_all, host.capabilities);
+        // ALL first, then the named ones, whatever the order in the lists.
+        let one =
+            capability_names(Some(&sc(&["NET_BIND_SERVICE"], &["ALL"], false)), &host).unwrap();
+        assert_eq!(one, ["CAP_NET_BIND_SERVICE"]);
+        let all_but = capability_names(Some(&sc(&["ALL"], &["CHOWN"], false)), &host).unwrap();
+        assert_eq!(all_but.len(), host.capabilities.len() - 1);
+        assert!(!all_but.contains(&"CAP_CHOWN".to_string()));
     }
 }

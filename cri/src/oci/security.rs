@@ -24,19 +24,22 @@ pub struct SecurityModules {
     pub selinux: Option<SelinuxDefaults>,
 }
 
+/// The AppArmor profiles loaded in the kernel now.
+fn loaded_profiles() -> Vec<String> {
+    std::fs::read_to_string("/sys/kernel/security/apparmor/profiles")
+        .unwrap_or_default()
+        .lines()
+        // "name (enforce)"
+        .filter_map(|l| l.rsplit_once(' ').map(|(name, _)| name.to_string()))
+        .collect()
+}
+
 impl SecurityModules {
     /// This host, as runc's checks read it.
     pub fn detect() -> SecurityModules {
         let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
             .is_ok_and(|s| s.starts_with('Y'));
-        let apparmor_profiles = enabled.then(|| {
-            std::fs::read_to_string("/sys/kernel/security/apparmor/profiles")
-                .unwrap_or_default()
-                .lines()
-                // "name (enforce)"
-                .filter_map(|l| l.rsplit_once(' ').map(|(name, _)| name.to_string()))
-                .collect()
-        });
+        let apparmor_profiles = enabled.then(loaded_profiles);
         SecurityModules {
             apparmor_profiles,
             selinux: SelinuxDefaults::detect(),
@@ -125,7 +128,9 @@ pub fn apparmor_profile(
         AppArmorChoice::RuntimeDefault => DEFAULT_APPARMOR_PROFILE.to_string(),
         AppArmorChoice::Localhost(name) => name,
     };
-    if !loaded.contains(&name) {
+    // Profiles loaded since berthd started (a profile operator, a DaemonSet) count:
+    // a name not in the list read at start is looked up again.
+    if !loaded.contains(&name) && !loaded_profiles().contains(&name) {
         return Err(err(
             APPARMOR_FIELD,
             format!("apparmor profile {name:?} is not loaded on this host"),

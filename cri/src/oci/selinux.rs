@@ -236,6 +236,17 @@ pub fn container_labels(
     Ok(Some(apply(p, m, o.as_ref())))
 }
 
+/// The label of a pod's files (its shm, hosts, hostname, resolv.conf): the policy's
+/// file label at the pod's user and level.
+pub fn pod_mount_label(pod_label: &str, host: &SelinuxDefaults) -> String {
+    let (_, mut m) = defaults(host);
+    if let Some(pod) = Context::parse(pod_label) {
+        m.user = pod.user;
+        m.level = pod.level;
+    }
+    m.render()
+}
+
 /// Paths never relabelled (go-selinux's list): relabelling them would break the host.
 const NEVER_RELABEL: &[&str] = &[
     "/",
@@ -271,17 +282,72 @@ pub fn relabel_allowed(path: &Path) -> bool {
     !NEVER_RELABEL.contains(&if p.is_empty() { "/" } else { p })
 }
 
-/// Sets `label` on `path` and everything below it (symlinks themselves, never their
-/// targets), as `label.Relabel` does for a volume.
+/// Sets `label` on `path` and everything below it, as `label.Relabel` does for a
+/// volume, walking by file descriptor: every entry is opened relative to its
+/// directory's fd without following symlinks, and labelled through that fd, so a
+/// container swapping a directory for a symlink cannot make berthd label host files;
+/// the walk stays on `path`'s filesystem. A filesystem without xattr support
+/// (ENOTSUP) is left as it is, as containerd does.
 pub fn relabel(path: &Path, label: &str) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::{Mode, SFlag, fstat};
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let top = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let top_stat = fstat(&top)?;
+    match set_label(&top, label) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
+        other => other?,
+    }
+    if SFlag::from_bits_truncate(top_stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+        return Ok(());
+    }
+    let mut dirs = vec![nix::fcntl::open(path, dir_flags, Mode::empty())?];
+    while let Some(dir_fd) = dirs.pop() {
+        let names: Vec<std::ffi::CString> = {
+            let listing = nix::dir::Dir::from_fd(dir_fd.try_clone()?)?;
+            let mut listing = listing;
+            listing
+                .iter()
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_owned())
+                .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+                .collect()
+        };
+        for name in names {
+            let fd = openat(
+                &dir_fd,
+                name.as_c_str(),
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            let st = fstat(&fd)?;
+            if st.st_dev != top_stat.st_dev {
+                continue;
+            }
+            set_label(&fd, label)?;
+            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+                dirs.push(openat(&dir_fd, name.as_c_str(), dir_flags, Mode::empty())?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Labels what `fd` (opened with O_PATH) refers to, through its /proc magic link, which
+/// names the open file itself and is never resolved again by path.
+fn set_label(fd: &std::os::fd::OwnedFd, label: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let proc = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     let name = c"security.selinux";
     // SAFETY: both strings are NUL-terminated and outlive the call; the value is
     // `label.len()` bytes read from `label`.
     let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
+        libc::setxattr(
+            proc.as_ptr(),
             name.as_ptr(),
             label.as_ptr().cast(),
             label.len(),
@@ -290,12 +356,6 @@ pub fn relabel(path: &Path, label: &str) -> std::io::Result<()> {
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
-    }
-    let meta = std::fs::symlink_metadata(path)?;
-    if meta.is_dir() {
-        for e in std::fs::read_dir(path)? {
-            relabel(&e?.path(), label)?;
-        }
     }
     Ok(())
 }
@@ -399,6 +459,61 @@ mod tests {
             container_labels(Some(&cri::SeLinuxOption::default()), "f", None, None).unwrap(),
             None
         );
+    }
+
+    fn label_of(p: &Path) -> Option<String> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        // SAFETY: NUL-terminated strings; the buffer's length is passed.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                c"security.selinux".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+    }
+
+    /// Needs root (security.* xattrs); the kernel stores them without SELinux too.
+    #[test]
+    fn relabel_labels_the_tree_and_never_follows_symlinks() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (security.* xattrs)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = tmp.path().join("vol");
+        let outside = tmp.path().join("host-secret");
+        std::fs::create_dir_all(vol.join("a/b")).unwrap();
+        std::fs::write(vol.join("a/b/f"), "x").unwrap();
+        std::fs::write(&outside, "secret").unwrap();
+        std::os::unix::fs::symlink(&outside, vol.join("a/link")).unwrap();
+        std::os::unix::fs::symlink(tmp.path(), vol.join("dirlink")).unwrap();
+        let label = "system_u:object_r:container_file_t:s0:c1,c2";
+        match relabel(&vol, label) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                eprintln!("skipped: no security xattrs on this filesystem");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        if label_of(&vol).is_none() {
+            eprintln!("skipped: the filesystem ignored security.selinux");
+            return;
+        }
+        for p in ["", "a", "a/b", "a/b/f"] {
+            assert_eq!(label_of(&vol.join(p)).as_deref(), Some(label), "{p}");
+        }
+        assert_eq!(
+            label_of(&outside),
+            None,
+            "a symlink's target was relabelled"
+        );
+        assert_eq!(label_of(tmp.path()), None, "a linked dir was relabelled");
     }
 
     #[test]

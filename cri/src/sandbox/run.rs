@@ -78,7 +78,7 @@ impl SandboxService {
     }
 
     async fn run_detached(&self, req: cri::RunPodSandboxRequest) -> Result<String> {
-        let spec = pod_spec(&self.ctx.cfg, &self.ctx.host.modules, &req)?;
+        let mut spec = pod_spec(&self.ctx.cfg, &self.ctx.host.modules, &req)?;
         let config = req.config.unwrap_or_default();
         let _create = self.ctx.create_lock.lock().await;
         if let Some(holder) = self.ctx.records.sandbox_by_key(&spec.key) {
@@ -88,6 +88,7 @@ impl SandboxService {
             )));
         }
         let id = new_id();
+        spec.selinux_label = self.selinux_label(&id, &spec);
         let mut undo = Undo::default();
         match self.build(&id, &spec, config, &mut undo).await {
             Ok(()) => {
@@ -164,7 +165,7 @@ impl SandboxService {
                 .collect(),
             config,
             ips: ips.iter().map(|ip| ip.to_string()).collect(),
-            selinux_label: self.selinux_label(id, spec),
+            selinux_label: spec.selinux_label.clone(),
         };
         self.ctx.records.put_sandbox(&rec)?;
         self.watch(id, client.clone()).await;
@@ -189,7 +190,25 @@ impl SandboxService {
                 let _ = std::fs::remove_dir_all(&d);
             });
         }
-        write_pod_files(&paths.sandbox_root(id), spec, config)
+        write_pod_files(&paths.sandbox_root(id), spec, config)?;
+        // On SELinux hosts the files the containers bind get the pod's file label.
+        if let Some(label) = self.pod_mount_label(spec) {
+            for f in ["hostname", "hosts", "resolv.conf"] {
+                let path = paths.sandbox_root(id).join(f);
+                crate::oci::relabel(&path, &label)
+                    .map_err(|e| CriError::internal(&format!("labelling {}", path.display()), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The label of the pod's files and shm, on SELinux hosts.
+    fn pod_mount_label(&self, spec: &PodSpec) -> Option<String> {
+        let host = self.ctx.host.modules.selinux.as_ref()?;
+        Some(crate::oci::pod_mount_label(
+            spec.selinux_label.as_deref()?,
+            host,
+        ))
     }
 
     /// /dev/shm, the pinned netns and the pod cgroup, on a blocking thread; the list of
@@ -200,6 +219,7 @@ impl SandboxService {
         let created_list = paths.created_cgroups(id);
         let (host_ipc, host_net, cgroup_rel) =
             (spec.host_ipc, spec.host_net, spec.cgroup_rel.clone());
+        let shm_label = self.pod_mount_label(spec);
         let (s, n) = (shm.clone(), ns_path.clone());
         let undo_partial = move || {
             let _ = nix::mount::umount2(&s, nix::mount::MntFlags::MNT_DETACH);
@@ -208,7 +228,7 @@ impl SandboxService {
         let made = tokio::task::spawn_blocking(move || {
             let steps = || -> Result<Isolation> {
                 if !host_ipc {
-                    mount_shm(&shm)?;
+                    mount_shm(&shm, shm_label.as_deref())?;
                 }
                 if !host_net {
                     netns::create_pinned(&ns_path)
@@ -309,9 +329,13 @@ impl SandboxService {
     }
 }
 
-/// The pod's /dev/shm: a tmpfs, nosuid, nodev, noexec.
-fn mount_shm(shm: &Path) -> Result<()> {
+/// The pod's /dev/shm: a tmpfs, nosuid, nodev, noexec; labelled on SELinux hosts.
+fn mount_shm(shm: &Path, label: Option<&str>) -> Result<()> {
     std::fs::create_dir_all(shm).map_err(|e| CriError::internal("creating shm dir", e))?;
+    let mut opts = "mode=1777,size=65536k".to_string();
+    if let Some(l) = label {
+        opts.push_str(&format!(",context=\"{l}\""));
+    }
     nix::mount::mount(
         Some("shm"),
         shm,
@@ -319,7 +343,7 @@ fn mount_shm(shm: &Path) -> Result<()> {
         nix::mount::MsFlags::MS_NOSUID
             | nix::mount::MsFlags::MS_NODEV
             | nix::mount::MsFlags::MS_NOEXEC,
-        Some("mode=1777,size=65536k"),
+        Some(opts.as_str()),
     )
     .map_err(|e| CriError::internal("mounting /dev/shm", e))
 }

@@ -23,6 +23,8 @@ pub(super) struct PodSpec {
     pub cgroup_rel: Option<PathBuf>,
     /// SELinux options that ask for something (only on SELinux hosts).
     pub selinux: Option<cri::SeLinuxOption>,
+    /// The pod's SELinux process label, once it has an id (SELinux hosts).
+    pub selinux_label: Option<String>,
 }
 
 /// A sysctl a pod may set: only namespaced ones (runc's rule).
@@ -215,5 +217,6 @@ pub(super) fn pod_spec(
         sysctls,
         cgroup_rel,
         selinux,
+        selinux_label: None,
     })
 }

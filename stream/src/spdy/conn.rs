@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -162,6 +162,12 @@ impl Stream {
     /// A handle to write to it (cloneable; usable while another task reads).
     pub fn writer(&self) -> StreamWriter {
         self.writer.clone()
+    }
+
+    /// Only the write side: what the peer sends on it is dropped as it arrives, so
+    /// it never holds the session's budget.
+    pub fn into_writer(self) -> StreamWriter {
+        self.writer
     }
 
     /// Splits into the read side and the write side.
@@ -469,36 +475,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // The next stream id the peer may use (ids must increase).
         min_peer_id: if server { 1 } else { 2 },
     };
-    // Bytes still to discard of a DATA frame over the limit.
-    let mut skip = 0usize;
     'outer: loop {
         loop {
-            if skip > 0 {
-                let n = skip.min(buf.len());
-                buf.advance(n);
-                skip -= n;
-                if skip > 0 {
-                    break;
-                }
-            }
+            // A DATA frame over the limit is never buffered: its stream is reset
+            // (FRAME_TOO_LARGE) and the session ends, so that the stream's reader sees
+            // the session go rather than a clean end of its input.
             if let Some((id, len)) = Frame::oversized_data(&buf, shared.limits.stream_buffer_bytes)
             {
-                tracing::debug!(
-                    id,
-                    len,
-                    "spdy: resetting a stream that sent a frame over the limit"
-                );
-                buf.advance(8);
-                skip = len;
-                shared.lock().remove(&id);
+                tracing::debug!(id, len, "spdy: a frame over the limit ends the session");
                 let rst = Frame::RstStream {
                     id,
                     status: RST_FRAME_TOO_LARGE,
                 };
-                if shared.send(rst).await.is_err() {
-                    break 'outer;
-                }
-                continue;
+                let _ = shared.send(rst).await;
+                break 'outer;
             }
             let frame = match Frame::decode(&mut buf, &mut codec) {
                 Ok(Some(f)) => f,

@@ -181,12 +181,18 @@ async fn a_session_buffers_at_most_its_budget() {
         }
         streams
     });
-    let mut writers = Vec::new();
+    // All streams open before any data flows (as client-go opens them).
+    let mut opened = Vec::new();
     for i in 0..3 {
-        let st = client
-            .open(Headers::default().with("n", &i.to_string()))
-            .await
-            .unwrap();
+        opened.push(
+            client
+                .open(Headers::default().with("n", &i.to_string()))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut writers = Vec::new();
+    for st in opened {
         writers.push(tokio::spawn(async move {
             let w = st.writer();
             w.write(&vec![b'a'; 1 << 20]).await.unwrap();
