@@ -200,6 +200,8 @@ pub enum LogFormat {
     Text,
     /// One JSON object per event (timestamp, level, target, fields, spans).
     Json,
+    /// Straight to the systemd journal (what `text` does when stderr is the journal).
+    Journal,
 }
 
 /// How cgroup paths are named.

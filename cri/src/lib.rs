@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod handlers;
 pub mod image_service;
 pub mod layout;
+pub mod notify;
 pub mod oci;
 pub mod oom_score;
 pub mod records;

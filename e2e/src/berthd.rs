@@ -123,7 +123,21 @@ pub fn conflist(name: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> Stri
 impl Berthd {
     /// Starts berthd with `extra_config` (TOML) appended to a config naming its dirs.
     pub fn start(extra_config: &str) -> Result<Berthd> {
-        let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
+        let mut b = Berthd::prepare(extra_config, None)?;
+        b.spawn()?;
+        Ok(b)
+    }
+
+    /// Everything `start` sets up (dirs, config, network), in a new dir under `base`
+    /// (default: the temp dir), without starting berthd: for a berthd that something
+    /// else runs, such as systemd.
+    pub fn prepare(extra_config: &str, base: Option<&Path>) -> Result<Berthd> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("berth-e2e-");
+        let dir = match base {
+            Some(b) => builder.tempdir_in(b)?,
+            None => builder.tempdir()?,
+        };
         // Passable like /var/lib and /run, so that only berth's own modes keep local users out.
         std::fs::set_permissions(
             dir.path(),
@@ -149,7 +163,7 @@ impl Berthd {
             root, state, socket, cni_dir
         );
         std::fs::write(&config, text)?;
-        let mut b = Berthd {
+        Ok(Berthd {
             dir,
             root,
             state,
@@ -162,9 +176,22 @@ impl Berthd {
             bridge,
             subnet,
             ipam_dir,
-        };
-        b.spawn()?;
-        Ok(b)
+        })
+    }
+
+    /// Waits until something serves on the socket.
+    pub fn wait_serving(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "nothing served on {} within {timeout:?}",
+            self.socket.display()
+        )
     }
 
     /// The temp directory holding everything of this berthd.

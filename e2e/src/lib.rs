@@ -4,5 +4,6 @@ pub mod berthd;
 pub mod calls;
 pub mod clients;
 pub mod registry;
+pub mod systemd;
 pub mod testimages;
 pub mod tokenauth;

@@ -502,6 +502,19 @@ pub fn spawn_shim(binary: &Path, cfg: &ShimConfig) -> Result<(), ShimError> {
     for a in &cfg.runtime_args {
         cmd.arg("--runtime-arg").arg(a);
     }
+    // berthd's service-manager variables are berthd's own: with NOTIFY_SOCKET, runc
+    // would relay the container's sd_notify to systemd (and fail on long paths); a
+    // shim outlives berthd's service and must not be taken for it.
+    for var in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
+        cmd.env_remove(var);
+    }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     let status = cmd
         .status()

@@ -79,16 +79,66 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(config))
 }
 
-/// The log on stderr: colour only on a terminal (a file or the journal gets plain text).
+/// The log: to the journal (levels as priorities, fields as journal fields) when
+/// stderr is systemd's journal stream or `log_format = "journal"`; otherwise on
+/// stderr, with colour only on a terminal.
 fn init_logging(filter: EnvFilter, format: LogFormat) {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let journal =
+        format == LogFormat::Journal || (format == LogFormat::Text && stderr_is_journal());
+    if journal {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(
+                        layer
+                            .with_syslog_identifier("berthd".into())
+                            // `journalctl SANDBOX=<id>` rather than F_SANDBOX
+                            .with_field_prefix(None)
+                            .with_priority_mappings(journal_priorities()),
+                    )
+                    .init();
+                return;
+            }
+            // No journal to write to: stderr still reaches whoever started berthd.
+            Err(e) => eprintln!("berthd: the journal is not reachable ({e}); logging to stderr"),
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().with_current_span(true).init(),
+        _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+}
+
+/// syslog's meaning of each level (tracing-journald's default makes INFO a notice).
+fn journal_priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    tracing_journald::PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    }
+}
+
+/// Whether stderr is the stream systemd connected to the journal (`JOURNAL_STREAM`
+/// names its device and inode, as sd_journal_stream_fd documents).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    let Ok(want) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else {
+        return false;
+    };
+    want == format!("{}:{}", st.st_dev, st.st_ino)
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -143,11 +193,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     _ = term.recv() => info!("SIGTERM: finishing in-flight calls"),
                     _ = int.recv() => info!("SIGINT: finishing in-flight calls"),
                 }
+                berth_cri::notify::stopping();
             }
             _ => std::future::pending::<()>().await,
         }
     };
     let listen = config.listen.clone();
+    // The socket is bound and listening: connections queue until serve accepts them.
+    berth_cri::notify::ready("serving CRI v1");
+    let _watchdog = berth_cri::notify::spawn_watchdog();
     berth_cri::server::serve(listener, config, images, svc, shutdown).await?;
     let _ = std::fs::remove_file(&listen);
     info!("berthd stopped");

@@ -27,6 +27,7 @@ use tonic::Code;
 mod confinement;
 mod interop;
 mod security;
+mod systemd;
 
 /// Everything the tests share: the registries and what was pushed to them.
 struct World {
@@ -4713,6 +4714,10 @@ fn main() -> anyhow::Result<()> {
         Trial::test(
             "crash_mid_pull_leaves_nothing_half_recorded",
             crash_mid_pull_leaves_nothing_half_recorded,
+        ),
+        Trial::test(
+            "berth_runs_as_a_systemd_service",
+            systemd::berth_runs_as_a_systemd_service,
         ),
         Trial::test(
             "streaming_floods_leave_berthd_small",
