@@ -217,35 +217,11 @@ async fn raw_spdy_bytes_match_the_spec() {
             "{head}"
         );
 
-        // Hand-built header blocks: one zlib stream with the SPDY/3 dictionary.
-        let dict = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/src/spdy/dictionary.bin"
-        ))
-        .unwrap();
-        let mut z = Compress::new(Compression::default(), true);
-        z.set_dictionary(&dict).unwrap();
-        let mut block = |name: &str, value: &str| {
-            let mut raw = vec![0, 0, 0, 1];
-            raw.extend((name.len() as u32).to_be_bytes());
-            raw.extend(name.as_bytes());
-            raw.extend((value.len() as u32).to_be_bytes());
-            raw.extend(value.as_bytes());
-            let mut out = Vec::with_capacity(512);
-            z.compress_vec(&raw, &mut out, FlushCompress::Sync).unwrap();
-            out
-        };
-        let syn = |id: u32, hb: Vec<u8>| {
-            let mut f = vec![0x80, 0x03, 0x00, 0x01, 0x00];
-            f.extend(&((10 + hb.len()) as u32).to_be_bytes()[1..]);
-            f.extend(id.to_be_bytes());
-            f.extend([0, 0, 0, 0, 0, 0]);
-            f.extend(hb);
-            f
-        };
-        // error (1), stdout (3), stderr (5): client-go's order.
-        for (id, t) in [(1u32, "error"), (3, "stdout"), (5, "stderr")] {
-            tcp.write_all(&syn(id, block("streamtype", t))).unwrap();
+        // error (1), stdout (3), stderr (5): client-go's order, header blocks on one
+        // zlib stream with the SPDY/3 dictionary.
+        let streams = [(1u32, "error"), (3, "stdout"), (5, "stderr")];
+        tcp.write_all(&syn_streams(&streams)).unwrap();
+        for (id, _) in streams {
             let (h, p) = read_frame(&mut tcp);
             assert_eq!(
                 &h[..5],

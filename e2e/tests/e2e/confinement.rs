@@ -33,18 +33,6 @@ fn cap_add(names: &[&str]) -> Option<cri::Capability> {
     })
 }
 
-/// Creates and starts a long-running container; its id.
-async fn running(
-    c: &mut CriClient,
-    pod: &str,
-    pod_cfg: &cri::PodSandboxConfig,
-    cfg: cri::ContainerConfig,
-) -> Result<String> {
-    let id = create_ctr(c, pod, pod_cfg, cfg).await?;
-    c.runtime.start_container(start(&id)).await?;
-    Ok(id)
-}
-
 fn sleeper(name: &str, image: &str) -> cri::ContainerConfig {
     container_config(name, image, "while true; do sleep 1; done")
 }
@@ -87,7 +75,7 @@ pub fn seccomp_profiles_filter_syscalls() -> Result<(), Failed> {
         };
         let img = &w.busybox.reference;
         // RuntimeDefault: filter mode, and no user namespace (needs no capability).
-        let def = running(
+        let def = create_and_start(
             &mut c,
             &pod,
             &pod_cfg,
@@ -113,7 +101,7 @@ pub fn seccomp_profiles_filter_syscalls() -> Result<(), Failed> {
         {
             old.seccomp_profile_path = "runtime/default".into();
         }
-        let old_id = running(
+        let old_id = create_and_start(
             &mut c,
             &pod,
             &pod_cfg,
@@ -122,7 +110,7 @@ pub fn seccomp_profiles_filter_syscalls() -> Result<(), Failed> {
         .await?;
         ensure!(proc_status(&mut c, &old_id, "Seccomp").await? == "2");
         // Unconfined: no filter, and the same call works.
-        let open = running(
+        let open = create_and_start(
             &mut c,
             &pod,
             &pod_cfg,
@@ -154,7 +142,7 @@ pub fn seccomp_profiles_filter_syscalls() -> Result<(), Failed> {
             &file.display().to_string(),
             &["SYS_ADMIN"],
         );
-        let blocked = running(
+        let blocked = create_and_start(
             &mut c,
             &pod,
             &pod_cfg,
@@ -285,7 +273,7 @@ pub fn privileged_and_all_capabilities() -> Result<(), Failed> {
                 "{e:?}"
             );
         }
-        let all = running(
+        let all = create_and_start(
             &mut c,
             &plain_pod,
             &plain_cfg,
@@ -313,7 +301,8 @@ pub fn privileged_and_all_capabilities() -> Result<(), Failed> {
         let pod = run_pod(&mut c, pod_cfg.clone()).await?;
         let mut sc = privileged();
         sc.seccomp = profile(cri::security_profile::ProfileType::RuntimeDefault, "");
-        let p = running(&mut c, &pod, &pod_cfg, with_security(sleeper("p", img), sc)).await?;
+        let p =
+            create_and_start(&mut c, &pod, &pod_cfg, with_security(sleeper("p", img), sc)).await?;
         ensure!(proc_status(&mut c, &p, "CapEff").await? == want);
         ensure!(
             proc_status(&mut c, &p, "Seccomp").await? == "0",
@@ -369,7 +358,7 @@ pub fn privileged_and_all_capabilities() -> Result<(), Failed> {
             "masked or read-only paths in a privileged container:\n{mounts}"
         );
         // An unprivileged container in the same pod has its masks and no host devices.
-        let u = running(&mut c, &pod, &pod_cfg, sleeper("u", img)).await?;
+        let u = create_and_start(&mut c, &pod, &pod_cfg, sleeper("u", img)).await?;
         let (_, mounts, _) =
             exec_in(&mut c, &u, &["busybox", "cat", "/proc/self/mountinfo"]).await?;
         ensure!(
@@ -429,7 +418,7 @@ pub fn image_groups_reach_the_process() -> Result<(), Failed> {
             supplemental_groups_policy: policy as i32,
             ..Default::default()
         };
-        let merge = running(
+        let merge = create_and_start(
             &mut c,
             &pod,
             &pod_cfg,
@@ -450,7 +439,7 @@ pub fn image_groups_reach_the_process() -> Result<(), Failed> {
             user.uid == 1000 && user.gid == 1000 && user.supplemental_groups == [1000, 50000, 1234],
             "{user:?}"
         );
-        let strict = running(
+        let strict = create_and_start(
             &mut c,
             &pod,
             &pod_cfg,
@@ -463,7 +452,7 @@ pub fn image_groups_reach_the_process() -> Result<(), Failed> {
         let (_, out, _) = exec_in(&mut c, &strict, &["busybox", "id", "-G"]).await?;
         ensure!(out.trim() == "1000 1234", "id -G (Strict): {out:?}");
         // A user by name, the image's default user, and a group without a user.
-        let named = running(
+        let named = create_and_start(
             &mut c,
             &pod,
             &pod_cfg,
@@ -589,14 +578,14 @@ pub fn mount_propagation_both_ways() -> Result<(), Failed> {
             "/both",
             cri::MountPropagation::PropagationBidirectional,
         )];
-        let both = running(&mut c, &pod, &pod_cfg, cfg).await?;
+        let both = create_and_start(&mut c, &pod, &pod_cfg, cfg).await?;
         let mut cfg = with_security(sleeper("slave", img), privileged.clone());
         cfg.mounts = vec![bind(
             &shared.0,
             "/slave",
             cri::MountPropagation::PropagationHostToContainer,
         )];
-        let slave = running(&mut c, &pod, &pod_cfg, cfg).await?;
+        let slave = create_and_start(&mut c, &pod, &pod_cfg, cfg).await?;
         // Host to container: both see a mount made on the host.
         sh(&format!(
             "mkdir {0}/from-host && mount -t tmpfs h {0}/from-host",

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use berth_e2e::berthd::{Berthd, CriClient};
-use berth_e2e::calls::{pull, pull_auth, remove_pod, run_pod, stop_pod};
+use berth_e2e::calls::{create_and_start, pull, pull_auth, remove_pod, run_pod, stop_pod};
 use berth_e2e::registry::TestRegistry;
 use berth_e2e::testimages::{
     Compression, EntryType, ImageBuilder, LayerBuilder, MediaTypes, Platform, PushedImage,

@@ -384,14 +384,8 @@ pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
         let logs = b.dir().join("logs");
         let pod_cfg = container_pod("flood", "fl-1", &logs);
         let pod = run_pod(&mut c, pod_cfg.clone()).await?;
-        let ctr = create_ctr(
-            &mut c,
-            &pod,
-            &pod_cfg,
-            container_config("app", &w.busybox.reference, "exec sleep 3600"),
-        )
-        .await?;
-        c.runtime.start_container(start(&ctr)).await?;
+        let sleeper = container_config("app", &w.busybox.reference, "exec sleep 3600");
+        let ctr = create_and_start(&mut c, &pod, &pod_cfg, sleeper).await?;
 
         // Session A: an interactive cat, checked before, during and after.
         let url = exec_url(&mut c, &ctr, "exec busybox cat").await?;
@@ -414,7 +408,7 @@ pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
         let mut echo = async |line: &str| -> Result<()> {
             to_cat.write_all(format!("{line}\n").as_bytes()).await?;
             let mut got = String::new();
-            tokio::time::timeout(Duration::from_secs(10), from_cat.read_line(&mut got)).await??;
+            tokio::time::timeout(Duration::from_secs(30), from_cat.read_line(&mut got)).await??;
             ensure!(
                 got == format!("{line}\n"),
                 "session A echoed {got:?} for {line:?}"
@@ -463,7 +457,9 @@ pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
         let during = rss_kib(&b)?;
 
         // 1 GiB of stdin through a session whose process reads it all.
-        let url = exec_url(&mut c, &ctr, "busybox wc -c").await?;
+        let url = exec_url(&mut c, &ctr, "busybox wc -c")
+            .await
+            .context("an exec URL during the flood")?;
         let t0 = std::time::Instant::now();
         let (code, out) = exec_session(&url, tokio::io::repeat(b'z').take(1 << 30))
             .await
@@ -487,17 +483,21 @@ pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
             "a process that reads nothing took 1 GiB: {stuck:?}"
         );
         let burst = rss_kib(&b)?;
-        echo("after the burst").await?;
+        echo("after the burst")
+            .await
+            .context("session A after the burst")?;
         drop(flood);
 
         // A new session works, and the old one still does.
         let url = exec_url(&mut c, &ctr, "busybox tr a-z A-Z").await?;
-        let (code, out) = exec_session(&url, &b"fresh\n"[..]).await?;
+        let (code, out) = exec_session(&url, &b"fresh\n"[..])
+            .await
+            .context("a new session after the flood")?;
         ensure!(
             code == 0 && out == b"FRESH\n",
             "a new session: {code} {out:?}"
         );
-        echo("at the end").await?;
+        echo("at the end").await.context("session A at the end")?;
         drop(to_cat);
         let code = tokio::time::timeout(Duration::from_secs(10), session_a).await???;
         ensure!(code == 0, "session A ended with {code}");

@@ -97,14 +97,8 @@ pub fn berth_runs_as_a_systemd_service() -> Result<(), Failed> {
         for i in 0..5 {
             let cfg = container_pod("systemd", &format!("sd-{i}"), &logs);
             let pod = run_pod(&mut c, cfg.clone()).await?;
-            let ctr = create_ctr(
-                &mut c,
-                &pod,
-                &cfg,
-                container_config("app", &w.busybox.reference, "exec sleep 3600"),
-            )
-            .await?;
-            c.runtime.start_container(start(&ctr)).await?;
+            let sleeper = container_config("app", &w.busybox.reference, "exec sleep 3600");
+            let ctr = create_and_start(&mut c, &pod, &cfg, sleeper).await?;
             pods.push(pod);
             ctrs.push(ctr);
         }
