@@ -10,12 +10,23 @@ use super::*;
 /// own `/tmp` and `/run`.
 const BASE: &str = "/var/lib/berth-e2e";
 
-/// The shipped unit, running this build's berthd with `b`'s config.
+/// The shipped unit, running this build's berthd with `b`'s config. berthd and the
+/// shim are copied beside the config: the build may live under `/tmp`, which the
+/// namespace hides.
 fn unit_for(b: &Berthd) -> Result<String> {
     let unit = include_str!("../../../deploy/berth.service");
+    let bin = b.dir().join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for (name, from) in [
+        ("berthd", berth_e2e::berthd::berthd_binary()?),
+        ("berth-shim", berth_e2e::berthd::built_binary("berth-shim")?),
+    ] {
+        std::fs::copy(&from, bin.join(name))
+            .with_context(|| format!("copying {}", from.display()))?;
+    }
     let exec = format!(
         "ExecStart={} --config {}",
-        berth_e2e::berthd::berthd_binary()?.display(),
+        bin.join("berthd").display(),
         b.config.display()
     );
     let ours = unit.replace("ExecStart=/usr/local/bin/berthd", &exec);
@@ -65,7 +76,17 @@ pub fn berth_runs_as_a_systemd_service() -> Result<(), Failed> {
         let node = SystemdNode::boot(b.dir(), &[("berth.service", unit_for(&b)?)])?;
         // Type=notify: start returns once berthd said READY=1, which it says only
         // with its socket listening.
-        node.systemctl(&["start", "berth.service"])?;
+        if let Err(e) = node.systemctl(&["start", "berth.service"]) {
+            let log = node.run(&[
+                "journalctl",
+                "-u",
+                "berth.service",
+                "-n",
+                "40",
+                "--no-pager",
+            ])?;
+            bail!("{e}\n{}", String::from_utf8_lossy(&log.stdout));
+        }
         ensure!(node.property("berth.service", "ActiveState")? == "active");
         ensure!(node.property("berth.service", "StatusText")? == "serving CRI v1");
         let mut c = b.client().await.context("connecting right after READY")?;
