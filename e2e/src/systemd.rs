@@ -1,15 +1,21 @@
 //! A real systemd for the tests: booted as PID 1 of a new PID + mount namespace on
 //! this machine, which does not run systemd itself.
 //!
-//! It must never touch the host. Inside the namespace, before systemd starts, private
-//! tmpfs cover `/tmp`, `/run` and `/var/tmp` (Debian's tmpfiles.d would empty the
-//! host's `/tmp`), and every unit that would act on the shared kernel, disk, clock or
-//! users is masked in `/run/systemd/system.control` (the highest-priority unit dir):
-//! tmpfiles, udev, sysctl, modules, binfmt, timesyncd, sysusers, repart, swap,
-//! remounts, timers (apt, fstrim, ...). It boots `basic.target`, never
-//! `multi-user.target` (which would start the machine's installed services), with
-//! `container=other` and a volatile journal. Killing its PID 1 ends everything inside;
-//! the cgroups it made on the host's hierarchies are then removed.
+//! It must never touch the host. It gets its own PID, mount and UTS namespaces (the
+//! network stays the host's, for CNI); inside, before systemd starts, private tmpfs
+//! cover `/tmp`, `/run` and `/var/tmp` (Debian's tmpfiles.d would empty the host's
+//! `/tmp`), `/dev` (with the host's basic nodes and its own devpts) and
+//! `/sys/fs/cgroup` (binds of the host's hierarchies, placeholders for unmounted
+//! controllers, so no new hierarchy is mounted); `/proc/sys/fs` and
+//! `/proc/sys/net/unix` are read-only (systemd raises those at startup); every unit
+//! that would act on the shared kernel, disk, clock, network or users is masked in
+//! `/run/systemd/system.control` (the highest-priority unit dir): tmpfiles, udev,
+//! sysctl, modules, binfmt, timesyncd, sysusers, repart, swap, remounts, networking,
+//! timers (apt, fstrim, ...). It boots `basic.target`, never `multi-user.target`
+//! (which would start the machine's installed services), with `container=other` and a
+//! volatile journal. Killing its PID 1 ends everything inside (and unshare takes it
+//! down if the test process dies); the cgroups it made on the host's hierarchies are
+//! then removed.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -69,6 +75,16 @@ const MASKED: &[&str] = &[
     "timers.target",
     "tmp.mount",
     "veritysetup.target",
+    "systemd-initctl.socket",
+    "systemd-journald-dev-log.socket",
+    "network-online.target",
+    "networking.service",
+    "ifupdown-wait-online.service",
+    "systemd-networkd.service",
+    "systemd-networkd.socket",
+    "systemd-networkd-wait-online.service",
+    "NetworkManager.service",
+    "NetworkManager-wait-online.service",
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
     "dpkg-db-backup.timer",
@@ -121,8 +137,8 @@ fn kernel_hierarchies() -> Vec<(String, String)> {
 /// A systemd running as PID 1 of its own namespaces.
 pub struct SystemdNode {
     child: Child,
-    /// Its PID 1, as the host sees it.
-    pub pid: u32,
+    /// Its PID 1, as the host sees it, once found.
+    pub pid: Option<u32>,
     cgroups_before: HashSet<PathBuf>,
 }
 
@@ -169,39 +185,69 @@ for n in $(awk 'NR > 1 && $4 == 1 {{print $1}}' /proc/cgroups) cpu,cpuacct net_c
   fi
 done
 umount -l /run/e2e-cgroup
+# A private /dev (the sockets systemd links there, its console output) with the
+# host's basic nodes and a devpts of its own.
+mkdir -p /run/e2e-dev
+mount -t tmpfs -o mode=0755,nosuid e2e-dev /run/e2e-dev
+for n in null zero full random urandom tty; do
+  touch "/run/e2e-dev/$n"
+  mount --bind "/dev/$n" "/run/e2e-dev/$n"
+done
+mkdir /run/e2e-dev/pts /run/e2e-dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 e2e-devpts /run/e2e-dev/pts
+ln -s pts/ptmx /run/e2e-dev/ptmx
+mount -t tmpfs -o mode=1777 e2e-shm /run/e2e-dev/shm
+mount --move /run/e2e-dev /dev
+# Global and host-network sysctls systemd raises at startup stay as they are.
+for d in /proc/sys/fs /proc/sys/net/unix; do
+  mount --bind "$d" "$d"
+  mount -o remount,bind,ro "$d"
+done
 mkdir -p /run/systemd/system.control /run/systemd/system /run/systemd/journald.conf.d
 for u in {masked}; do ln -s /dev/null /run/systemd/system.control/$u; done
 printf '[Journal]\nStorage=volatile\n' > /run/systemd/journald.conf.d/e2e.conf
 cp {stage}/* /run/systemd/system/
 exec env -i container=other PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  /lib/systemd/systemd --unit=basic.target --log-target=null
+  /lib/systemd/systemd --unit=basic.target --log-target=null --show-status=no
 "#,
             masked = MASKED.join(" "),
             stage = stage.display(),
         );
         let cgroups_before = cgroup_dirs();
         let hierarchies_before = kernel_hierarchies();
-        let child = Command::new("unshare")
-            .args([
-                "--pid",
-                "--fork",
-                "--mount",
-                "--propagation",
-                "private",
-                "--mount-proc",
-            ])
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning unshare")?;
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "--mount-proc",
+        ])
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        // If the test process dies, unshare dies, and with --kill-child so does the
+        // namespace.
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawning unshare")?;
         let mut node = SystemdNode {
-            pid: 0,
+            pid: None,
             child,
             cgroups_before,
         };
-        node.pid = node.find_pid1()?;
+        node.pid = Some(node.find_pid1()?);
         node.wait_booted(Duration::from_secs(60))?;
         ensure!(
             kernel_hierarchies() == hierarchies_before,
@@ -240,8 +286,8 @@ exec env -i container=other PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
         bail!("systemd did not start in the namespace")
     }
 
-    /// Waits until startup finishes (`running`, or `degraded` with the failed units
-    /// named in the error only if no unit berth needs failed).
+    /// Waits until startup finishes (`running`, or `degraded`: a masked unit that
+    /// something wants can leave it so; the tests then check what they need).
     fn wait_booted(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
@@ -262,7 +308,7 @@ exec env -i container=other PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 
     /// Runs a command inside (all of its namespaces).
     pub fn run(&self, cmd: &[&str]) -> Result<Output> {
-        let pid = self.pid.to_string();
+        let pid = self.pid.context("systemd has not started")?.to_string();
         Command::new("nsenter")
             .args(["-t", &pid, "-a", "--"])
             .args(cmd)
@@ -296,11 +342,15 @@ exec env -i container=other PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 
 impl Drop for SystemdNode {
     fn drop(&mut self) {
-        // SIGKILL of the namespace's PID 1 kills everything in it.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        // SIGKILL of the namespace's PID 1 kills everything in it (only while
+        // unshare, its parent, still runs: the pid cannot have been reused).
+        if let (Some(pid), Ok(None)) = (self.pid, self.child.try_wait()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
         // The cgroups it (and what ran inside) made, deepest first, once empty: only
         // systemd's own (top-level `*.slice` and `*.scope`), never another test's.

@@ -291,6 +291,8 @@ pub fn relabel_allowed(path: &Path) -> bool {
 pub fn relabel(path: &Path, label: &str) -> std::io::Result<()> {
     use nix::fcntl::{OFlag, openat};
     use nix::sys::stat::{Mode, SFlag, fstat};
+    use std::os::fd::AsRawFd;
+    let is_dir = |mode| SFlag::from_bits_truncate(mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
     let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let top = nix::fcntl::open(
         path,
@@ -302,39 +304,61 @@ pub fn relabel(path: &Path, label: &str) -> std::io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
         other => other?,
     }
-    if SFlag::from_bits_truncate(top_stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+    if !is_dir(top_stat.st_mode) {
         return Ok(());
     }
-    let mut dirs = vec![nix::fcntl::open(path, dir_flags, Mode::empty())?];
-    while let Some(dir_fd) = dirs.pop() {
-        let names: Vec<std::ffi::CString> = {
-            let listing = nix::dir::Dir::from_fd(dir_fd.try_clone()?)?;
-            let mut listing = listing;
-            listing
-                .iter()
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().to_owned())
-                .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
-                .collect()
+    // The same directory again through its fd, never through the path.
+    let magic = format!("/proc/self/fd/{}", top.as_raw_fd());
+    let root = nix::fcntl::open(
+        magic.as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // Depth first, one open directory per level (a wide tree cannot exhaust fds).
+    let mut stack = vec![Level::open(root)?];
+    while let Some(level) = stack.last_mut() {
+        let Some(name) = level.names.get(level.next).cloned() else {
+            stack.pop();
+            continue;
         };
-        for name in names {
-            let fd = openat(
-                &dir_fd,
-                name.as_c_str(),
-                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )?;
-            let st = fstat(&fd)?;
-            if st.st_dev != top_stat.st_dev {
-                continue;
-            }
-            set_label(&fd, label)?;
-            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
-                dirs.push(openat(&dir_fd, name.as_c_str(), dir_flags, Mode::empty())?);
-            }
+        level.next += 1;
+        let fd = openat(
+            &level.fd,
+            name.as_c_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = fstat(&fd)?;
+        if st.st_dev != top_stat.st_dev {
+            continue;
+        }
+        set_label(&fd, label)?;
+        if is_dir(st.st_mode) {
+            let sub = openat(&level.fd, name.as_c_str(), dir_flags, Mode::empty())?;
+            stack.push(Level::open(sub)?);
         }
     }
     Ok(())
+}
+
+/// One directory of a relabelling walk: its fd, its entries, the next to visit.
+struct Level {
+    fd: std::os::fd::OwnedFd,
+    names: Vec<std::ffi::CString>,
+    next: usize,
+}
+
+impl Level {
+    fn open(fd: std::os::fd::OwnedFd) -> std::io::Result<Level> {
+        let mut listing = nix::dir::Dir::from_fd(fd.try_clone()?)?;
+        let names = listing
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_owned())
+            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+            .collect();
+        Ok(Level { fd, names, next: 0 })
+    }
 }
 
 /// Labels what `fd` (opened with O_PATH) refers to, through its /proc magic link, which

@@ -34,7 +34,11 @@ fn unit_for(b: &Berthd) -> Result<String> {
         ours != unit,
         "deploy/berth.service has no ExecStart=/usr/local/bin/berthd"
     );
-    Ok(ours)
+    // A short watchdog, so that the test sees berthd's pings (not only the reset
+    // systemd does at READY).
+    let fast = ours.replace("WatchdogSec=60", "WatchdogSec=2");
+    ensure!(fast != ours, "deploy/berth.service has no WatchdogSec=60");
+    Ok(fast)
 }
 
 /// Each container's (pid, started_at), by id.
@@ -91,10 +95,17 @@ pub fn berth_runs_as_a_systemd_service() -> Result<(), Failed> {
         ensure!(node.property("berth.service", "StatusText")? == "serving CRI v1");
         let mut c = b.client().await.context("connecting right after READY")?;
         let first_pid = node.property("berth.service", "MainPID")?;
-        // The watchdog is pinged.
+        // The watchdog is pinged (every second with WatchdogSec=2), and berthd lives.
+        let ping = |n: &SystemdNode| -> Result<u64> {
+            Ok(n.property("berth.service", "WatchdogTimestampMonotonic")?
+                .parse()?)
+        };
+        let first_ping = ping(&node)?;
+        std::thread::sleep(Duration::from_millis(3500));
+        ensure!(ping(&node)? > first_ping, "no watchdog ping after READY");
         ensure!(
-            node.property("berth.service", "WatchdogTimestampMonotonic")? != "0",
-            "no watchdog ping"
+            node.property("berth.service", "MainPID")? == first_pid,
+            "the watchdog killed berthd"
         );
         // The log is in the journal, with levels and berth's fields.
         let entries = journal(&node)?;
