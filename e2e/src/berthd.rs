@@ -309,17 +309,33 @@ impl Berthd {
         self.spawn()
     }
 
-    /// Peak resident memory of berthd so far (VmHWM), in KiB.
-    pub fn peak_rss_kib(&self) -> Option<u64> {
+    /// A field of berthd's `/proc/<pid>/status` (its value, trimmed).
+    pub fn status_field(&self, name: &str) -> Option<String> {
         let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()
-            .find(|l| l.starts_with("VmHWM:"))?
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    }
+
+    /// A memory figure of berthd's status (`VmHWM`, `VmRSS`), in KiB.
+    fn status_kib(&self, name: &str) -> Option<u64> {
+        self.status_field(name)?
             .split_whitespace()
-            .nth(1)?
+            .next()?
             .parse()
             .ok()
+    }
+
+    /// Peak resident memory of berthd so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM")
+    }
+
+    /// berthd's resident memory now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS")
     }
 }
 

@@ -204,16 +204,6 @@ fn privileged_pod(mut p: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
     p
 }
 
-/// berthd's effective capabilities, as the kernel's hex mask.
-fn berthd_cap_eff(b: &Berthd) -> Result<String> {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", b.pid().context("berthd pid")?))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string()))
-        .context("no CapEff")
-}
-
 pub fn privileged_and_all_capabilities() -> Result<(), Failed> {
     run(|| async {
         let w = world();
@@ -257,7 +247,9 @@ pub fn privileged_and_all_capabilities() -> Result<(), Failed> {
             ),
         )
         .await;
-        let have_resource = berthd_cap_eff(&b)?
+        let have_resource = b
+            .status_field("CapEff")
+            .context("berthd's CapEff")?
             .chars()
             .rev()
             .nth(6)
@@ -286,7 +278,7 @@ pub fn privileged_and_all_capabilities() -> Result<(), Failed> {
             ),
         )
         .await?;
-        let want = berthd_cap_eff(&b)?;
+        let want = b.status_field("CapEff").context("berthd's CapEff")?;
         ensure!(
             proc_status(&mut c, &all, "CapEff").await? == want,
             "ALL is not berthd's set {want}"

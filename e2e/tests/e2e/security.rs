@@ -318,17 +318,6 @@ fn raise_fd_limit() -> Result<()> {
     Ok(())
 }
 
-/// berthd's resident memory now (VmRSS), in KiB.
-fn rss_kib(b: &Berthd) -> Result<u64> {
-    let pid = b.pid().context("berthd pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
-
 /// An exec URL for `script` in `ctr`, with stdin.
 async fn exec_url(c: &mut CriClient, ctr: &str, script: &str) -> Result<String> {
     Ok(c.runtime
@@ -417,7 +406,7 @@ pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
         };
         echo("before").await.context("session A before")?;
 
-        let before = rss_kib(&b)?;
+        let before = b.rss_kib().context("berthd's VmRSS")?;
         // 10 000 connections, held open.
         raise_fd_limit()?;
         let base = c
@@ -454,7 +443,7 @@ pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
         echo("during the flood")
             .await
             .context("session A during the flood")?;
-        let during = rss_kib(&b)?;
+        let during = b.rss_kib().context("berthd's VmRSS")?;
 
         // 1 GiB of stdin through a session whose process reads it all.
         let url = exec_url(&mut c, &ctr, "busybox wc -c")
@@ -482,7 +471,7 @@ pub fn streaming_floods_leave_berthd_small() -> Result<(), Failed> {
             stuck.is_err(),
             "a process that reads nothing took 1 GiB: {stuck:?}"
         );
-        let burst = rss_kib(&b)?;
+        let burst = b.rss_kib().context("berthd's VmRSS")?;
         echo("after the burst")
             .await
             .context("session A after the burst")?;
