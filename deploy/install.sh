@@ -20,7 +20,11 @@ install -m 0755 "$REPO/target/release/berth-shim" /usr/local/bin/berth-shim
 install -m 0755 "$REPO/target/release/berthctl" /usr/local/bin/berthctl
 
 install -d -m 0755 /etc/berth /etc/cni/net.d
-[[ -e /etc/berth/config.toml ]] || install -m 0644 "$HERE/config.toml" /etc/berth/config.toml
+fresh_config=0
+if [[ ! -e /etc/berth/config.toml ]]; then
+  install -m 0644 "$HERE/config.toml" /etc/berth/config.toml
+  fresh_config=1
+fi
 if ! ls /etc/cni/net.d/*.conf /etc/cni/net.d/*.conflist >/dev/null 2>&1; then
   install -m 0644 "$HERE/cni/10-berth.conflist" /etc/cni/net.d/10-berth.conflist
 fi
@@ -35,6 +39,15 @@ if [[ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" == Y ]]; then
 fi
 
 if [[ -d /run/systemd/system ]]; then
+  # Under systemd, a new config takes the systemd cgroup driver (kubeadm's kubelet
+  # default): pods in slices and scopes made through systemd over the system bus.
+  if [[ $fresh_config -eq 1 ]]; then
+    sed -i 's/^cgroup_driver = "cgroupfs"/cgroup_driver = "systemd"/' /etc/berth/config.toml
+  fi
+  if grep -q '^cgroup_driver = "systemd"' /etc/berth/config.toml; then
+    berth_apt_install dbus
+    systemctl start dbus.socket
+  fi
   install -m 0644 "$HERE/berth.service" /etc/systemd/system/berth.service
   systemctl daemon-reload
   systemctl enable --now berth.service

@@ -16,6 +16,7 @@ use crate::layout::Paths;
 use crate::oci::HostFacts;
 use crate::records::{ContainerRecord, RecordStore, SandboxRecord};
 use crate::shims::{ShimRegistry, shim_binary};
+use crate::systemd::Systemd;
 
 /// One async lock per pod, made on demand.
 #[derive(Default)]
@@ -62,6 +63,8 @@ pub struct Context {
     pub handlers: RuntimeHandlers,
     /// This host as container specs need it (capabilities, seccomp, AppArmor/SELinux).
     pub host: HostFacts,
+    /// systemd's manager, under the systemd cgroup driver.
+    pub systemd: Option<Arc<Systemd>>,
 }
 
 impl Context {
@@ -70,6 +73,7 @@ impl Context {
         cfg: Config,
         records: Arc<RecordStore>,
         images: Arc<berth_image::ImageService>,
+        systemd: Option<Arc<Systemd>>,
     ) -> Context {
         let paths = Paths::new(&cfg.root, &cfg.state);
         let cgroups = Hierarchy::detect().unwrap_or_default();
@@ -96,6 +100,7 @@ impl Context {
             events: Exchange::default(),
             cgroups,
             cfg,
+            systemd,
         }
     }
 

@@ -22,8 +22,16 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 /// Subdirectories of `root`: blobs, unpacked layers, container upper dirs, pod files.
 pub const ROOT_DIRS: &[&str] = &["content", "snapshots", "containers", "sandboxes"];
 /// Subdirectories of `state`: shim sockets, pod state (shm, shim dirs), pinned netns,
-/// bundles with their rootfs mounts, runtime state roots.
-pub const STATE_DIRS: &[&str] = &["s", "sandboxes", "netns", "containers", "runtimes"];
+/// bundles with their rootfs mounts, runtime state roots, marks of the systemd slices
+/// berth started.
+pub const STATE_DIRS: &[&str] = &[
+    "s",
+    "sandboxes",
+    "netns",
+    "containers",
+    "runtimes",
+    "slices",
+];
 
 /// The records file under `root`.
 pub const RECORDS_FILE: &str = "meta.redb";
@@ -59,6 +67,12 @@ impl Paths {
     /// that the startup sweep can remove them without a record.
     pub fn created_cgroups(&self, id: &str) -> PathBuf {
         self.sandbox_state(id).join("created-cgroups.json")
+    }
+
+    /// Under the systemd driver, one empty file per slice berth started (its unit
+    /// name), so that berth stops it once no pod needs it; lost with the slices at reboot.
+    pub fn started_slices(&self) -> PathBuf {
+        self.state.join("slices")
     }
 
     /// The pod's shim state dir (exit records, logs, pid files, console sockets, FIFOs).

@@ -93,6 +93,9 @@ pub struct SandboxRecord {
     /// The pod's SELinux process label (its containers' default), on SELinux hosts.
     #[serde(default)]
     pub selinux_label: Option<String>,
+    /// Under the systemd cgroup driver, the slice of the pod's scopes.
+    #[serde(default)]
+    pub systemd_slice: Option<String>,
 }
 
 /// A container's lifecycle state.
@@ -343,6 +346,7 @@ mod tests {
             config: cri::PodSandboxConfig::default(),
             ips: vec![],
             selinux_label: None,
+            systemd_slice: None,
         };
         s.put_sandbox(&rec("abc1")).unwrap();
         s.put_sandbox(&rec("abc2")).unwrap();

@@ -9,6 +9,7 @@ use crate::records::RecordStore;
 use crate::sandbox::SandboxService;
 use crate::stats::StatsService;
 use crate::streaming::StreamingService;
+use crate::systemd::Systemd;
 
 /// Every service of berthd's CRI RuntimeService.
 pub struct Services {
@@ -31,12 +32,14 @@ impl Services {
         cfg: Config,
         records: Arc<RecordStore>,
         images: Arc<berth_image::ImageService>,
+        systemd: Option<Arc<Systemd>>,
     ) -> Arc<Services> {
-        let ctx = Arc::new(Context::new(cfg, records, images).await);
+        let ctx = Arc::new(Context::new(cfg, records, images, systemd).await);
         let containers = ContainerService::new(ctx.clone());
         let sandboxes = SandboxService::new(ctx.clone(), containers.clone());
         sandboxes.recover().await;
         crate::sweep::sweep(&ctx, &containers).await;
+        crate::podscope::sweep(&ctx).await;
         Arc::new(Services {
             stats: StatsService::new(ctx.clone(), containers.clone()),
             streaming: StreamingService::new(containers.clone()),

@@ -142,6 +142,13 @@ fn stderr_is_journal() -> bool {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // First, so that a driver that cannot work stops berthd before it touches anything.
+    let systemd = match config.cgroup_driver {
+        berth_cri::config::CgroupDriver::Systemd => {
+            Some(Arc::new(berth_cri::systemd::Systemd::connect().await?))
+        }
+        berth_cri::config::CgroupDriver::Cgroupfs => None,
+    };
     berth_cri::layout::prepare(&config.root, &config.state)?;
     let db_path = config.root.join(berth_cri::layout::RECORDS_FILE);
     let db = Arc::new(
@@ -157,7 +164,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await??
     };
     let records = Arc::new(berth_cri::records::RecordStore::open(db)?);
-    let svc = berth_cri::services::Services::open(config.clone(), records, images.clone()).await;
+    let svc =
+        berth_cri::services::Services::open(config.clone(), records, images.clone(), systemd).await;
     let listener = berth_cri::server::bind(&config.listen)?;
     let stream_addr = std::net::SocketAddr::new(
         config.stream.address.parse().context("stream.address")?,

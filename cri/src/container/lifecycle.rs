@@ -11,6 +11,9 @@ use crate::error::{CriError, Result};
 use crate::events::Topic;
 use crate::records::{ContainerRecord, ContainerState};
 
+/// How long a stop waits for a container's exit after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(15);
+
 /// An exit as berth records it.
 pub struct Exit<'a> {
     /// The exit status (128 + signal for a signalled process).
@@ -188,7 +191,18 @@ impl ContainerService {
             Err(e) => Err(e),
         };
         let exit = match killed {
-            Ok(()) => shim.wait(&rec.id).await,
+            Ok(()) => match tokio::time::timeout(KILL_WAIT, shim.wait(&rec.id)).await {
+                Ok(r) => r,
+                // A process the kernel cannot kill (D state) must not wedge the call;
+                // kubelet retries the stop.
+                Err(_) => {
+                    return Err(CriError::DeadlineExceeded(format!(
+                        "container {} did not exit within {}s of SIGKILL",
+                        rec.id,
+                        KILL_WAIT.as_secs()
+                    )));
+                }
+            },
             Err(e) => Err(e),
         };
         match exit {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use berth_runtime::client::ShimClient;
 
-use crate::config::CgroupDriver;
 use crate::context::Context;
 use crate::error::{CriError, Result};
 use crate::records::{ContainerRecord, ContainerState};
@@ -38,13 +37,16 @@ impl ContainerService {
         &self.ctx
     }
 
-    /// The OCI `cgroupsPath` of a container: under the pod's `cgroup_parent` (as a
-    /// systemd scope with that driver), or `/berth/<id>` when the pod has none.
+    /// The OCI `cgroupsPath` of a container: under the pod's `cgroup_parent`, or
+    /// `/berth/<id>` when the pod has none; with the systemd driver a scope
+    /// `<slice>:berth:<id>` in the pod's slice (`system.slice` without a parent).
     pub fn cgroups_path(&self, cgroup_parent: &str, id: &str) -> String {
-        match (self.ctx.cfg.cgroup_driver, cgroup_parent.is_empty()) {
-            (CgroupDriver::Systemd, false) => format!("{cgroup_parent}:berth:{id}"),
-            (_, true) => format!("/berth/{id}"),
-            (_, false) => format!("{}/{id}", cgroup_parent.trim_end_matches('/')),
+        if let Some(slice) = crate::podscope::pod_slice(&self.ctx.cfg, cgroup_parent) {
+            return format!("{slice}:berth:{id}");
+        }
+        match cgroup_parent.is_empty() {
+            true => format!("/berth/{id}"),
+            false => format!("{}/{id}", cgroup_parent.trim_end_matches('/')),
         }
     }
 

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::SandboxService;
 use super::files::write_pod_files;
 use super::validate::{PodSpec, pod_spec};
+use crate::config::CgroupDriver;
 use crate::context::new_id;
 use crate::error::{CriError, Result};
 use crate::oom_score::clamp_oom_score_adj;
@@ -133,6 +134,7 @@ impl SandboxService {
     ) -> Result<()> {
         self.make_dirs(id, spec, &config, undo)?;
         let isolation = self.isolate(id, spec, undo).await?;
+        self.undo_scope(id, spec, undo);
         self.undo_network_and_shim(id, undo);
         // CNI ADD (in the pinned netns) and the shim with its infra process need only
         // the netns, so they are set up side by side.
@@ -148,6 +150,9 @@ impl SandboxService {
         let (ips, started) = tokio::join!(net, infra);
         let (client, pid) = started?;
         let ips = ips?;
+        if let Some(slice) = &spec.systemd_slice {
+            crate::podscope::place_infra(&self.ctx, id, slice, pid).await?;
+        }
         crate::failpoint::failpoint("sandbox-before-record");
         let rec = SandboxRecord {
             id: id.to_string(),
@@ -166,6 +171,7 @@ impl SandboxService {
             config,
             ips: ips.iter().map(|ip| ip.to_string()).collect(),
             selinux_label: spec.selinux_label.clone(),
+            systemd_slice: spec.systemd_slice.clone(),
         };
         self.ctx.records.put_sandbox(&rec)?;
         self.watch(id, client.clone()).await;
@@ -254,6 +260,20 @@ impl SandboxService {
         Ok(made)
     }
 
+    /// What undoes the infra's systemd scope (systemd driver): pushed before the shim's
+    /// undo so that it runs after the infra process is gone; the create lock is held.
+    fn undo_scope(&self, id: &str, spec: &PodSpec, undo: &mut Undo) {
+        let Some(slice) = spec.systemd_slice.clone() else {
+            return;
+        };
+        let (ctx, id) = (self.ctx.clone(), id.to_string());
+        undo.push_async(async move {
+            if let Err(e) = crate::podscope::release(&ctx, &id, &slice).await {
+                warn!(sandbox = %id, error = %e, "undoing the pod's systemd scope");
+            }
+        });
+    }
+
     /// What undoes the network and shim steps, pushed before they start (they run side
     /// by side): CNI DEL from the cache (a no-op without an attachment), then the shim,
     /// whatever state it reached (its infra killed, the shim shut down, its socket gone).
@@ -289,6 +309,11 @@ impl SandboxService {
             .get(&spec.handler)
             .cloned()
             .unwrap_or_default();
+        // runc and crun take the driver as a global flag, on every command.
+        let mut runtime_args = handler.args.clone();
+        if ctx.cfg.cgroup_driver == CgroupDriver::Systemd {
+            runtime_args.insert(0, "--systemd-cgroup".to_string());
+        }
         let client = ctx
             .shims
             .spawn(ShimConfig {
@@ -296,7 +321,7 @@ impl SandboxService {
                 state_dir: ctx.paths.shim_dir(id),
                 runtime: handler.path.clone(),
                 runtime_root: ctx.cfg.runtime_root(&spec.handler),
-                runtime_args: handler.args.clone(),
+                runtime_args,
             })
             .await
             .map_err(|e| CriError::shim("starting the pod's shim", e))?;

@@ -101,6 +101,10 @@ impl SandboxService {
         let _g = lock.lock().await;
         self.stop_locked(&rec).await?;
         self.containers.remove_all_of(&rec.id).await?;
+        if let Some(slice) = &rec.systemd_slice {
+            let _create = self.ctx.create_lock.lock().await;
+            crate::podscope::release(&self.ctx, &rec.id, slice).await?;
+        }
         let paths = &self.ctx.paths;
         let dirs = [paths.sandbox_root(&rec.id), paths.sandbox_state(&rec.id)];
         let cgroups: Vec<PathBuf> = rec.cgroup_dirs.iter().map(PathBuf::from).collect();

@@ -19,8 +19,11 @@ pub(super) struct PodSpec {
     pub host_ipc: bool,
     pub hostname: String,
     pub sysctls: Vec<(String, String)>,
-    /// The pod cgroup under each hierarchy's root, if it has a `cgroup_parent`.
+    /// The pod cgroup under each hierarchy's root, which berth makes (cgroupfs driver,
+    /// when the pod has a `cgroup_parent`).
     pub cgroup_rel: Option<PathBuf>,
+    /// The slice of the pod's scopes (systemd driver).
+    pub systemd_slice: Option<String>,
     /// SELinux options that ask for something (only on SELinux hosts).
     pub selinux: Option<cri::SeLinuxOption>,
     /// The pod's SELinux process label, once it has an id (SELinux hosts).
@@ -195,15 +198,17 @@ pub(super) fn pod_spec(
         ));
     }
     let sysctls = sysctls(&linux, host_net, host_ipc)?;
+    let systemd = cfg.cgroup_driver == CgroupDriver::Systemd;
     let cgroup_rel = if linux.cgroup_parent.is_empty() {
         None
     } else {
-        let systemd = cfg.cgroup_driver == CgroupDriver::Systemd;
         Some(
             podcgroup::relative_path(&linux.cgroup_parent, systemd)
                 .map_err(|why| CriError::invalid("config.linux.cgroup_parent", why))?,
         )
     };
+    // Under systemd, systemd makes the slice's cgroups when a scope starts in it.
+    let cgroup_rel = cgroup_rel.filter(|_| !systemd);
     Ok(PodSpec {
         key: format!(
             "{}_{}_{}_{}",
@@ -216,6 +221,7 @@ pub(super) fn pod_spec(
         hostname,
         sysctls,
         cgroup_rel,
+        systemd_slice: crate::podscope::pod_slice(cfg, &linux.cgroup_parent),
         selinux,
         selinux_label: None,
     })

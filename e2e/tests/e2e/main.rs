@@ -551,6 +551,23 @@ fn socket_lifecycle_and_config_errors() -> Result<(), Failed> {
                 out.status
             );
         }
+        // The systemd driver where systemd is not running: berthd says so and stops.
+        let reachable = ["/run/dbus/system_bus_socket"];
+        if !reachable.iter().any(|p| Path::new(p).exists()) {
+            let path = b.dir().join("systemd.toml");
+            let ours = std::fs::read_to_string(&b.config)?;
+            std::fs::write(&path, format!("cgroup_driver = \"systemd\"\n{ours}"))?;
+            let out = Command::new(berth_e2e::berthd::berthd_binary()?)
+                .arg("--config")
+                .arg(&path)
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            ensure!(
+                !out.status.success() && err.contains("systemd is not reachable"),
+                "systemd driver without systemd: {:?} {err}",
+                out.status
+            );
+        }
         let out = Command::new(berth_e2e::berthd::berthd_binary()?)
             .arg("--config")
             .arg(b.dir().join("absent.toml"))

@@ -442,8 +442,21 @@ impl Shim {
                 Err(e) => Err(internal(&format!("signalling {name}"), e)),
             };
         }
-        match self.runc.kill(&r.id, r.signal, r.all) {
-            Ok(()) => Ok(empty()),
+        // `--all` signals the pids of the container's cgroup, which is needed only when
+        // it shares a PID namespace (containerd's rule): with its own, killing its init
+        // kills the namespace. runc finds the pids in the v1 devices cgroup, which can
+        // be empty (a systemd in a container does not realise that controller), so a
+        // SIGKILL to all also goes to the init process, whose exit ends the container.
+        let all = r.all && t.container().is_some_and(|c| c.kill_all_on_exit);
+        let init_pid = (all && r.signal == 9 && p.exit.is_none()).then_some(p.pid);
+        match self.runc.kill(&r.id, r.signal, all) {
+            Ok(()) => {
+                if let Some(pid) = init_pid {
+                    let sigkill = nix::sys::signal::Signal::SIGKILL;
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sigkill);
+                }
+                Ok(empty())
+            }
             // The process may exit between our check and the runtime's.
             Err(_)
                 if self
