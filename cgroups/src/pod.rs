@@ -32,8 +32,13 @@ pub fn relative_path(cgroup_parent: &str, systemd: bool) -> Result<PathBuf, Stri
             "cgroup_parent {p:?} must be a systemd slice name (ending in .slice)"
         ));
     };
-    if stem.contains('/') || stem.is_empty() {
-        return Err(format!("cgroup_parent {p:?} is not a systemd slice name"));
+    // systemd's unit name alphabet and length (unit_name_is_valid).
+    let unit_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.' | '\\');
+    if stem.is_empty() || p.len() > 255 || !p.chars().all(unit_char) {
+        return Err(format!(
+            "cgroup_parent {p:?} is not a systemd slice name (letters, digits, ':', '-', '_', '.', '\\'; at most 255)"
+        ));
     }
     let mut out = PathBuf::new();
     let mut prefix = String::new();
@@ -118,5 +123,8 @@ mod tests {
         assert!(relative_path("/a/../b", false).is_err());
         assert!(relative_path("kubepods", true).is_err());
         assert!(relative_path("a--b.slice", true).is_err());
+        assert!(relative_path("a b.slice", true).is_err());
+        assert!(relative_path("a/b.slice", true).is_err());
+        assert!(relative_path(&format!("{}.slice", "a".repeat(250)), true).is_err());
     }
 }

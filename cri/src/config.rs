@@ -20,6 +20,9 @@ pub struct Config {
     pub state: PathBuf,
     /// The CRI unix socket.
     pub listen: PathBuf,
+    /// berth's native API socket (berthctl), mode 0600; empty = `api.sock` beside
+    /// `listen`.
+    pub api_listen: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG` and `--log-level`.
     pub log_level: String,
     /// `text` (human-readable, colour only on a terminal) or `json` (one object per line).
@@ -214,12 +217,26 @@ pub enum CgroupDriver {
     Systemd,
 }
 
+impl Config {
+    /// Where the native API listens.
+    pub fn api_socket(&self) -> PathBuf {
+        if !self.api_listen.as_os_str().is_empty() {
+            return self.api_listen.clone();
+        }
+        match self.listen.parent() {
+            Some(dir) => dir.join("api.sock"),
+            None => PathBuf::from("api.sock"),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             root: PathBuf::from("/var/lib/berth"),
             state: PathBuf::from("/run/berth"),
             listen: PathBuf::from("/run/berth/berth.sock"),
+            api_listen: PathBuf::new(),
             log_level: "info".into(),
             log_format: LogFormat::Text,
             cgroup_driver: CgroupDriver::Cgroupfs,

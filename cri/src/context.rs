@@ -57,6 +57,9 @@ pub struct Context {
     pub record_lock: Mutex<()>,
     /// The event exchange.
     pub events: Exchange,
+    /// Containers inside StartContainer (their exit, if it comes first, publishes the
+    /// start too); read and written under `record_lock`.
+    pub starting: Mutex<std::collections::HashSet<String>>,
     /// Mounted cgroup hierarchies, read once at start.
     pub cgroups: Hierarchy,
     /// What each runtime handler supports.
@@ -98,6 +101,7 @@ impl Context {
             create_lock: tokio::sync::Mutex::new(()),
             record_lock: Mutex::new(()),
             events: Exchange::default(),
+            starting: Mutex::default(),
             cgroups,
             cfg,
             systemd,

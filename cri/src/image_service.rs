@@ -1,5 +1,6 @@
 //! CRI ImageService: validates requests and answers them from `berth_image`.
 
+use crate::events::Event;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,6 +27,13 @@ pub struct CriImageService {
 }
 
 impl CriImageService {
+    /// An image event, where berthd's services are there to carry it.
+    fn publish(&self, event: Event) {
+        if let Some(c) = &self.containers {
+            c.context().events.publish("", event);
+        }
+    }
+
     /// Serves CRI image calls from `images`.
     pub fn new(
         images: Arc<berth_image::ImageService>,
@@ -183,6 +191,7 @@ impl ImageService for CriImageService {
         tracing::Span::current().record("image", name.as_str());
         let server = req.auth.as_ref().map(|a| a.server_address.clone());
         let creds = credentials(req.auth)?;
+        let before = self.images.resolve(&name).ok().flatten().map(|r| r.id);
         let result = self.images.pull(&name, creds, server.as_deref()).await;
         // A pull frees tens of MiB of buffers that glibc would otherwise keep; give them
         // back so an idle berthd stays small.
@@ -191,6 +200,12 @@ impl ImageService for CriImageService {
             libc::malloc_trim(0);
         });
         let rec = result.map_err(from_image_error)?;
+        let labels = Default::default();
+        match before {
+            None => self.publish(Event::ImageCreate { name, labels }),
+            Some(id) if id != rec.id => self.publish(Event::ImageUpdate { name, labels }),
+            Some(_) => {}
+        }
         Ok(Response::new(PullImageResponse {
             image_ref: rec.id.to_string(),
         }))
@@ -217,10 +232,14 @@ impl ImageService for CriImageService {
             }
         }
         let images = self.images.clone();
-        tokio::task::spawn_blocking(move || images.remove(&name))
+        let removed_name = name.clone();
+        let removed = tokio::task::spawn_blocking(move || images.remove(&removed_name))
             .await
             .map_err(CriError::from)?
             .map_err(from_image_error)?;
+        if removed {
+            self.publish(Event::ImageDelete { name });
+        }
         Ok(Response::new(RemoveImageResponse {}))
     }
 

@@ -3,8 +3,10 @@
 //! It owns the CRI -> OCI translation (`oci`) and the pod and container records;
 //! `berth-runtime` (the shim) knows nothing of CRI.
 
+pub mod api;
 pub mod config;
 pub mod container;
+pub mod container_events;
 pub mod context;
 pub mod error;
 pub mod events;

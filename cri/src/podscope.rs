@@ -84,7 +84,21 @@ pub async fn place_infra(ctx: &Context, pod_id: &str, slice: &str, pid: u32) -> 
 /// Stops a pod's scope (its process is gone by now), then every marked slice no
 /// other pod (by record) needs and nothing else lives in, innermost first.
 pub async fn release(ctx: &Context, pod_id: &str, slice: &str) -> Result<()> {
-    let systemd = systemd(ctx)?;
+    // A pod made under the systemd driver, berthd now on cgroupfs: connect for this.
+    let connected;
+    let systemd = match ctx.systemd.as_deref() {
+        Some(s) => s,
+        None => match Systemd::connect().await {
+            Ok(s) => {
+                connected = s;
+                &connected
+            }
+            Err(e) => {
+                warn!(sandbox = pod_id, error = %e, "leaving the pod's systemd scope and slices to systemd");
+                return Ok(());
+            }
+        },
+    };
     systemd
         .stop_unit(&infra_scope(pod_id))
         .await
@@ -177,8 +191,10 @@ pub async fn sweep(ctx: &Context) {
     match systemd.units_matching("berth-*.scope").await {
         Ok(units) => {
             for unit in units {
-                let id = unit.trim_start_matches("berth-").trim_end_matches(".scope");
-                if known.contains(id) {
+                let id = unit
+                    .strip_prefix("berth-")
+                    .and_then(|u| u.strip_suffix(".scope"));
+                if id.is_none_or(|id| known.contains(id)) {
                     continue;
                 }
                 info!(

@@ -371,10 +371,8 @@ impl RuntimeService for CriRuntimeService {
         &self,
         _req: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(not_yet(
-            "get_container_events",
-            "evented PLEG (container events)",
-        ))
+        let events = crate::container_events::stream(self.svc.clone());
+        Ok(Response::new(Box::pin(events)))
     }
     async fn list_metric_descriptors(
         &self,

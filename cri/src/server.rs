@@ -35,11 +35,11 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Binds the CRI socket: parent dirs created, a stale socket replaced, a live one refused, mode 0660.
+/// Binds a socket (CRI 0660, the API 0600): parent dirs created, a stale socket replaced, a live one refused.
 ///
 /// The socket is bound in a fresh 0700 dir beside its final path, given its mode, then
 /// renamed into place: at no moment can a local user connect to it with the umask's mode.
-pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     let shown = path.display().to_string();
     let io = |context, source| ServeError::Io {
         context,
@@ -65,7 +65,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     let bound = (|| {
         let staged = staging.join("s");
         let listener = UnixListener::bind(&staged).map_err(|e| io("binding", e))?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
             .map_err(|e| io("chmod", e))?;
         // Replaces a stale socket atomically.
         std::fs::rename(&staged, path).map_err(|e| io("moving the socket to", e))?;

@@ -60,6 +60,11 @@ impl StreamingService {
         let _ = self.server.set(server);
     }
 
+    /// The streaming server's base URL, once it listens.
+    pub fn base_url(&self) -> Option<String> {
+        self.server.get().map(|s| s.base_url().to_string())
+    }
+
     fn stream_url(&self, req: StreamRequest) -> Result<String> {
         let server = self
             .server
@@ -304,8 +309,9 @@ async fn exec(containers: ContainerService, req: ExecRequest, mut io: SessionIo)
             ..Default::default()
         })
         .await;
-    if let Err(e) = started {
-        return ExecOutcome::Failed(e.to_string());
+    match started {
+        Ok(pid) => containers.publish_exec(&rec, &exec_id, pid),
+        Err(e) => return ExecOutcome::Failed(e.to_string()),
     }
     info!(container = %rec.id, exec = %exec_id, tty = req.tty, "exec session started");
     let copies = pump(ends, &mut io);

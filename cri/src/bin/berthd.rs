@@ -166,7 +166,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let records = Arc::new(berth_cri::records::RecordStore::open(db)?);
     let svc =
         berth_cri::services::Services::open(config.clone(), records, images.clone(), systemd).await;
-    let listener = berth_cri::server::bind(&config.listen)?;
+    let listener = berth_cri::server::bind(&config.listen, 0o660)?;
+    let api_socket = config.api_socket();
+    let api_listener = berth_cri::server::bind(&api_socket, 0o600)?;
     let stream_addr = std::net::SocketAddr::new(
         config.stream.address.parse().context("stream.address")?,
         config.stream.port,
@@ -210,8 +212,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // The socket is bound and listening: connections queue until serve accepts them.
     berth_cri::notify::ready("serving CRI v1");
     let _watchdog = berth_cri::notify::spawn_watchdog();
-    berth_cri::server::serve(listener, config, images, svc, shutdown).await?;
+    // One signal ends both servers.
+    let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
+    let api = berth_cri::api::serve(api_listener, config.clone(), svc.clone(), shutdown.clone());
+    let cri = berth_cri::server::serve(listener, config, images, svc, shutdown);
+    let (cri, api) = tokio::join!(cri, api);
     let _ = std::fs::remove_file(&listen);
+    let _ = std::fs::remove_file(&api_socket);
+    cri?;
+    api.context("serving the berth API")?;
     info!("berthd stopped");
     Ok(())
 }

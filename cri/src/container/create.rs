@@ -17,6 +17,7 @@ use tracing::info;
 use super::{ContainerService, signal_number};
 use crate::context::new_id;
 use crate::error::{CriError, Result};
+use crate::events::Event;
 use crate::oci::{
     HostFacts, ProcessIds, SandboxFiles, SpecInputs, build_spec, host_devices, image_volumes,
     needs_host_devices, needs_host_mounts, parse_mountinfo,
@@ -63,6 +64,7 @@ impl ContainerService {
             Ok(()) => {
                 undo.commit();
                 info!(container = %plan.id, sandbox = %plan.pod.id, "container created");
+                self.publish_created(&plan);
                 Ok(plan.id)
             }
             Err(e) => {
@@ -70,6 +72,31 @@ impl ContainerService {
                 Err(e)
             }
         }
+    }
+
+    /// `/containers/create`, then `/tasks/create` (the runtime made its process).
+    fn publish_created(&self, plan: &Plan) {
+        let Some(rec) = self.ctx.records.container(&plan.id) else {
+            return;
+        };
+        let events = &self.ctx.events;
+        events.publish(
+            &plan.pod.id,
+            Event::ContainerCreate {
+                id: plan.id.clone(),
+                image: plan.image_name.clone(),
+                runtime: plan.pod.runtime_handler.clone(),
+                labels: plan.config.labels.clone().into_iter().collect(),
+            },
+        );
+        events.publish(
+            &plan.pod.id,
+            Event::TaskCreate {
+                container_id: plan.id.clone(),
+                bundle: self.ctx.paths.bundle_dir(&plan.id).display().to_string(),
+                pid: rec.pid,
+            },
+        );
     }
 
     /// The steps after the checks.
@@ -152,14 +179,8 @@ impl ContainerService {
         )?
         .map(|l| l.mount);
         let id = new_id();
-        let cgroup_parent = pod
-            .config
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.clone())
-            .unwrap_or_default();
         Ok(Plan {
-            cgroups_path: self.cgroups_path(&cgroup_parent, &id),
+            cgroups_path: self.cgroups_path(&pod, &id),
             image_config: self.ctx.images.image_config(&image)?,
             layers: self.ctx.images.layer_paths(&image)?,
             id,

@@ -9,7 +9,9 @@ use oci_spec::runtime::Spec;
 use super::ContainerService;
 use crate::context::new_id;
 use crate::error::{CriError, Result};
+use crate::events::Event;
 use crate::oci::exec_process;
+use crate::records::ContainerRecord;
 
 /// Most output ExecSync keeps per stream; two of them fit a 16 MiB gRPC message.
 const MAX_EXEC_OUTPUT: usize = 4 << 20;
@@ -35,6 +37,23 @@ impl ContainerService {
             .map_err(|e| CriError::internal("encoding process", e))
     }
 
+    /// `/tasks/exec-added` and `/tasks/exec-started` (the shim does both at once).
+    pub fn publish_exec(&self, rec: &ContainerRecord, exec_id: &str, pid: u32) {
+        let (container_id, exec_id) = (rec.id.clone(), exec_id.to_string());
+        let events = &self.ctx.events;
+        let added = Event::TaskExecAdded {
+            container_id: container_id.clone(),
+            exec_id: exec_id.clone(),
+        };
+        events.publish(&rec.sandbox_id, added);
+        let started = Event::TaskExecStarted {
+            container_id,
+            exec_id,
+            pid,
+        };
+        events.publish(&rec.sandbox_id, started);
+    }
+
     /// A new exec id (16 hex).
     pub fn new_exec_id() -> String {
         new_id()[..16].to_string()
@@ -54,15 +73,17 @@ impl ContainerService {
         let process_json = self.exec_process_json(&rec.id, &req.cmd, false)?;
         let shim = self.shim_of(&rec).await?;
         let exec_id = Self::new_exec_id();
-        shim.exec(pb::ExecRequest {
-            id: rec.id.clone(),
-            exec_id: exec_id.clone(),
-            process_json,
-            capture_limit: MAX_EXEC_OUTPUT as u32,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| CriError::shim(format!("exec in {}", rec.id), e))?;
+        let pid = shim
+            .exec(pb::ExecRequest {
+                id: rec.id.clone(),
+                exec_id: exec_id.clone(),
+                process_json,
+                capture_limit: MAX_EXEC_OUTPUT as u32,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| CriError::shim(format!("exec in {}", rec.id), e))?;
+        self.publish_exec(&rec, &exec_id, pid);
         let waited = if req.timeout > 0 {
             let limit = Duration::from_secs(req.timeout as u64);
             tokio::time::timeout(limit, shim.wait_exec(&rec.id, &exec_id))

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::{ContainerService, exit_reason, shim_exit_reason};
 use crate::error::{CriError, Result};
-use crate::events::Topic;
+use crate::events::Event;
 use crate::records::{ContainerRecord, ContainerState};
 
 /// How long a stop waits for a container's exit after SIGKILL.
@@ -49,6 +49,12 @@ impl ContainerService {
         if rec.state == ContainerState::Exited {
             return;
         }
+        // An exit before StartContainer recorded the start: the process did start.
+        let unstarted = ctx
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         rec.state = ContainerState::Exited;
         rec.exit_code = exit.code;
         rec.finished_at = if exit.at > 0 {
@@ -58,12 +64,28 @@ impl ContainerService {
         };
         rec.reason = exit.reason.unwrap_or(exit_reason(exit.code)).to_string();
         rec.message = exit.message.to_string();
-        rec.pid = 0;
+        let pid = std::mem::take(&mut rec.pid);
         if let Err(e) = ctx.records.put_container(&rec) {
             warn!(container = id, error = %e, "recording exit");
         }
         info!(container = id, code = exit.code, reason = %rec.reason, "container exited");
-        ctx.events.publish(Topic::TaskExit, id, &rec.sandbox_id);
+        if unstarted {
+            let start = Event::TaskStart {
+                container_id: id.to_string(),
+                pid,
+            };
+            ctx.events.publish(&rec.sandbox_id, start);
+        }
+        ctx.events.publish(
+            &rec.sandbox_id,
+            Event::TaskExit {
+                container_id: id.to_string(),
+                id: id.to_string(),
+                pid,
+                exit_status: exit.code as u32,
+                exited_at: rec.finished_at,
+            },
+        );
     }
 
     /// A pod's shim died: its containers run on, orphaned. Kill them through the runtime
@@ -140,16 +162,17 @@ impl ContainerService {
         let shim = self.shim_of(&rec).await?;
         // Taken before the start: a fast process may exit (and be recorded) before it returns.
         let started_at = now_unix_nanos();
-        shim.start(&rec.id)
-            .await
-            .map_err(|e| CriError::shim("starting container", e))?;
-        rec.started_at = started_at;
+        self.starting(&rec.id, true);
+        let started = shim.start(&rec.id).await;
         // Serialised with exit events: a fast exit must not be overwritten by Running.
         let _g = self
             .ctx
             .record_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        self.starting(&rec.id, false);
+        started.map_err(|e| CriError::shim("starting container", e))?;
+        rec.started_at = started_at;
         if let Some(cur) = self.ctx.records.container(&rec.id) {
             if cur.state == ContainerState::Exited {
                 // It already ran to completion: keep the exit, add the start time.
@@ -159,13 +182,31 @@ impl ContainerService {
             }
         }
         rec.state = ContainerState::Running;
-        Ok(self.ctx.records.put_container(&rec)?)
+        self.ctx.records.put_container(&rec)?;
+        // Under the record lock, so that a fast exit is published after it.
+        self.ctx.events.publish(
+            &rec.sandbox_id,
+            Event::TaskStart {
+                container_id: rec.id.clone(),
+                pid: rec.pid,
+            },
+        );
+        Ok(())
     }
 
     /// StopContainer: the image's stop signal, SIGKILL after `timeout` seconds (0 = at once).
     pub async fn stop(&self, id: &str, timeout: i64) -> Result<()> {
         let rec = self.ctx.container(id, "container_id")?;
         self.stop_record(&rec, timeout).await
+    }
+
+    /// Marks a container as inside StartContainer, or no longer.
+    fn starting(&self, id: &str, on: bool) {
+        let mut set = self.ctx.starting.lock().unwrap_or_else(|p| p.into_inner());
+        match on {
+            true => set.insert(id.to_string()),
+            false => set.remove(id),
+        };
     }
 
     /// Stops one container and records its exit.
@@ -243,6 +284,21 @@ impl ContainerService {
             .unwrap_or_else(|p| p.into_inner());
         self.ctx.records.delete_container(&rec.id)?;
         info!(container = %rec.id, "container removed");
+        let events = &self.ctx.events;
+        events.publish(
+            &rec.sandbox_id,
+            Event::TaskDelete {
+                container_id: rec.id.clone(),
+                id: rec.id.clone(),
+                pid: 0,
+                exit_status: u32::try_from(rec.exit_code).unwrap_or_default(),
+                exited_at: rec.finished_at,
+            },
+        );
+        events.publish(
+            &rec.sandbox_id,
+            Event::ContainerDelete { id: rec.id.clone() },
+        );
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use berth_runtime::client::ShimClient;
 
 use crate::context::Context;
 use crate::error::{CriError, Result};
-use crate::records::{ContainerRecord, ContainerState};
+use crate::records::{ContainerRecord, ContainerState, SandboxRecord};
 
 pub use lifecycle::Exit;
 pub use resources::validate as validate_resources;
@@ -37,13 +37,20 @@ impl ContainerService {
         &self.ctx
     }
 
-    /// The OCI `cgroupsPath` of a container: under the pod's `cgroup_parent`, or
-    /// `/berth/<id>` when the pod has none; with the systemd driver a scope
-    /// `<slice>:berth:<id>` in the pod's slice (`system.slice` without a parent).
-    pub fn cgroups_path(&self, cgroup_parent: &str, id: &str) -> String {
-        if let Some(slice) = crate::podscope::pod_slice(&self.ctx.cfg, cgroup_parent) {
+    /// The OCI `cgroupsPath` of a container: a scope `<slice>:berth:<id>` in the pod's
+    /// slice when the pod was made with the systemd driver (whatever the driver is now:
+    /// the pod's shim keeps its runtime flags), else under the pod's `cgroup_parent`, or
+    /// `/berth/<id>` when the pod has none.
+    pub fn cgroups_path(&self, pod: &SandboxRecord, id: &str) -> String {
+        if let Some(slice) = &pod.systemd_slice {
             return format!("{slice}:berth:{id}");
         }
+        let cgroup_parent = pod
+            .config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.as_str())
+            .unwrap_or_default();
         match cgroup_parent.is_empty() {
             true => format!("/berth/{id}"),
             false => format!("{}/{id}", cgroup_parent.trim_end_matches('/')),

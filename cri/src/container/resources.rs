@@ -180,6 +180,12 @@ impl ContainerService {
             .resources = Some(linux);
         self.ctx.records.put_container(&rec)?;
         info!(container = %rec.id, "resources updated");
+        let update = crate::events::Event::ContainerUpdate {
+            id: rec.id.clone(),
+            image: rec.image.clone(),
+            labels: rec.config.labels.clone().into_iter().collect(),
+        };
+        self.ctx.events.publish(&rec.sandbox_id, update);
         Ok(())
     }
 }

@@ -35,6 +35,11 @@ impl SandboxService {
 
     /// Marks a ready pod NotReady, saying why.
     fn mark_not_ready(&self, id: &str, reason: &str) {
+        let _g = self
+            .ctx
+            .record_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let Some(mut rec) = self.ctx.records.sandbox(id) else {
             return;
         };
@@ -47,5 +52,9 @@ impl SandboxService {
             warn!(sandbox = id, error = %e, "recording NotReady");
         }
         info!(sandbox = id, reason, "sandbox not ready");
+        let stop = crate::events::Event::SandboxStop {
+            sandbox_id: id.to_string(),
+        };
+        self.ctx.events.publish(id, stop);
     }
 }

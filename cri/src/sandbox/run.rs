@@ -21,6 +21,7 @@ use super::validate::{PodSpec, pod_spec};
 use crate::config::CgroupDriver;
 use crate::context::new_id;
 use crate::error::{CriError, Result};
+use crate::events::Event;
 use crate::oom_score::clamp_oom_score_adj;
 use crate::records::{SandboxRecord, SandboxState};
 use crate::undo::Undo;
@@ -177,6 +178,15 @@ impl SandboxService {
         self.watch(id, client.clone()).await;
         self.ctx.shims.insert(id, client).await;
         info!(sandbox = id, key = %spec.key, infra_pid = pid, "sandbox ready");
+        let events = &self.ctx.events;
+        let sandbox_id = id.to_string();
+        events.publish(
+            id,
+            Event::SandboxCreate {
+                sandbox_id: sandbox_id.clone(),
+            },
+        );
+        events.publish(id, Event::SandboxStart { sandbox_id, pid });
         Ok(())
     }
 

@@ -50,11 +50,25 @@ impl SandboxService {
             .map_err(|e| CriError::internal("tearing down the pod network", e))?;
         let (shm, ns) = (self.ctx.paths.shm(&rec.id), rec.netns.clone());
         tokio::task::spawn_blocking(move || release_namespaces(&shm, ns.as_deref())).await??;
+        // Under the record lock, as the watcher's NotReady: one `/sandboxes/stop`
+        // per stop, from whichever saw the pod Ready.
+        let _g = self
+            .ctx
+            .record_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(mut cur) = self.ctx.records.sandbox(&rec.id) {
-            if cur.state != SandboxState::NotReady || cur.infra_pid != 0 {
+            let was_ready = cur.state == SandboxState::Ready;
+            if was_ready || cur.infra_pid != 0 {
                 cur.state = SandboxState::NotReady;
                 cur.infra_pid = 0;
                 self.ctx.records.put_sandbox(&cur)?;
+            }
+            if was_ready {
+                let stop = crate::events::Event::SandboxStop {
+                    sandbox_id: rec.id.clone(),
+                };
+                self.ctx.events.publish(&rec.id, stop);
             }
         }
         info!(sandbox = %rec.id, "sandbox stopped");
@@ -101,10 +115,16 @@ impl SandboxService {
         let _g = lock.lock().await;
         self.stop_locked(&rec).await?;
         self.containers.remove_all_of(&rec.id).await?;
-        if let Some(slice) = &rec.systemd_slice {
-            let _create = self.ctx.create_lock.lock().await;
-            crate::podscope::release(&self.ctx, &rec.id, slice).await?;
-        }
+        // Held until the record is gone, so that a concurrent removal of the slice's
+        // other pod sees this one gone (and stops the slice) or waits for it.
+        let _create = match &rec.systemd_slice {
+            Some(slice) => {
+                let g = self.ctx.create_lock.lock().await;
+                crate::podscope::release(&self.ctx, &rec.id, slice).await?;
+                Some(g)
+            }
+            None => None,
+        };
         let paths = &self.ctx.paths;
         let dirs = [paths.sandbox_root(&rec.id), paths.sandbox_state(&rec.id)];
         let cgroups: Vec<PathBuf> = rec.cgroup_dirs.iter().map(PathBuf::from).collect();
@@ -126,6 +146,10 @@ impl SandboxService {
         self.ctx.records.delete_sandbox(&rec.id)?;
         self.ctx.pod_locks.forget(&rec.id);
         info!(sandbox = %rec.id, "sandbox removed");
+        let delete = crate::events::Event::SandboxDelete {
+            sandbox_id: rec.id.clone(),
+        };
+        self.ctx.events.publish(&rec.id, delete);
         Ok(())
     }
 }

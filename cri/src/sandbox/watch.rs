@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::SandboxService;
 use crate::container::Exit;
-use crate::events::Topic;
+use crate::events::Event;
 use crate::records::SandboxState;
 
 impl SandboxService {
@@ -54,7 +54,10 @@ impl SandboxService {
             }
             Some(pb::event::Event::Oom(o)) => {
                 warn!(sandbox = %pod, container = %o.id, "the kernel OOM-killed a process of the container");
-                self.ctx.events.publish(Topic::TaskOom, &o.id, pod);
+                let oom = Event::TaskOom {
+                    container_id: o.id.clone(),
+                };
+                self.ctx.events.publish(pod, oom);
             }
             _ => {}
         }

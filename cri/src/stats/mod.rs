@@ -81,12 +81,7 @@ impl StatsService {
         let path = if rec.cgroups_path.is_empty() {
             // Records from before the field: the path berth always gave.
             let pod = self.ctx.records.sandbox(&rec.sandbox_id)?;
-            let parent = pod
-                .config
-                .linux
-                .map(|l| l.cgroup_parent)
-                .unwrap_or_default();
-            self.containers.cgroups_path(&parent, &rec.id)
+            self.containers.cgroups_path(&pod, &rec.id)
         } else {
             rec.cgroups_path.clone()
         };

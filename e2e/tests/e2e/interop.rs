@@ -193,19 +193,58 @@ pub fn grpc_go_client_over_the_socket_path() -> Result<(), Failed> {
         )?;
         ensure!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
         pod_lifecycle(&mut go, &b, &w.busybox.reference, "go-1")?;
-        // A server-streaming call: berth does not serve GetContainerEvents yet, and the
-        // stream ends at once with that status rather than hanging.
-        let events = go.stream::<_, cri::ContainerEventResponse>(
-            &rt("GetContainerEvents"),
-            &cri::GetEventsRequest {},
-            1,
-            5000,
-        )?;
+        // A server-streaming call as kubelet's evented PLEG makes it: the pod's
+        // CREATED and STARTED events, decoded by grpc-go, with the pod's status.
+        let before = super::events::subscribers(&b)?;
+        let events = std::thread::spawn(move || {
+            go.stream::<_, cri::ContainerEventResponse>(
+                &rt("GetContainerEvents"),
+                &cri::GetEventsRequest {},
+                2,
+                20000,
+            )
+        });
+        while super::events::subscribers(&b)? == before {
+            ensure!(
+                !events.is_finished(),
+                "the grpc-go stream ended before subscribing"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut c = b.client().await?;
+        let pod = run_pod(&mut c, pod_config("go-events", "go-ev")).await?;
+        let got = events
+            .join()
+            .map_err(|_| anyhow!("the grpc-go stream thread panicked"))??;
+        let seen: Vec<(&str, i32)> = got
+            .messages
+            .iter()
+            .map(|m| (m.container_id.as_str(), m.container_event_type))
+            .collect();
+        let want = [
+            (
+                pod.as_str(),
+                cri::ContainerEventType::ContainerCreatedEvent as i32,
+            ),
+            (
+                pod.as_str(),
+                cri::ContainerEventType::ContainerStartedEvent as i32,
+            ),
+        ];
         ensure!(
-            events.messages.is_empty() && events.end.code == Code::Unimplemented as i32,
-            "GetContainerEvents: {:?}",
-            events.end
+            seen == want,
+            "GetContainerEvents via grpc-go: {seen:?} ({:?})",
+            got.end
         );
+        ensure!(
+            got.messages[1]
+                .pod_sandbox_status
+                .as_ref()
+                .is_some_and(|s| s.id == pod),
+            "{:?}",
+            got.messages[1]
+        );
+        remove_pod(&mut c, &pod).await?;
         assert_no_pod_leftovers(&b, "interop")?;
         Ok(())
     })

@@ -25,6 +25,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use tonic::Code;
 
 mod confinement;
+mod events;
 mod interop;
 mod security;
 mod systemd;
@@ -553,7 +554,8 @@ fn socket_lifecycle_and_config_errors() -> Result<(), Failed> {
         }
         // The systemd driver where systemd is not running: berthd says so and stops.
         let reachable = ["/run/dbus/system_bus_socket"];
-        if !reachable.iter().any(|p| Path::new(p).exists()) {
+        let bus_set = std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_some();
+        if !bus_set && !reachable.iter().any(|p| Path::new(p).exists()) {
             let path = b.dir().join("systemd.toml");
             let ours = std::fs::read_to_string(&b.config)?;
             std::fs::write(&path, format!("cgroup_driver = \"systemd\"\n{ours}"))?;
@@ -4755,6 +4757,14 @@ fn main() -> anyhow::Result<()> {
         Trial::test(
             "mount_propagation_both_ways",
             confinement::mount_propagation_both_ways,
+        ),
+        Trial::test(
+            "container_events_follow_a_pod_lifecycle",
+            events::container_events_follow_a_pod_lifecycle,
+        ),
+        Trial::test(
+            "berthctl_events_filters_and_pause",
+            events::berthctl_events_filters_and_pause,
         ),
     ];
     if !nix::unistd::geteuid().is_root() {

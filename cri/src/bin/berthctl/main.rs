@@ -1,6 +1,10 @@
-//! berthctl: a command-line client of berthd. `exec`, `attach` and `port-forward`
-//! ask berthd's CRI socket for a streaming URL and then speak SPDY/3.1 to it, as
-//! kubectl does through kubelet.
+//! berthctl: a command-line client of berthd. The operator's commands (`info`,
+//! `pods`, `ps`, `images`, `rmi`, `inspect`, `tasks`, `events`) use berthd's native
+//! API socket (`ops`); `exec`, `attach` and `port-forward` ask the CRI socket for a
+//! streaming URL and then speak SPDY/3.1 (or WebSocket) to it, as kubectl does
+//! through kubelet.
+
+mod ops;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,9 +21,18 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(about = "berth's command-line client", version)]
 struct Cli {
-    /// berthd's CRI socket.
-    #[arg(long, default_value = "/run/berth/berth.sock", env = "BERTH_SOCKET")]
-    socket: PathBuf,
+    /// berthd's config, for where its sockets are.
+    #[arg(long, default_value = berth_cri::config::DEFAULT_CONFIG_PATH, env = "BERTH_CONFIG")]
+    config: PathBuf,
+    /// berthd's API socket (default: from the config).
+    #[arg(long, env = "BERTH_ADDRESS")]
+    address: Option<PathBuf>,
+    /// berthd's CRI socket, for exec, attach and port-forward (default: from the config).
+    #[arg(long, env = "BERTH_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table", global = true)]
+    output: ops::Output,
     /// PEM CA certificate(s) to verify a TLS streaming server (`[stream] tls_cert`).
     #[arg(long, env = "BERTH_STREAM_CA")]
     stream_ca: Option<PathBuf>,
@@ -35,6 +48,40 @@ enum Transport {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// What berthd is and how it is set up.
+    Info,
+    /// Lists pod sandboxes.
+    Pods {
+        /// containerd filters, e.g. `namespace==default` `labels.app==web`.
+        filters: Vec<String>,
+    },
+    /// Lists running containers (all with -a).
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        /// containerd filters, e.g. `image~=busybox`.
+        filters: Vec<String>,
+    },
+    /// Lists images.
+    Images {
+        /// containerd filters, e.g. `name~=^docker.io/`.
+        filters: Vec<String>,
+    },
+    /// Removes images.
+    Rmi {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// A container's record as JSON.
+    Inspect { container: String },
+    /// Tasks: list, pids, pause, resume, metrics, kill.
+    #[command(subcommand)]
+    Tasks(ops::TaskCmd),
+    /// Follows events: time, namespace, topic and payload, one per line.
+    Events {
+        /// containerd filters, e.g. `topic~=/tasks/.+,namespace==k8s.io`; several = any.
+        filters: Vec<String>,
+    },
     /// Runs a command in a running container.
     Exec {
         /// Pass stdin to the command.
@@ -77,6 +124,17 @@ enum Cmd {
         #[arg(required = true)]
         ports: Vec<String>,
     },
+}
+
+impl Cmd {
+    fn name(&self) -> &'static str {
+        match self {
+            Cmd::Exec { .. } => "exec",
+            Cmd::Attach { .. } => "attach",
+            Cmd::PortForward { .. } => "port-forward",
+            _ => "this",
+        }
+    }
 }
 
 async fn runtime(socket: &PathBuf) -> Result<RuntimeServiceClient<Channel>> {
@@ -285,8 +343,36 @@ async fn run() -> Result<i32> {
     if let Some(ca) = &cli.stream_ca {
         berth_stream::tls::trust_ca(ca)?;
     }
-    let mut rt = runtime(&cli.socket).await?;
+    let api = || async { ops::connect(&ops::api_socket(cli.address.clone(), &cli.config)?).await };
+    let out = cli.output;
     match cli.cmd {
+        Cmd::Info => return ops::info(api().await?, out).await.map(|_| 0),
+        Cmd::Pods { filters } => return ops::pods(api().await?, filters, out).await.map(|_| 0),
+        Cmd::Ps { all, filters } => {
+            return ops::ps(api().await?, all, filters, out).await.map(|_| 0);
+        }
+        Cmd::Images { filters } => return ops::images(api().await?, filters, out).await.map(|_| 0),
+        Cmd::Rmi { names } => return ops::rmi(api().await?, names).await.map(|_| 0),
+        Cmd::Inspect { container } => {
+            return ops::inspect(api().await?, container).await.map(|_| 0);
+        }
+        Cmd::Tasks(t) => return ops::tasks(api().await?, t, out).await.map(|_| 0),
+        Cmd::Events { filters } => return ops::events(api().await?, filters, out).await.map(|_| 0),
+        streaming => run_streaming(&cli.config, cli.socket.clone(), streaming).await,
+    }
+}
+
+/// exec, attach and port-forward, over the CRI socket.
+async fn run_streaming(config: &std::path::Path, socket: Option<PathBuf>, cmd: Cmd) -> Result<i32> {
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            let missing_ok = config == std::path::Path::new(berth_cri::config::DEFAULT_CONFIG_PATH);
+            berth_cri::config::Config::load(config, missing_ok)?.listen
+        }
+    };
+    let mut rt = runtime(&socket).await?;
+    match cmd {
         Cmd::Exec {
             interactive,
             tty,
@@ -335,6 +421,7 @@ async fn run() -> Result<i32> {
             port_forward(&mut rt, &pod, &ports, transport).await?;
             Ok(0)
         }
+        other => bail!("{} is not a streaming command", other.name()),
     }
 }
 
