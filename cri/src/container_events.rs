@@ -3,9 +3,10 @@
 //! (a sandbox's with its own id, as containerd sends them), each carrying the pod's
 //! status and its containers' statuses as they are when the event is sent.
 //!
-//! Each stream has its own subscription and a bounded queue: a client that does not
-//! read lets its subscription fall behind, never a publisher, and a stream that fell
-//! behind ends with `ABORTED` (kubelet then relists and subscribes again).
+//! Each stream has its own subscription and a bounded queue (256): a client that
+//! does not read never holds a publisher or the stream's task; when its queue is full
+//! (or its subscription fell 4096 events behind) the stream ends with `ABORTED`
+//! (kubelet then relists and subscribes again). Streams end when berthd stops.
 
 use std::sync::Arc;
 
@@ -59,28 +60,42 @@ fn response(svc: &Services, env: &Envelope) -> Option<cri::ContainerEventRespons
 /// A new event stream, from now on.
 pub fn stream(svc: Arc<Services>) -> ReceiverStream<Result<cri::ContainerEventResponse, Status>> {
     let mut events = svc.ctx.events.subscribe();
+    let mut stopping = svc.ctx.shutdown.subscribe();
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
         loop {
             let env = tokio::select! {
                 _ = tx.closed() => return,
+                _ = stopping.wait_for(|s| *s) => return,
                 r = events.recv() => r,
             };
             let resp = match env {
                 Ok(env) => match response(&svc, &env) {
-                    Some(r) => Ok(r),
+                    Some(r) => r,
                     None => continue,
                 },
-                Err(broadcast::error::RecvError::Lagged(n)) => Err(Status::aborted(format!(
-                    "the container event stream fell {n} events behind; list again and resubscribe"
-                ))),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let _ = tx.try_send(Err(behind(n)));
+                    return;
+                }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            let end = resp.is_err();
-            if tx.send(resp).await.is_err() || end {
+            // A client that does not read never holds this task (or a publisher): when
+            // only the last slot is left, it gets the error in it and the stream ends.
+            if tx.capacity() <= 1 {
+                let _ = tx.try_send(Err(behind(QUEUE as u64)));
+                return;
+            }
+            if tx.try_send(Ok(resp)).is_err() {
                 return;
             }
         }
     });
     ReceiverStream::new(rx)
+}
+
+fn behind(n: u64) -> Status {
+    Status::aborted(format!(
+        "the container event stream fell {n} events behind; list again and resubscribe"
+    ))
 }

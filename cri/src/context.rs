@@ -57,6 +57,9 @@ pub struct Context {
     pub record_lock: Mutex<()>,
     /// The event exchange.
     pub events: Exchange,
+    /// Set once berthd is stopping: long-lived streams (events) end, so that the
+    /// servers can drain.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Containers inside StartContainer (their exit, if it comes first, publishes the
     /// start too); read and written under `record_lock`.
     pub starting: Mutex<std::collections::HashSet<String>>,
@@ -102,6 +105,7 @@ impl Context {
             record_lock: Mutex::new(()),
             events: Exchange::default(),
             starting: Mutex::default(),
+            shutdown: tokio::sync::watch::Sender::new(false),
             cgroups,
             cfg,
             systemd,

@@ -26,6 +26,42 @@ pub struct CriImageService {
     containers: Option<crate::container::ContainerService>,
 }
 
+/// A pull as berth does it for CRI and for its own API: `/images/create` (or `update`
+/// when the name moved to another image) on `events`, the heap trimmed after.
+pub async fn pull_and_publish(
+    images: &Arc<berth_image::ImageService>,
+    events: Option<&crate::events::Exchange>,
+    name: &str,
+    creds: Credentials,
+    server: Option<&str>,
+    progress: Option<berth_image::ProgressSink>,
+) -> Result<berth_image::ImageRecord, berth_image::ImageError> {
+    let before = images.resolve(name).ok().flatten().map(|r| r.id);
+    let result = images
+        .pull_with_progress(name, creds, server, progress)
+        .await;
+    // A pull frees tens of MiB of buffers that glibc would otherwise keep; give them
+    // back so an idle berthd stays small.
+    // SAFETY: malloc_trim only releases free heap memory.
+    tokio::task::spawn_blocking(|| unsafe {
+        libc::malloc_trim(0);
+    });
+    let rec = result?;
+    // The name as stored (`docker.io/library/busybox:1`), not as typed.
+    let name =
+        berth_image::ImageRef::parse(name).map_or_else(|_| name.to_string(), |r| r.canonical());
+    let labels = Default::default();
+    let event = match before {
+        None => Some(Event::ImageCreate { name, labels }),
+        Some(id) if id != rec.id => Some(Event::ImageUpdate { name, labels }),
+        Some(_) => None,
+    };
+    if let (Some(events), Some(event)) = (events, event) {
+        events.publish("", event);
+    }
+    Ok(rec)
+}
+
 impl CriImageService {
     /// An image event, where berthd's services are there to carry it.
     fn publish(&self, event: Event) {
@@ -191,21 +227,10 @@ impl ImageService for CriImageService {
         tracing::Span::current().record("image", name.as_str());
         let server = req.auth.as_ref().map(|a| a.server_address.clone());
         let creds = credentials(req.auth)?;
-        let before = self.images.resolve(&name).ok().flatten().map(|r| r.id);
-        let result = self.images.pull(&name, creds, server.as_deref()).await;
-        // A pull frees tens of MiB of buffers that glibc would otherwise keep; give them
-        // back so an idle berthd stays small.
-        // SAFETY: malloc_trim only releases free heap memory.
-        tokio::task::spawn_blocking(|| unsafe {
-            libc::malloc_trim(0);
-        });
-        let rec = result.map_err(from_image_error)?;
-        let labels = Default::default();
-        match before {
-            None => self.publish(Event::ImageCreate { name, labels }),
-            Some(id) if id != rec.id => self.publish(Event::ImageUpdate { name, labels }),
-            Some(_) => {}
-        }
+        let events = self.containers.as_ref().map(|c| &c.context().events);
+        let rec = pull_and_publish(&self.images, events, &name, creds, server.as_deref(), None)
+            .await
+            .map_err(from_image_error)?;
         Ok(Response::new(PullImageResponse {
             image_ref: rec.id.to_string(),
         }))
@@ -231,14 +256,25 @@ impl ImageService for CriImageService {
                 .into());
             }
         }
+        // Every name the image had goes with it: one `/images/delete` each.
+        let names = match self.images.resolve(&name).map_err(from_image_error)? {
+            Some(rec) => rec
+                .repo_tags
+                .iter()
+                .chain(&rec.repo_digests)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         let images = self.images.clone();
-        let removed_name = name.clone();
-        let removed = tokio::task::spawn_blocking(move || images.remove(&removed_name))
+        let removed = tokio::task::spawn_blocking(move || images.remove(&name))
             .await
             .map_err(CriError::from)?
             .map_err(from_image_error)?;
         if removed {
-            self.publish(Event::ImageDelete { name });
+            for name in names {
+                self.publish(Event::ImageDelete { name });
+            }
         }
         Ok(Response::new(RemoveImageResponse {}))
     }

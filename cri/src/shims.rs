@@ -26,6 +26,11 @@ impl ShimRegistry {
         }
     }
 
+    /// The `berth-shim` binary.
+    pub fn binary(&self) -> PathBuf {
+        self.binary.clone()
+    }
+
     /// The shim client of a pod, reconnecting if needed; `None` if the shim is gone.
     pub async fn get(&self, pod: &str) -> Option<ShimClient> {
         let mut clients = self.clients.lock().await;

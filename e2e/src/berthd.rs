@@ -211,7 +211,8 @@ impl Berthd {
         Ok(cmd)
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    /// Starts a berthd made with `prepare` (after a test edited its config).
+    pub fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -21,5 +21,5 @@ pub use digest::Digest;
 pub use error::{ImageError, Result};
 pub use reference::ImageRef;
 pub use registry::Credentials;
-pub use service::{FsUsage, GcStats, ImageService};
+pub use service::{FsUsage, GcStats, ImageService, ProgressSink, PullProgress};
 pub use store::{ImageRecord, LayerRecord};

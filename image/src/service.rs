@@ -123,6 +123,37 @@ struct FetchCtx {
     ep: Endpoint,
     creds: Credentials,
     image: String,
+    progress: Option<ProgressSink>,
+}
+
+/// Where a pull is, for progress bars.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PullProgress {
+    /// The manifest resolved: its layers (digest, compressed size), bottom first.
+    Resolved { layers: Vec<(String, u64)> },
+    /// Bytes of a layer's blob received so far.
+    Downloading {
+        digest: String,
+        done: u64,
+        total: u64,
+    },
+    /// A layer is stored and unpacked (`present`: it was there already).
+    LayerDone { digest: String, present: bool },
+}
+
+/// Where progress goes. Downloading updates are dropped when the reader is behind
+/// (the next one says more); the others wait for room.
+pub type ProgressSink = tokio::sync::mpsc::Sender<PullProgress>;
+
+/// Downloading updates at most this often (in bytes received).
+const PROGRESS_STEP: u64 = 256 << 10;
+
+impl FetchCtx {
+    async fn report(&self, p: PullProgress) {
+        if let Some(tx) = &self.progress {
+            let _ = tx.send(p).await;
+        }
+    }
 }
 
 impl ImageService {
@@ -254,10 +285,22 @@ impl ImageService {
         creds: Credentials,
         server_address: Option<&str>,
     ) -> Result<ImageRecord> {
+        self.pull_with_progress(reference, creds, server_address, None)
+            .await
+    }
+
+    /// `pull`, reporting each layer's progress to `progress`.
+    pub async fn pull_with_progress(
+        self: &Arc<Self>,
+        reference: &str,
+        creds: Credentials,
+        server_address: Option<&str>,
+        progress: Option<ProgressSink>,
+    ) -> Result<ImageRecord> {
         let r = ImageRef::parse(reference)?;
         let canonical = r.canonical();
         let secs = self.cfg.image.pull_timeout_secs;
-        let fut = self.pull_locked(r, creds, server_address);
+        let fut = self.pull_locked(r, creds, server_address, progress);
         if secs == 0 {
             return fut.await;
         }
@@ -274,6 +317,7 @@ impl ImageService {
         r: ImageRef,
         creds: Credentials,
         server_address: Option<&str>,
+        progress: Option<ProgressSink>,
     ) -> Result<ImageRecord> {
         // Concurrent pulls of one reference run one after another: the first downloads,
         // the rest find every blob and snapshot present.
@@ -317,6 +361,7 @@ impl ImageService {
                         ep,
                         creds: ep_creds,
                         image,
+                        progress,
                     });
                     return self.fetch(&r, ctx, res).await;
                 }
@@ -367,6 +412,11 @@ impl ImageService {
                 .flat_map(|l| [l.digest.clone(), l.chain_id.clone()]),
         );
         let _lease = self.lease(keys);
+        let sizes = layers
+            .iter()
+            .map(|l| (l.digest.to_string(), l.size))
+            .collect();
+        ctx.report(PullProgress::Resolved { layers: sizes }).await;
 
         let parallel = self.cfg.image.max_concurrent_downloads.max(1);
         stream::iter(
@@ -430,6 +480,12 @@ impl ImageService {
         let have_snapshot = self.meta.snapshot(&layer.chain_id).is_some();
         let have_blob = self.content.size(&layer.digest).is_some();
         if have_snapshot && have_blob {
+            let digest = layer.digest.to_string();
+            ctx.report(PullProgress::LayerDone {
+                digest,
+                present: true,
+            })
+            .await;
             return Ok(());
         }
         // Bound the blocking threads that pulls hold, whatever the number of pulls.
@@ -479,7 +535,14 @@ impl ImageService {
         drop(tx);
         worker
             .await
-            .map_err(|e| ImageError::Store(format!("unpack worker failed: {e}")))?
+            .map_err(|e| ImageError::Store(format!("unpack worker failed: {e}")))??;
+        let digest = layer.digest.to_string();
+        ctx.report(PullProgress::LayerDone {
+            digest,
+            present: false,
+        })
+        .await;
+        Ok(())
     }
 
     /// A numbered, empty snapshot dir for a layer to unpack into.
@@ -749,10 +812,25 @@ async fn feed_download(
         .pull_blob_stream(&ctx.oref, &desc)
         .await
         .map_err(|e| map_error(e, &ctx.image, &ctx.ep, &ctx.creds))?;
+    let (mut done, mut reported) = (0u64, 0u64);
     while let Some(chunk) = blob.next().await {
         let failed = chunk.is_err();
+        done += chunk.as_ref().map_or(0, |c| c.len() as u64);
         if tx.send(chunk).await.is_err() || failed {
             break; // the worker stopped (its error wins) or the download failed
+        }
+        if let Some(p) = ctx
+            .progress
+            .as_ref()
+            .filter(|_| done - reported >= PROGRESS_STEP)
+        {
+            reported = done;
+            let digest = layer.digest.to_string();
+            let _ = p.try_send(PullProgress::Downloading {
+                digest,
+                done,
+                total: layer.size,
+            });
         }
     }
     Ok(())

@@ -15,6 +15,11 @@ pub(super) struct Introspection {
 
 #[tonic::async_trait]
 impl pb::introspection_server::Introspection for Introspection {
+    async fn check(&self, _: Request<pb::Empty>) -> Result<Response<pb::CheckResponse>, Status> {
+        let results = super::check::run(&self.config, &self.svc).await;
+        Ok(Response::new(pb::CheckResponse { results }))
+    }
+
     async fn info(&self, _: Request<pb::Empty>) -> Result<Response<pb::InfoResponse>, Status> {
         let cfg = &self.config;
         Ok(Response::new(pb::InfoResponse {

@@ -3,6 +3,7 @@
 //! sandboxes, containers, tasks (pids, pause, resume, kill, metrics), images and
 //! events with containerd's filters. A thin layer over the same services as CRI.
 
+mod check;
 mod events;
 mod introspection;
 mod objects;

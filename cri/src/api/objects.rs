@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use berth_proto::shim as shimpb;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{filters, pb};
@@ -188,8 +189,90 @@ impl pb::containers_server::Containers for Objects {
     }
 }
 
+/// A progress report as the API sends it.
+fn progress(p: berth_image::PullProgress) -> pb::PullProgress {
+    use berth_image::PullProgress as P;
+    match p {
+        P::Resolved { layers } => pb::PullProgress {
+            layers: layers
+                .into_iter()
+                .map(|(digest, size)| pb::Layer { digest, size })
+                .collect(),
+            ..Default::default()
+        },
+        P::Downloading {
+            digest,
+            done,
+            total,
+        } => pb::PullProgress {
+            digest,
+            status: "downloading".into(),
+            done,
+            total,
+            ..Default::default()
+        },
+        P::LayerDone { digest, present } => pb::PullProgress {
+            digest,
+            status: if present { "present" } else { "done" }.into(),
+            ..Default::default()
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl pb::images_server::Images for Objects {
+    type PullStream = ReceiverStream<Result<pb::PullProgress, Status>>;
+
+    async fn pull(
+        &self,
+        req: Request<pb::PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        let req = req.into_inner();
+        if req.name.trim().is_empty() {
+            return Err(crate::error::CriError::invalid("name", "must name an image").into());
+        }
+        let creds = match (req.username.is_empty(), req.password.is_empty()) {
+            (true, true) => berth_image::Credentials::Anonymous,
+            _ => berth_image::Credentials::Basic {
+                username: req.username,
+                password: req.password,
+            },
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (ptx, mut prx) = tokio::sync::mpsc::channel(64);
+        let svc = self.svc.clone();
+        // The pull runs to its end whatever the caller does; progress is forwarded
+        // while someone reads.
+        let pulling = tokio::spawn(async move {
+            let images = &svc.ctx.images;
+            let events = Some(&svc.ctx.events);
+            crate::image_service::pull_and_publish(
+                images,
+                events,
+                &req.name,
+                creds,
+                None,
+                Some(ptx),
+            )
+            .await
+        });
+        tokio::spawn(async move {
+            while let Some(p) = prx.recv().await {
+                let _ = tx.send(Ok(progress(p))).await;
+            }
+            let last = match pulling.await {
+                Ok(Ok(rec)) => Ok(pb::PullProgress {
+                    image_id: rec.id.to_string(),
+                    ..Default::default()
+                }),
+                Ok(Err(e)) => Err(crate::status::from_image_error(e)),
+                Err(e) => Err(Status::internal(format!("the pull task failed: {e}"))),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn list(
         &self,
         req: Request<pb::ListRequest>,

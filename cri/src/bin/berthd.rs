@@ -212,7 +212,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // The socket is bound and listening: connections queue until serve accepts them.
     berth_cri::notify::ready("serving CRI v1");
     let _watchdog = berth_cri::notify::spawn_watchdog();
-    // One signal ends both servers.
+    // One signal ends both servers, and the event streams that would keep them open.
+    let ctx = svc.ctx.clone();
+    let shutdown = async move {
+        shutdown.await;
+        ctx.shutdown.send_replace(true);
+    };
     let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
     let api = berth_cri::api::serve(api_listener, config.clone(), svc.clone(), shutdown.clone());
     let cri = berth_cri::server::serve(listener, config, images, svc, shutdown);

@@ -162,7 +162,7 @@ impl ContainerService {
         let shim = self.shim_of(&rec).await?;
         // Taken before the start: a fast process may exit (and be recorded) before it returns.
         let started_at = now_unix_nanos();
-        self.starting(&rec.id, true);
+        let _starting = Starting::mark(&self.ctx, &rec.id);
         let started = shim.start(&rec.id).await;
         // Serialised with exit events: a fast exit must not be overwritten by Running.
         let _g = self
@@ -170,7 +170,7 @@ impl ContainerService {
             .record_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        self.starting(&rec.id, false);
+        Starting::clear(&self.ctx, &rec.id);
         started.map_err(|e| CriError::shim("starting container", e))?;
         rec.started_at = started_at;
         if let Some(cur) = self.ctx.records.container(&rec.id) {
@@ -198,15 +198,6 @@ impl ContainerService {
     pub async fn stop(&self, id: &str, timeout: i64) -> Result<()> {
         let rec = self.ctx.container(id, "container_id")?;
         self.stop_record(&rec, timeout).await
-    }
-
-    /// Marks a container as inside StartContainer, or no longer.
-    fn starting(&self, id: &str, on: bool) {
-        let mut set = self.ctx.starting.lock().unwrap_or_else(|p| p.into_inner());
-        match on {
-            true => set.insert(id.to_string()),
-            false => set.remove(id),
-        };
     }
 
     /// Stops one container and records its exit.
@@ -282,6 +273,11 @@ impl ContainerService {
             .record_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // A concurrent removal (a retry, or the pod's) may have been first: its events
+        // are out already. The current record has the exit the stop recorded.
+        let Some(rec) = self.ctx.records.container(&rec.id) else {
+            return Ok(());
+        };
         self.ctx.records.delete_container(&rec.id)?;
         info!(container = %rec.id, "container removed");
         let events = &self.ctx.events;
@@ -334,6 +330,37 @@ impl ContainerService {
             let _ = std::fs::remove_dir_all(&cdir);
         })
         .await;
+    }
+}
+
+/// A container inside StartContainer; unmarked when the call ends, however it ends
+/// (a caller that goes away drops the future).
+struct Starting {
+    ctx: std::sync::Arc<crate::context::Context>,
+    id: String,
+}
+
+impl Starting {
+    fn mark(ctx: &std::sync::Arc<crate::context::Context>, id: &str) -> Starting {
+        let mut set = ctx.starting.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(id.to_string());
+        Starting {
+            ctx: ctx.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    fn clear(ctx: &crate::context::Context, id: &str) {
+        ctx.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        Starting::clear(&self.ctx, &self.id);
     }
 }
 

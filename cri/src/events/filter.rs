@@ -8,20 +8,24 @@
 //! fieldpath := field ("." field)*
 //! field     := quoted | [A-Za-z0-9_-]+
 //! operator  := "==" | "!=" | "~="
-//! value     := quoted | [^\s,]+
-//! quoted    := a Go string literal between `"`, `/` or `|` (\n, \t, \xHH, \uHHHH, ...)
+//! value     := quoted | [^\s,]+      (after ~= also /regexp/ or |regexp|)
+//! quoted    := a Go string literal between `"` (\n, \t, \xHH, \uHHHH, \ooo, ...)
 //! ```
 //!
 //! A selector without an operator tests presence; `!=` and `~=` see an absent field
-//! as "". One departure, so that `topic~=/tasks/.+` works as written: a value that
-//! starts with `/` or `|` is quoted only when its closing delimiter ends the value
-//! (followed by `,`, a space or the end); otherwise it is a plain value. Regular
+//! as "". An empty filter matches everything, as in containerd. Departures, so that
+//! the issue's and operators' natural spellings work: `/.../` and `|...|` after `~=`
+//! keep their contents as written (only `\/` or `\|` is unescaped, so `\w` reaches
+//! the regexp), and only when the closing delimiter ends the value; otherwise the
+//! value is plain, so `topic~=/tasks/.+` is the regexp `/tasks/.+`. Regular
 //! expressions compile at parse time, so a bad one is an error with its position.
 
 use regex::{Regex, RegexBuilder};
 
-/// The largest filter text accepted, and the largest compiled regular expression.
+/// The largest filter text accepted, the most filters at once, and the largest
+/// compiled regular expression.
 pub const MAX_FILTER_BYTES: usize = 4096;
+pub const MAX_FILTERS: usize = 64;
 const MAX_REGEX_BYTES: usize = 1 << 20;
 
 /// A filter that does not parse: where, and why.
@@ -112,13 +116,19 @@ pub struct Filter {
 impl Filter {
     /// Parses each filter; the first error is returned.
     pub fn parse_all<S: AsRef<str>>(filters: &[S]) -> Result<Filter, FilterError> {
+        if filters.len() > MAX_FILTERS {
+            return Err(FilterError {
+                input: format!("{} filters", filters.len()),
+                pos: 0,
+                message: format!("at most {MAX_FILTERS} filters at once"),
+            });
+        }
         let any_of = filters
             .iter()
             .map(|f| parse(f.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Filter {
-            any_of: any_of.into_iter().filter(|s| !s.is_empty()).collect(),
-        })
+        // An empty filter (no selectors) matches everything, so the whole does.
+        Ok(Filter { any_of })
     }
 
     /// Whether `obj` passes.
@@ -213,7 +223,7 @@ impl Parser<'_> {
         };
         self.skip_space();
         let value_at = self.pos;
-        let value = self.value()?;
+        let value = self.value(op == "~=")?;
         let op = match op {
             "==" => Op::Equal(value),
             "!=" => Op::NotEqual(value),
@@ -240,7 +250,7 @@ impl Parser<'_> {
         self.skip_space();
         let start = self.pos;
         match self.peek() {
-            Some(q) if is_quote(q) => self.quoted(q),
+            Some('"') => self.quoted('"'),
             Some(c) if is_field_char(c) => {
                 while self.peek().is_some_and(is_field_char) {
                     self.pos += 1;
@@ -271,12 +281,16 @@ impl Parser<'_> {
         }
     }
 
-    fn value(&mut self) -> Result<String, FilterError> {
+    fn value(&mut self, regexp: bool) -> Result<String, FilterError> {
         let start = self.pos;
         match self.peek() {
             None | Some(',') => return Err(self.error(start, "expected a value")),
             Some('"') => return self.quoted('"'),
-            Some(q) if is_quote(q) && self.quoted_value_ends(q) => return self.quoted(q),
+            Some(q) if regexp && is_quote(q) => {
+                if let Some(re) = self.delimited(q) {
+                    return Ok(re);
+                }
+            }
             _ => {}
         }
         while self.peek().is_some_and(|c| c != ',' && !c.is_whitespace()) {
@@ -285,13 +299,38 @@ impl Parser<'_> {
         Ok(self.input[start..self.pos].to_string())
     }
 
-    /// Whether the `/.../` or `|...|` at the cursor closes where the value ends.
-    fn quoted_value_ends(&self, q: char) -> bool {
-        let mut probe = Parser {
-            input: self.input,
-            pos: self.pos,
-        };
-        probe.quoted(q).is_ok() && probe.peek().is_none_or(|c| c == ',' || c.is_whitespace())
+    /// A `/regexp/` or `|regexp|` at the cursor that closes where the value ends: its
+    /// contents as written, with only an escaped delimiter unescaped.
+    fn delimited(&mut self, q: char) -> Option<String> {
+        let body = &self.input[self.pos + 1..];
+        let mut out = String::new();
+        let mut chars = body.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' if body[i + 1..].starts_with(q) => {
+                    out.push(q);
+                    chars.next();
+                }
+                '\\' => {
+                    out.push('\\');
+                    if let Some((_, n)) = chars.next() {
+                        out.push(n);
+                    }
+                }
+                c if c == q => {
+                    let end = self.pos + 1 + i + 1;
+                    let rest = self.input[end..].chars().next();
+                    if rest.is_none_or(|c| c == ',' || c.is_whitespace()) {
+                        self.pos = end;
+                        return Some(out);
+                    }
+                    return None;
+                }
+                '\n' => return None,
+                c => out.push(c),
+            }
+        }
+        None
     }
 
     /// A literal between `q`s with Go's escapes; the cursor moves past it.
@@ -349,6 +388,9 @@ impl Parser<'_> {
             .input
             .get(self.pos..self.pos + digits)
             .ok_or_else(|| bad(self))?;
+        if !text.chars().all(|d| d.is_digit(radix)) {
+            return Err(bad(self));
+        }
         let v = u32::from_str_radix(text, radix).map_err(|_| bad(self))?;
         self.pos += digits;
         match c {

@@ -175,9 +175,7 @@ impl SandboxService {
             systemd_slice: spec.systemd_slice.clone(),
         };
         self.ctx.records.put_sandbox(&rec)?;
-        self.watch(id, client.clone()).await;
-        self.ctx.shims.insert(id, client).await;
-        info!(sandbox = id, key = %spec.key, infra_pid = pid, "sandbox ready");
+        // Before the watcher, which publishes `/sandboxes/stop` if the infra exits.
         let events = &self.ctx.events;
         let sandbox_id = id.to_string();
         events.publish(
@@ -187,6 +185,9 @@ impl SandboxService {
             },
         );
         events.publish(id, Event::SandboxStart { sandbox_id, pid });
+        self.watch(id, client.clone()).await;
+        self.ctx.shims.insert(id, client).await;
+        info!(sandbox = id, key = %spec.key, infra_pid = pid, "sandbox ready");
         Ok(())
     }
 

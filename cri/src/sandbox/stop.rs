@@ -113,6 +113,10 @@ impl SandboxService {
         };
         let lock = self.ctx.pod_locks.of(&rec.id);
         let _g = lock.lock().await;
+        // A removal that held the lock before this one may have finished it.
+        let Some(rec) = self.ctx.records.sandbox(&rec.id) else {
+            return Ok(());
+        };
         self.stop_locked(&rec).await?;
         self.containers.remove_all_of(&rec.id).await?;
         // Held until the record is gone, so that a concurrent removal of the slice's

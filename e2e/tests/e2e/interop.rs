@@ -195,7 +195,7 @@ pub fn grpc_go_client_over_the_socket_path() -> Result<(), Failed> {
         pod_lifecycle(&mut go, &b, &w.busybox.reference, "go-1")?;
         // A server-streaming call as kubelet's evented PLEG makes it: the pod's
         // CREATED and STARTED events, decoded by grpc-go, with the pod's status.
-        let before = super::events::subscribers(&b)?;
+        let before = super::ctl::subscribers(&b)?;
         let events = std::thread::spawn(move || {
             go.stream::<_, cri::ContainerEventResponse>(
                 &rt("GetContainerEvents"),
@@ -204,7 +204,7 @@ pub fn grpc_go_client_over_the_socket_path() -> Result<(), Failed> {
                 20000,
             )
         });
-        while super::events::subscribers(&b)? == before {
+        while super::ctl::subscribers(&b)? == before {
             ensure!(
                 !events.is_finished(),
                 "the grpc-go stream ended before subscribing"

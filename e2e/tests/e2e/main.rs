@@ -25,6 +25,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use tonic::Code;
 
 mod confinement;
+mod ctl;
 mod events;
 mod interop;
 mod security;
@@ -4764,7 +4765,11 @@ fn main() -> anyhow::Result<()> {
         ),
         Trial::test(
             "berthctl_events_filters_and_pause",
-            events::berthctl_events_filters_and_pause,
+            ctl::berthctl_events_filters_and_pause,
+        ),
+        Trial::test(
+            "berthctl_check_pull_logs_and_stats",
+            ctl::berthctl_check_pull_logs_and_stats,
         ),
     ];
     if !nix::unistd::geteuid().is_root() {

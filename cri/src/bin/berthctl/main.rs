@@ -4,6 +4,7 @@
 //! streaming URL and then speak SPDY/3.1 (or WebSocket) to it, as kubectl does
 //! through kubelet.
 
+mod logs;
 mod ops;
 
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use tokio::io::AsyncRead;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(about = "berth's command-line client", version)]
+#[command(name = "berthctl", about = "berth's command-line client", version)]
 struct Cli {
     /// berthd's config, for where its sockets are.
     #[arg(long, default_value = berth_cri::config::DEFAULT_CONFIG_PATH, env = "BERTH_CONFIG")]
@@ -50,6 +51,9 @@ enum Transport {
 enum Cmd {
     /// What berthd is and how it is set up.
     Info,
+    /// A node self-test: runtimes, shim, cgroups, CNI config and plugins, sockets,
+    /// free space; exits 1 if anything fails.
+    Check,
     /// Lists pod sandboxes.
     Pods {
         /// containerd filters, e.g. `namespace==default` `labels.app==web`.
@@ -77,6 +81,38 @@ enum Cmd {
     /// Tasks: list, pids, pause, resume, metrics, kill.
     #[command(subcommand)]
     Tasks(ops::TaskCmd),
+    /// Pulls an image, with a progress bar per layer.
+    Pull {
+        image: String,
+        /// Registry credentials, USER:PASSWORD.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// A container's log (as kubelet writes it: the CRI log file).
+    Logs {
+        container: String,
+        /// Keep printing what is written until the container exits.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Prefix each line with its time.
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// A live table of running containers' CPU, memory and pids.
+    Stats {
+        /// One table, then exit.
+        #[arg(long)]
+        no_stream: bool,
+        /// containerd filters over containers, e.g. `labels.app==web`.
+        filters: Vec<String>,
+    },
+    /// Prints a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+    /// Prints berthctl's man page (roff), made from the same definitions as --help.
+    Man,
     /// Follows events: time, namespace, topic and payload, one per line.
     Events {
         /// containerd filters, e.g. `topic~=/tasks/.+,namespace==k8s.io`; several = any.
@@ -347,6 +383,38 @@ async fn run() -> Result<i32> {
     let out = cli.output;
     match cli.cmd {
         Cmd::Info => return ops::info(api().await?, out).await.map(|_| 0),
+        Cmd::Pull { image, user } => return ops::pull(api().await?, image, user).await.map(|_| 0),
+        Cmd::Logs {
+            container,
+            follow,
+            tail,
+            timestamps,
+        } => {
+            let opts = logs::LogOptions {
+                follow,
+                tail,
+                timestamps,
+            };
+            return logs::logs(api().await?, container, opts).await.map(|_| 0);
+        }
+        Cmd::Stats { no_stream, filters } => {
+            return ops::stats(api().await?, filters, no_stream, out)
+                .await
+                .map(|_| 0);
+        }
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "berthctl", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        Cmd::Check => {
+            return ops::check(&ops::api_socket(cli.address.clone(), &cli.config)?, out).await;
+        }
         Cmd::Pods { filters } => return ops::pods(api().await?, filters, out).await.map(|_| 0),
         Cmd::Ps { all, filters } => {
             return ops::ps(api().await?, all, filters, out).await.map(|_| 0);
@@ -439,6 +507,13 @@ fn main() {
     };
     let code = match rt.block_on(run()) {
         Ok(c) => c,
+        // The reader went away (`berthctl man | head`): nothing more to say.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            0
+        }
         Err(e) => {
             eprintln!("berthctl: {e:#}");
             1

@@ -92,6 +92,18 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out.join("\n") + "\n"
 }
 
+/// `extra` added (AND) to each filter; an empty one becomes `extra` alone.
+fn with_each(filters: Vec<String>, extra: &str) -> Vec<String> {
+    if filters.is_empty() {
+        return vec![extra.to_string()];
+    }
+    let add = |f: String| match f.trim().is_empty() {
+        true => extra.to_string(),
+        false => format!("{f},{extra}"),
+    };
+    filters.into_iter().map(add).collect()
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -142,6 +154,43 @@ pub async fn info(ch: Channel, out: Output) -> Result<()> {
     Ok(())
 }
 
+/// A node self-test: one `PASS`/`FAIL` line per part; the exit code is 1 if any
+/// failed (berthd not answering on its API socket is the first failure).
+pub async fn check(socket: &Path, out: Output) -> Result<i32> {
+    let results = match connect(socket).await {
+        Ok(ch) => {
+            let mut c = pb::introspection_client::IntrospectionClient::new(ch);
+            let mut r = vec![pb::CheckResult {
+                name: "api socket".into(),
+                ok: true,
+                detail: socket.display().to_string(),
+            }];
+            r.extend(c.check(pb::Empty {}).await?.into_inner().results);
+            r
+        }
+        Err(e) => vec![pb::CheckResult {
+            name: "api socket".into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        }],
+    };
+    let failed = results.iter().filter(|r| !r.ok).count();
+    if out == Output::Json {
+        print_json(&results)?;
+    } else {
+        let width = results.iter().map(|r| r.name.len()).max().unwrap_or(0);
+        for r in &results {
+            let verdict = if r.ok { "PASS" } else { "FAIL" };
+            println!("{verdict}  {:<width$}  {}", r.name, r.detail);
+        }
+        match failed {
+            0 => println!("all {} checks passed", results.len()),
+            n => println!("{n} of {} checks failed", results.len()),
+        }
+    }
+    Ok(i32::from(failed > 0))
+}
+
 pub async fn pods(ch: Channel, filters: Vec<String>, out: Output) -> Result<()> {
     let mut c = pb::sandboxes_client::SandboxesClient::new(ch);
     let list = c.list(pb::ListRequest { filters }).await?.into_inner();
@@ -175,13 +224,7 @@ pub async fn pods(ch: Channel, filters: Vec<String>, out: Output) -> Result<()> 
 pub async fn ps(ch: Channel, all: bool, mut filters: Vec<String>, out: Output) -> Result<()> {
     if !all {
         // Running (and paused) ones, added to every filter given.
-        filters = match filters.is_empty() {
-            true => vec!["state!=exited,state!=created".into()],
-            false => filters
-                .iter()
-                .map(|f| format!("{f},state!=exited,state!=created"))
-                .collect(),
-        };
+        filters = with_each(filters, "state!=exited,state!=created");
     }
     let mut c = pb::containers_client::ContainersClient::new(ch);
     let list = c.list(pb::ListRequest { filters }).await?.into_inner();
@@ -343,36 +386,189 @@ fn mib(b: u64) -> f64 {
 }
 
 /// Follows events that pass the filters: one line each (time, namespace, topic,
-/// payload JSON), or one JSON object per line with `--format json`.
+/// payload JSON), or one JSON object per line with `-o json`. Ends quietly when
+/// its output is closed (`berthctl events | head`).
 pub async fn events(ch: Channel, filters: Vec<String>, out: Output) -> Result<()> {
     let mut c = pb::events_client::EventsClient::new(ch);
     let mut stream = c
         .subscribe(pb::SubscribeRequest { filters })
         .await?
         .into_inner();
+    use std::io::Write as _;
     while let Some(env) = stream.message().await? {
         if env.lagged > 0 {
             eprintln!("berthctl: fell behind; {} events were missed", env.lagged);
             continue;
         }
-        match out {
+        let line = match out {
             Output::Json => {
                 let event: serde_json::Value =
                     serde_json::from_str(&env.event_json).unwrap_or_default();
-                let line = serde_json::json!({
+                serde_json::json!({
                     "timestamp": env.timestamp,
                     "namespace": env.namespace,
                     "topic": env.topic,
                     "sandbox_id": env.sandbox_id,
                     "event": event,
-                });
-                println!("{line}");
+                })
+                .to_string()
             }
             Output::Table => {
                 let t = berth_runtime::timefmt::rfc3339_nano(env.timestamp);
-                println!("{t} {} {} {}", env.namespace, env.topic, env.event_json);
+                format!("{t} {} {} {}", env.namespace, env.topic, env.event_json)
+            }
+        };
+        let mut stdout = std::io::stdout().lock();
+        if writeln!(stdout, "{line}")
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Pulls an image with a progress bar per layer (plain lines when stdout is not a
+/// terminal); prints the image id.
+pub async fn pull(ch: Channel, name: String, user: Option<String>) -> Result<()> {
+    let (username, password) = match user.as_deref().map(|u| u.split_once(':')) {
+        Some(Some((u, p))) => (u.to_string(), p.to_string()),
+        Some(None) => anyhow::bail!("--user takes USER:PASSWORD"),
+        None => Default::default(),
+    };
+    let mut c = pb::images_client::ImagesClient::new(ch);
+    let req = pb::PullRequest {
+        name: name.clone(),
+        username,
+        password,
+    };
+    let mut stream = c.pull(req).await?.into_inner();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:.bold} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
+    )?;
+    let mut by_digest = std::collections::HashMap::new();
+    while let Some(p) = stream.message().await? {
+        for l in &p.layers {
+            let bar = bars.add(indicatif::ProgressBar::new(l.size).with_style(style.clone()));
+            let short = l
+                .digest
+                .trim_start_matches("sha256:")
+                .chars()
+                .take(12)
+                .collect::<String>();
+            bar.set_prefix(short);
+            bar.set_message("waiting");
+            by_digest.insert(l.digest.clone(), bar);
+        }
+        if !tty && matches!(p.status.as_str(), "done" | "present") {
+            // No bars without a terminal: one line per layer.
+            let what = if p.status == "done" {
+                "pulled"
+            } else {
+                "already present"
+            };
+            println!("layer {}: {what}", p.digest);
+        }
+        if let Some(bar) = by_digest.get(&p.digest) {
+            match p.status.as_str() {
+                "downloading" => {
+                    bar.set_position(p.done);
+                    bar.set_message("downloading");
+                }
+                "done" => bar.finish_with_message("pulled"),
+                "present" => bar.finish_with_message("already present"),
+                _ => {}
             }
         }
+        if !p.image_id.is_empty() {
+            for bar in by_digest.values() {
+                if !bar.is_finished() {
+                    bar.finish();
+                }
+            }
+            bars.clear()?;
+            println!("{name}: {}", p.image_id);
+        }
+    }
+    Ok(())
+}
+
+/// A table of running containers' CPU, memory and pids, refreshed every second (one
+/// table with `--no-stream`); CPU % is over the last interval.
+pub async fn stats(ch: Channel, filters: Vec<String>, once: bool, out: Output) -> Result<()> {
+    use std::io::IsTerminal as _;
+    let mut containers = pb::containers_client::ContainersClient::new(ch.clone());
+    let mut tasks = pb::tasks_client::TasksClient::new(ch);
+    let mut last: std::collections::HashMap<String, (u64, std::time::Instant)> = Default::default();
+    let tty = std::io::stdout().is_terminal();
+    let interval = if once {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(1)
+    };
+    for round in 0u64.. {
+        let running = with_each(filters.clone(), "state==running");
+        let list = containers
+            .list(pb::ListRequest { filters: running })
+            .await?
+            .into_inner();
+        let mut rows = Vec::new();
+        let mut json = Vec::new();
+        for k in &list.containers {
+            let Ok(m) = tasks.metrics(pb::IdRequest { id: k.id.clone() }).await else {
+                continue;
+            };
+            let m = m.into_inner();
+            let now = std::time::Instant::now();
+            let cpu = last.get(&k.id).map(|(prev, at)| {
+                let secs = now.duration_since(*at).as_secs_f64().max(1e-3);
+                m.cpu_usage_nanos.saturating_sub(*prev) as f64 / 1e9 / secs * 100.0
+            });
+            last.insert(k.id.clone(), (m.cpu_usage_nanos, now));
+            let limit = match m.memory_limit_bytes {
+                0 => "-".to_string(),
+                l => format!("{:.1} MiB", mib(l)),
+            };
+            rows.push(vec![
+                short(&k.id),
+                k.name.clone(),
+                cpu.map_or("-".into(), |c| format!("{c:.1}%")),
+                format!("{:.1} MiB", mib(m.memory_working_set_bytes)),
+                limit,
+                m.pids.to_string(),
+            ]);
+            json.push(
+                serde_json::json!({"id": k.id, "name": k.name, "cpu_percent": cpu, "metrics": m}),
+            );
+        }
+        // The first round of a snapshot only primes the CPU counters.
+        if !(once && round == 0) {
+            match out {
+                Output::Json => println!("{}", serde_json::Value::Array(json)),
+                Output::Table => {
+                    if tty && !once {
+                        print!("\x1b[H\x1b[2J");
+                    }
+                    print!(
+                        "{}",
+                        table(
+                            &["CONTAINER ID", "NAME", "CPU %", "MEM", "LIMIT", "PIDS"],
+                            rows
+                        )
+                    );
+                    if !tty && !once {
+                        println!();
+                    }
+                }
+            }
+            if once {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(interval).await;
     }
     Ok(())
 }

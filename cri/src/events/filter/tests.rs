@@ -85,6 +85,36 @@ fn operators_presence_paths_and_or() {
 }
 
 #[test]
+fn regexp_literals_plain_slashes_empty_filters_and_the_cap() {
+    let o = task_exit();
+    assert!(
+        matches(&[r"event.id~=/^\w+$/"], &o),
+        "\\w reaches the regexp"
+    );
+    assert!(
+        matches(&["topic==/tasks/exit"], &o),
+        "after == a slash is plain"
+    );
+    assert!(
+        matches(&["topic~=/tasks/exit"], &o),
+        "an unclosed /.../ is plain"
+    );
+    assert!(
+        matches(&["", "namespace==moby"], &o),
+        "an empty filter matches all"
+    );
+    assert!(parse("/a/==b").is_err(), "only \" quotes a field");
+    assert!(parse(r#"a=="\x+1""#).is_err(), "a sign is not a digit");
+    let many: Vec<String> = (0..=MAX_FILTERS).map(|i| format!("a=={i}")).collect();
+    assert!(
+        Filter::parse_all(&many)
+            .unwrap_err()
+            .message
+            .contains("at most")
+    );
+}
+
+#[test]
 fn quoted_text_takes_go_escapes() {
     let p = parse(r#"a=="\x41\u00e9\101\t\"\\""#).unwrap();
     assert_eq!(p[0].op, Op::Equal("A\u{e9}A\t\"\\".into()));
