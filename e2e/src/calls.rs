@@ -125,3 +125,16 @@ pub fn remove_cgroup_tree(rel: &str) {
         }
     }
 }
+
+/// A container's stats.
+pub async fn container_stats(c: &mut CriClient, id: &str) -> anyhow::Result<cri::ContainerStats> {
+    use anyhow::Context as _;
+    c.runtime
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: id.into(),
+        })
+        .await?
+        .into_inner()
+        .stats
+        .context("no stats in the answer")
+}

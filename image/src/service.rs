@@ -141,8 +141,8 @@ pub enum PullProgress {
     LayerDone { digest: String, present: bool },
 }
 
-/// Where progress goes. Downloading updates are dropped when the reader is behind
-/// (the next one says more); the others wait for room.
+/// Where progress goes. Nothing waits for it: an update that finds the channel full
+/// is dropped (a pull never waits for a progress reader).
 pub type ProgressSink = tokio::sync::mpsc::Sender<PullProgress>;
 
 /// Downloading updates at most this often (in bytes received).
@@ -151,7 +151,7 @@ const PROGRESS_STEP: u64 = 256 << 10;
 impl FetchCtx {
     async fn report(&self, p: PullProgress) {
         if let Some(tx) = &self.progress {
-            let _ = tx.send(p).await;
+            let _ = tx.try_send(p);
         }
     }
 }
@@ -480,6 +480,7 @@ impl ImageService {
         let have_snapshot = self.meta.snapshot(&layer.chain_id).is_some();
         let have_blob = self.content.size(&layer.digest).is_some();
         if have_snapshot && have_blob {
+            drop(guard);
             let digest = layer.digest.to_string();
             ctx.report(PullProgress::LayerDone {
                 digest,

@@ -9,8 +9,10 @@ use super::pb;
 use crate::config::{CgroupDriver, Config};
 use crate::services::Services;
 
-/// Less free space than this (or 5% of the filesystem) fails the check.
+/// Less free space under `root` than this (or 5% of the filesystem) fails the check.
 const MIN_FREE_BYTES: u64 = 1 << 30;
+/// Less free space under `state` than this fails the check.
+const MIN_STATE_FREE_BYTES: u64 = 16 << 20;
 
 fn result(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> pb::CheckResult {
     pb::CheckResult {
@@ -30,8 +32,9 @@ pub(super) async fn run(cfg: &Config, svc: &Services) -> Vec<pb::CheckResult> {
     out.extend(cgroups(svc));
     out.push(cni(svc));
     out.push(socket(&cfg.listen));
-    out.push(free_space("root", &cfg.root));
-    out.push(free_space("state", &cfg.state));
+    out.push(free_space("root", &cfg.root, MIN_FREE_BYTES, true));
+    // A tmpfs sized by RAM on most nodes; it holds sockets, bundles and FIFOs.
+    out.push(free_space("state", &cfg.state, MIN_STATE_FREE_BYTES, false));
     out.push(result(
         "seccomp",
         svc.ctx.host.seccomp.supported,
@@ -101,10 +104,11 @@ fn cgroups(svc: &Services) -> Vec<pb::CheckResult> {
     let mut out = vec![result("cgroups", true, mode)];
     let root = h.cgroup(Path::new(""));
     for controller in ["memory", "cpu", "pids", "freezer"] {
-        // cgroup2's freezer is core (cgroup.freeze), not a listed controller.
+        // cgroup2's freezer is core (`cgroup.freeze`, kernel 5.2+, in every cgroup
+        // but the root), not a listed controller.
         let v2_freezer = controller == "freezer"
-            && root.v2_dir().is_some()
-            && h.mode() == berth_cgroups::Mode::Unified;
+            && h.mode() == berth_cgroups::Mode::Unified
+            && own_cgroup_v2(h).is_some_and(|d| d.join("cgroup.freeze").exists());
         let ok = root.dir(controller).is_some() || v2_freezer;
         let why = match (ok, controller) {
             (true, _) => "available".to_string(),
@@ -114,6 +118,14 @@ fn cgroups(svc: &Services) -> Vec<pb::CheckResult> {
         out.push(result(format!("cgroup {controller}"), ok, why));
     }
     out
+}
+
+/// berthd's own cgroup2 directory (from `/proc/self/cgroup`'s `0::` line).
+fn own_cgroup_v2(h: &berth_cgroups::Hierarchy) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mount = h.cgroup(Path::new("")).v2_dir()?.to_path_buf();
+    Some(mount.join(rel.trim_start_matches('/')))
 }
 
 /// The CNI config berthd would use, with every plugin it names.
@@ -159,14 +171,14 @@ fn socket(path: &Path) -> pb::CheckResult {
     }
 }
 
-fn free_space(name: &str, dir: &Path) -> pb::CheckResult {
+fn free_space(name: &str, dir: &Path, min: u64, share: bool) -> pb::CheckResult {
     let label = format!("free space {name}");
     match nix::sys::statvfs::statvfs(dir) {
         Ok(s) => {
             let block = s.fragment_size() as u64;
             let free = s.blocks_available() as u64 * block;
             let total = (s.blocks() as u64 * block).max(1);
-            let ok = free >= MIN_FREE_BYTES && free * 20 >= total;
+            let ok = free >= min && (!share || free * 20 >= total);
             let detail = format!(
                 "{}: {:.1} GiB free of {:.1} GiB",
                 dir.display(),

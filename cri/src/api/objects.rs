@@ -239,7 +239,10 @@ impl pb::images_server::Images for Objects {
             },
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let (ptx, mut prx) = tokio::sync::mpsc::channel(64);
+        // Drained at once by the forwarder below, so the pull's reports never find it
+        // full.
+        let (ptx, mut prx) = tokio::sync::mpsc::channel(1024);
+        let mut stopping = self.svc.ctx.shutdown.subscribe();
         let svc = self.svc.clone();
         // The pull runs to its end whatever the caller does; progress is forwarded
         // while someone reads.
@@ -256,9 +259,30 @@ impl pb::images_server::Images for Objects {
             )
             .await
         });
+        // Forwards without ever waiting for the reader: when its queue is full, byte
+        // counts are dropped and layer milestones wait in `held` (a few per layer).
         tokio::spawn(async move {
-            while let Some(p) = prx.recv().await {
-                let _ = tx.send(Ok(progress(p))).await;
+            let mut held = std::collections::VecDeque::new();
+            loop {
+                let next = tokio::select! {
+                    p = prx.recv() => p,
+                    _ = stopping.wait_for(|s| *s) => return,
+                };
+                let Some(p) = next else { break };
+                let milestone = !matches!(p, berth_image::PullProgress::Downloading { .. });
+                if milestone {
+                    held.push_back(progress(p));
+                } else if held.is_empty() {
+                    let _ = tx.try_send(Ok(progress(p)));
+                }
+                while let Some(m) = held.pop_front() {
+                    if let Err(e) = tx.try_send(Ok(m)) {
+                        if let tokio::sync::mpsc::error::TrySendError::Full(Ok(m)) = e {
+                            held.push_front(m);
+                        }
+                        break;
+                    }
+                }
             }
             let last = match pulling.await {
                 Ok(Ok(rec)) => Ok(pb::PullProgress {
@@ -268,7 +292,18 @@ impl pb::images_server::Images for Objects {
                 Ok(Err(e)) => Err(crate::status::from_image_error(e)),
                 Err(e) => Err(Status::internal(format!("the pull task failed: {e}"))),
             };
-            let _ = tx.send(last).await;
+            // The reader gets what is held, then the end, or goes away; the pull is
+            // finished either way.
+            let finish = async {
+                for m in held {
+                    tx.send(Ok(m)).await.ok()?;
+                }
+                tx.send(last).await.ok()
+            };
+            tokio::select! {
+                _ = finish => {}
+                _ = stopping.wait_for(|s| *s) => {}
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

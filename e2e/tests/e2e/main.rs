@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use berth_e2e::berthd::{Berthd, CriClient};
-use berth_e2e::calls::{create_and_start, pull, pull_auth, remove_pod, run_pod, stop_pod};
+use berth_e2e::calls::{
+    container_stats, create_and_start, pull, pull_auth, remove_pod, run_pod, stop_pod,
+};
 use berth_e2e::registry::TestRegistry;
 use berth_e2e::testimages::{
     Compression, EntryType, ImageBuilder, LayerBuilder, MediaTypes, Platform, PushedImage,
@@ -348,6 +350,23 @@ async fn fs_used(c: &mut CriClient) -> Result<(u64, u64, String)> {
     ))
 }
 
+/// berthd started with the config `text` exits with an error mentioning `needle`.
+fn refused_config(b: &Berthd, text: &str, needle: &str) -> Result<()> {
+    let path = b.dir().join("refused.toml");
+    std::fs::write(&path, text)?;
+    let out = Command::new(berth_e2e::berthd::berthd_binary()?)
+        .arg("--config")
+        .arg(&path)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains(needle),
+        "config {text:?}: {:?} {err}",
+        out.status
+    );
+    Ok(())
+}
+
 fn expect_code<T: std::fmt::Debug>(
     r: Result<T, tonic::Status>,
     code: Code,
@@ -540,36 +559,15 @@ fn socket_lifecycle_and_config_errors() -> Result<(), Failed> {
             ),
             ("cgroup_driver = \"nope\"\n", "cgroup_driver"),
         ] {
-            let path = b.dir().join("bad.toml");
-            std::fs::write(&path, text)?;
-            let out = Command::new(berth_e2e::berthd::berthd_binary()?)
-                .arg("--config")
-                .arg(&path)
-                .output()?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            ensure!(
-                !out.status.success() && err.contains(needle),
-                "config {text:?}: {:?} {err}",
-                out.status
-            );
+            refused_config(&b, text, needle)?;
         }
         // The systemd driver where systemd is not running: berthd says so and stops.
         let reachable = ["/run/dbus/system_bus_socket"];
         let bus_set = std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_some();
         if !bus_set && !reachable.iter().any(|p| Path::new(p).exists()) {
-            let path = b.dir().join("systemd.toml");
             let ours = std::fs::read_to_string(&b.config)?;
-            std::fs::write(&path, format!("cgroup_driver = \"systemd\"\n{ours}"))?;
-            let out = Command::new(berth_e2e::berthd::berthd_binary()?)
-                .arg("--config")
-                .arg(&path)
-                .output()?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            ensure!(
-                !out.status.success() && err.contains("systemd is not reachable"),
-                "systemd driver without systemd: {:?} {err}",
-                out.status
-            );
+            let text = format!("cgroup_driver = \"systemd\"\n{ours}");
+            refused_config(&b, &text, "systemd is not reachable")?;
         }
         let out = Command::new(berth_e2e::berthd::berthd_binary()?)
             .arg("--config")

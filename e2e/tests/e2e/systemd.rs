@@ -354,30 +354,14 @@ async fn systemd_driver_places_pods(
 
 /// A container's memory working set, from its stats.
 async fn working_set(c: &mut CriClient, id: &str) -> Result<u64> {
-    let s = c
-        .runtime
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: id.into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .context("stats")?;
+    let s = container_stats(c, id).await?;
     Ok(val(&s.memory.context("memory")?.working_set_bytes))
 }
 
 /// Container and pod stats read from the scopes' and the slice's cgroups, with the
 /// container holding 48 MiB under its 128 MiB limit.
 async fn stats_through_scopes(c: &mut CriClient, pod: &str, ctr: &str) -> Result<()> {
-    let s = c
-        .runtime
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: ctr.into(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .context("stats")?;
+    let s = container_stats(c, ctr).await?;
     let m = s.memory.as_ref().context("memory")?;
     ensure!(val(&m.available_bytes) <= (128 - 40) << 20, "{m:?}");
     ensure!(val(&s.cpu.context("cpu")?.usage_core_nano_seconds) > 0);

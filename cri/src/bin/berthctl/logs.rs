@@ -1,8 +1,11 @@
 //! `berthctl logs`: a container's CRI log file (`<RFC 3339 time> <stream> <P|F>
-//! <text>`, partial lines joined), as crictl reads it on the node; `-f` follows it
-//! through rotation until the container has exited and the file is drained.
+//! <text>`, partial lines joined per stream), as crictl reads it on the node; `-f`
+//! follows it through rotation until the container has exited and the file is
+//! drained.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read as _, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -18,7 +21,7 @@ pub struct LogOptions {
     pub timestamps: bool,
 }
 
-/// One parsed line: time, stream, whether it ends a line, text.
+/// One parsed record: time, stream, whether it ends a line, text.
 fn parse(line: &str) -> Option<(&str, &str, bool, &str)> {
     let mut parts = line.splitn(4, ' ');
     let time = parts.next()?;
@@ -29,118 +32,146 @@ fn parse(line: &str) -> Option<(&str, &str, bool, &str)> {
     Some((time, stream, full, text))
 }
 
-/// Prints complete lines; a partial line waits for its rest.
-struct Printer {
+/// Joins partial records into lines, each stream on its own.
+struct Lines {
     timestamps: bool,
-    pending: String,
+    pending: HashMap<String, String>,
 }
 
-impl Printer {
-    fn line(&mut self, raw: &str, out: &mut impl Write) -> Result<()> {
-        let Some((time, _stream, full, text)) = parse(raw) else {
-            return Ok(());
-        };
-        if self.pending.is_empty() && self.timestamps {
-            self.pending.push_str(time);
-            self.pending.push(' ');
+impl Lines {
+    /// The line this record completes, if it does.
+    fn record(&mut self, raw: &str) -> Option<String> {
+        let (time, stream, full, text) = parse(raw)?;
+        let pending = self.pending.entry(stream.to_string()).or_default();
+        if pending.is_empty() && self.timestamps {
+            pending.push_str(time);
+            pending.push(' ');
         }
-        self.pending.push_str(text);
-        if full {
-            writeln!(out, "{}", self.pending)?;
-            self.pending.clear();
+        pending.push_str(text);
+        full.then(|| std::mem::take(pending))
+    }
+}
+
+/// Reads complete records from `reader` (a record still being written stays for the
+/// next read); returns the bytes consumed.
+fn read_records(
+    reader: &mut impl BufRead,
+    mut each: impl FnMut(&str) -> Result<()>,
+) -> Result<u64> {
+    let mut consumed = 0u64;
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        let n = reader.read_until(b'\n', &mut raw)?;
+        if n == 0 || raw.last() != Some(&b'\n') {
+            return Ok(consumed);
         }
-        Ok(())
+        consumed += n as u64;
+        each(&String::from_utf8_lossy(&raw[..n - 1]))?;
     }
 }
 
 pub async fn logs(ch: Channel, container: String, opts: LogOptions) -> Result<()> {
     let mut c = pb::containers_client::ContainersClient::new(ch);
-    let k = c
-        .get(pb::IdRequest {
-            id: container.clone(),
-        })
-        .await?
-        .into_inner();
+    let k = c.get(pb::IdRequest { id: container }).await?.into_inner();
     anyhow::ensure!(!k.log_path.is_empty(), "container {} has no log file", k.id);
     let path = Path::new(&k.log_path);
-    let mut printer = Printer {
+    let mut lines = Lines {
         timestamps: opts.timestamps,
-        pending: String::new(),
+        pending: HashMap::new(),
     };
-    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut reader = BufReader::new(file);
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
     // Line by line (a log can be large); with --tail only the last lines are kept.
-    let mut kept = std::collections::VecDeque::new();
-    let mut offset = 0u64;
-    let mut raw = Vec::new();
-    while reader.read_until(b'\n', &mut raw)? > 0 {
-        if raw.last() != Some(&b'\n') {
-            break; // a line still being written: -f picks it up
-        }
-        offset += raw.len() as u64;
-        let line = String::from_utf8_lossy(&raw[..raw.len() - 1]).into_owned();
-        raw.clear();
-        match opts.tail {
-            Some(n) => {
-                kept.push_back(line);
-                if kept.len() > n {
-                    kept.pop_front();
+    let mut kept = VecDeque::new();
+    let offset = read_records(&mut BufReader::new(&file), |r| {
+        if let Some(line) = lines.record(r) {
+            match opts.tail {
+                Some(n) => {
+                    kept.push_back(line);
+                    if kept.len() > n {
+                        kept.pop_front();
+                    }
                 }
+                None => writeln!(out, "{line}")?,
             }
-            None => printer.line(&line, &mut out)?,
         }
-    }
+        Ok(())
+    })?;
     for line in kept {
-        printer.line(&line, &mut out)?;
+        writeln!(out, "{line}")?;
     }
     out.flush()?;
     drop(out);
     if opts.follow {
-        follow(&mut c, &k.id, path, offset, &mut printer).await?;
+        follow(&mut c, &k.id, path, Tail { file, offset }, &mut lines).await?;
     }
     Ok(())
 }
 
-/// Reads what is appended (a rotated file is read from its start) until the container
-/// has exited and nothing more comes.
+/// The file being followed and how far its complete records were read.
+struct Tail {
+    file: File,
+    offset: u64,
+}
+
+impl Tail {
+    /// Prints the complete records written since the last pass (at most a few MiB,
+    /// so that a fast writer cannot starve the exit check); a record still being
+    /// written is read next time.
+    fn print_new(&mut self, lines: &mut Lines) -> Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        self.file.seek(SeekFrom::Start(self.offset))?;
+        let mut reader = BufReader::new((&self.file).take(4 << 20));
+        let mut out = std::io::stdout().lock();
+        let read = read_records(&mut reader, |r| {
+            if let Some(line) = lines.record(r) {
+                writeln!(out, "{line}")?;
+            }
+            Ok(())
+        })?;
+        self.offset += read;
+        out.flush()?;
+        Ok(read)
+    }
+
+    /// Everything complete there is now.
+    fn drain(&mut self, lines: &mut Lines) -> Result<()> {
+        while self.print_new(lines)? > 0 {}
+        Ok(())
+    }
+}
+
+/// Prints what is appended until the container has exited and everything it wrote is
+/// read. A rotated file is read to its end before the new one is opened.
 async fn follow(
     c: &mut pb::containers_client::ContainersClient<Channel>,
     id: &str,
     path: &Path,
-    mut offset: u64,
-    printer: &mut Printer,
+    mut tail: Tail,
+    lines: &mut Lines,
 ) -> Result<()> {
-    let mut inode = std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0);
-    let mut partial: Vec<u8> = Vec::new();
     loop {
-        let meta = std::fs::metadata(path).ok();
-        if let Some(m) = &meta {
-            if m.ino() != inode || m.len() < offset {
-                (inode, offset) = (m.ino(), 0);
-            }
-        }
-        let grew = meta.as_ref().is_some_and(|m| m.len() > offset);
-        if grew {
-            let mut f = std::fs::File::open(path)?;
-            f.seek(SeekFrom::Start(offset))?;
-            offset += f.take(1 << 20).read_to_end(&mut partial)? as u64;
-            let stdout = std::io::stdout();
-            let mut out = stdout.lock();
-            while let Some(end) = partial.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = partial.drain(..=end).collect();
-                printer.line(&String::from_utf8_lossy(&line[..end]), &mut out)?;
-            }
-            out.flush()?;
+        // Asked before reading: what an exited container wrote is in the file by now.
+        let exited = match c.get(pb::IdRequest { id: id.to_string() }).await {
+            Ok(k) => k.into_inner().state == "exited",
+            Err(s) if s.code() == tonic::Code::NotFound => true,
+            Err(e) => return Err(e.into()),
+        };
+        tail.print_new(lines)?;
+        let ino = tail.file.metadata()?.ino();
+        if std::fs::metadata(path).is_ok_and(|m| m.ino() != ino) {
+            // Rotated: the old file is complete (the shim writes to the new one now).
+            tail.drain(lines)?;
+            lines.pending.clear();
+            tail = Tail {
+                file: File::open(path)?,
+                offset: 0,
+            };
             continue;
         }
-        let k = c
-            .get(pb::IdRequest { id: id.to_string() })
-            .await?
-            .into_inner();
-        if k.state == "exited" {
-            return Ok(());
+        if exited {
+            return tail.drain(lines);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -151,27 +182,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn partial_lines_join_and_timestamps_lead() {
-        let mut p = Printer {
+    fn partial_records_join_per_stream_and_timestamps_lead() {
+        let mut l = Lines {
             timestamps: false,
-            pending: String::new(),
+            pending: HashMap::new(),
         };
-        let mut out = Vec::new();
-        for l in [
+        let got: Vec<Option<String>> = [
             "2026-12-01T00:00:00.000000001Z stdout P hel",
-            "2026-12-01T00:00:00.000000002Z stdout F lo",
-            "2026-12-01T00:00:00.000000003Z stderr F ",
+            "2026-12-01T00:00:00.000000002Z stderr F oops",
+            "2026-12-01T00:00:00.000000003Z stdout F lo",
             "garbage",
-        ] {
-            p.line(l, &mut out).unwrap();
-        }
-        assert_eq!(String::from_utf8(out).unwrap(), "hello\n\n");
-        let mut p = Printer {
+        ]
+        .iter()
+        .map(|r| l.record(r))
+        .collect();
+        assert_eq!(got, [None, Some("oops".into()), Some("hello".into()), None]);
+        let mut l = Lines {
             timestamps: true,
-            pending: String::new(),
+            pending: HashMap::new(),
         };
-        let mut out = Vec::new();
-        p.line("T1 stdout F x y", &mut out).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), "T1 x y\n");
+        assert_eq!(l.record("T1 stdout F x y").as_deref(), Some("T1 x y"));
     }
 }

@@ -174,19 +174,7 @@ impl Cmd {
 }
 
 async fn runtime(socket: &PathBuf) -> Result<RuntimeServiceClient<Channel>> {
-    let path = socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://[::1]:50051")?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    Ok(RuntimeServiceClient::new(channel))
+    Ok(RuntimeServiceClient::new(ops::connect(socket).await?))
 }
 
 /// Puts the terminal in raw mode while the session runs (restored on drop).
@@ -494,6 +482,12 @@ async fn run_streaming(config: &std::path::Path, socket: Option<PathBuf>, cmd: C
 }
 
 fn main() {
+    // A closed pipe (`berthctl ps | head`) ends berthctl quietly, as it does other
+    // Unix tools, instead of failing a print.
+    // SAFETY: restores the default action of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -55,7 +55,7 @@ pub fn api_socket(address: Option<PathBuf>, config: &Path) -> Result<PathBuf> {
     Ok(cfg.api_socket())
 }
 
-/// A channel to the API socket.
+/// A gRPC channel over a unix socket (the API's or the CRI's).
 pub async fn connect(socket: &Path) -> Result<Channel> {
     let path = socket.to_path_buf();
     tonic::transport::Endpoint::try_from("http://[::1]:50051")?
@@ -68,7 +68,7 @@ pub async fn connect(socket: &Path) -> Result<Channel> {
             }
         }))
         .await
-        .with_context(|| format!("connecting to berthd's API at {}", socket.display()))
+        .with_context(|| format!("connecting to berthd at {}", socket.display()))
 }
 
 /// Columns padded to their widest cell.
