@@ -158,7 +158,7 @@ fn check_id(id: &str, field: &str, what: &str) -> Result<()> {
     if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(CriError::invalid(
             field,
-            format!("{id:?} is not a {what} id"),
+            format!("{} is not a {what} id", crate::error::shown(id)),
         ));
     }
     Ok(())

@@ -89,12 +89,22 @@ impl CriError {
 
     /// A pod sandbox that is not there.
     pub fn no_sandbox(id: &str) -> CriError {
-        CriError::NotFound(format!("pod sandbox {id:?} not found"))
+        CriError::NotFound(format!("pod sandbox {} not found", shown(id)))
     }
 
     /// A container that is not there.
     pub fn no_container(id: &str) -> CriError {
-        CriError::NotFound(format!("container {id:?} not found"))
+        CriError::NotFound(format!("container {} not found", shown(id)))
+    }
+}
+
+/// Input echoed in a message: quoted, and cut after 64 characters (with its length),
+/// so that a huge id cannot make the status larger than clients accept.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((at, _)) => format!("{:?}... ({} bytes)", &s[..at], s.len()),
     }
 }
 

@@ -8,6 +8,23 @@ use tonic::{Code, Status};
 
 use crate::error::CriError;
 
+/// The longest status message sent: clients cap the trailers a message travels in
+/// (grpc-go's default metadata limit is 16 KiB), and a cut message beats a lost one.
+const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// `message`, cut at `MAX_MESSAGE_BYTES` (on a character boundary) with a note.
+fn bounded(code: Code, message: String) -> Status {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return Status::new(code, message);
+    }
+    let mut at = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(at) {
+        at -= 1;
+    }
+    let cut = format!("{}... ({} bytes cut)", &message[..at], message.len() - at);
+    Status::new(code, cut)
+}
+
 /// Maps an image service error to the gRPC status a CRI client expects.
 pub fn from_image_error(e: ImageError) -> Status {
     let code = match &e {
@@ -23,7 +40,7 @@ pub fn from_image_error(e: ImageError) -> Status {
         ImageError::Timeout { .. } => Code::DeadlineExceeded,
         ImageError::Io { .. } | ImageError::Store(_) => Code::Internal,
     };
-    Status::new(code, e.to_string())
+    bounded(code, e.to_string())
 }
 
 /// A network error: a config that is not ready is the node's state, a bad request field
@@ -64,23 +81,31 @@ pub fn invalid_field(field: &str, why: &str) -> Status {
 
 impl From<CriError> for Status {
     fn from(e: CriError) -> Status {
-        match e {
-            CriError::InvalidField { .. } | CriError::Invalid(_) | CriError::Spec(_) => {
-                Status::invalid_argument(e.to_string())
-            }
-            CriError::NotFound(m) => Status::not_found(m),
-            CriError::AlreadyExists(m) => Status::already_exists(m),
-            CriError::FailedPrecondition(m) => Status::failed_precondition(m),
-            CriError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
-            CriError::ResourceExhausted(m) => Status::resource_exhausted(m),
-            CriError::Unavailable(m) => Status::unavailable(m),
-            CriError::Unimplemented(m) => Status::unimplemented(m),
-            CriError::Internal(m) => Status::internal(m),
-            CriError::Store(e) => Status::internal(e.to_string()),
-            CriError::Image(e) => from_image_error(e),
-            CriError::Network(e) => from_net_error(e),
-            CriError::Shim { context, source } => from_shim_error(context, source),
+        let s = status_of(e);
+        match s.message().len() > MAX_MESSAGE_BYTES {
+            true => bounded(s.code(), s.message().to_string()),
+            false => s,
         }
+    }
+}
+
+fn status_of(e: CriError) -> Status {
+    match e {
+        CriError::InvalidField { .. } | CriError::Invalid(_) | CriError::Spec(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        CriError::NotFound(m) => Status::not_found(m),
+        CriError::AlreadyExists(m) => Status::already_exists(m),
+        CriError::FailedPrecondition(m) => Status::failed_precondition(m),
+        CriError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        CriError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        CriError::Unavailable(m) => Status::unavailable(m),
+        CriError::Unimplemented(m) => Status::unimplemented(m),
+        CriError::Internal(m) => Status::internal(m),
+        CriError::Store(e) => Status::internal(e.to_string()),
+        CriError::Image(e) => from_image_error(e),
+        CriError::Network(e) => from_net_error(e),
+        CriError::Shim { context, source } => from_shim_error(context, source),
     }
 }
 
@@ -107,6 +132,20 @@ mod tests {
         assert!(s.message().starts_with("creating: "), "{}", s.message());
         let s = Status::from(CriError::shim("waiting", ShimError::Closed));
         assert_eq!(s.code(), Code::Internal);
+    }
+
+    #[test]
+    fn messages_stay_small_and_ids_are_cut() {
+        let huge = "ab".repeat(100_000);
+        let s = Status::from(CriError::no_container(&huge));
+        assert!(
+            s.message().len() < 200 && s.message().contains("200000 bytes"),
+            "{}",
+            s.message()
+        );
+        let s = Status::from(CriError::Internal("é".repeat(10_000)));
+        assert!(s.message().len() <= MAX_MESSAGE_BYTES + 40 && s.message().ends_with("bytes cut)"));
+        assert_eq!(crate::error::shown("ab"), "\"ab\"");
     }
 
     #[test]

@@ -196,7 +196,11 @@ impl ContainerService {
 
     /// StopContainer: the image's stop signal, SIGKILL after `timeout` seconds (0 = at once).
     pub async fn stop(&self, id: &str, timeout: i64) -> Result<()> {
-        let rec = self.ctx.container(id, "container_id")?;
+        // Idempotent, as StopPodSandbox: kubelet retries stops after restarts and
+        // races with removal, and an unknown id is already stopped.
+        let Some(rec) = self.ctx.resolve_container(id, "container_id")? else {
+            return Ok(());
+        };
         self.stop_record(&rec, timeout).await
     }
 
