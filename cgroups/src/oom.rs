@@ -104,9 +104,10 @@ impl OomWatch {
     /// After the fd was readable: drains it and returns how many OOM kills happened
     /// since the last check. A removed cgroup makes the watch `gone`.
     pub fn check(&mut self) -> u64 {
+        let mut signals = 0;
         match &self.notifier {
             Notifier::V1 { efd, .. } => {
-                let _ = efd.read();
+                signals = efd.read().unwrap_or(0);
             }
             Notifier::V2(ino) => {
                 while let Ok(evs) = ino.read_events() {
@@ -130,7 +131,10 @@ impl OomWatch {
             }
             None => {
                 self.gone = true;
-                0
+                // v1 signals once when the cgroup is removed and once per OOM: with
+                // more than one signal unread, an OOM came before the removal (which
+                // systemd can make before this shim reads the counter).
+                u64::from(signals >= 2)
             }
         }
     }

@@ -55,9 +55,15 @@ pub fn relative_path(cgroup_parent: &str, systemd: bool) -> Result<PathBuf, Stri
     Ok(out)
 }
 
+/// Held while pod cgroup trees are made or removed: a removal's rmdir of a parent
+/// that is empty for a moment would otherwise pull it from under a creation that found
+/// it existing and is about to make its child (ENOENT).
+static TREE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Creates `rel` in every hierarchy; returns the directories that did not exist before
 /// (the ones berth must remove later) and all of them (to join).
 pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let _tree = TREE.lock().unwrap_or_else(|p| p.into_inner());
     let mut created = Vec::new();
     let mut all = Vec::new();
     for h in hierarchies()? {
@@ -69,7 +75,7 @@ pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
                 Ok(()) => created.push(cur.clone()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => {
-                    remove(&created);
+                    remove_dirs(&created);
                     return Err(io::Error::new(
                         e.kind(),
                         format!("creating cgroup {}: {e}", cur.display()),
@@ -99,6 +105,11 @@ fn inherit_cpuset(parent: &Path, child: &Path) {
 
 /// Removes directories (deepest first); ones still in use are left.
 pub fn remove(dirs: &[PathBuf]) {
+    let _tree = TREE.lock().unwrap_or_else(|p| p.into_inner());
+    remove_dirs(dirs)
+}
+
+fn remove_dirs(dirs: &[PathBuf]) {
     let mut v: Vec<&PathBuf> = dirs.iter().collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for d in v {

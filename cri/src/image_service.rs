@@ -98,8 +98,9 @@ impl CriImageService {
 
 /// The image spec's reference, required and non-empty.
 fn required_image<'a>(spec: &'a Option<ImageSpec>, field: &str) -> Result<&'a str, Status> {
-    match spec.as_ref().map(|s| s.image.trim()) {
-        Some(s) if !s.is_empty() => Ok(s),
+    // Only blank is "missing"; anything else goes to the reference rules as it is.
+    match spec.as_ref().map(|s| s.image.as_str()) {
+        Some(s) if !s.trim().is_empty() => Ok(s),
         _ => Err(invalid_field(field, "an image reference is required")),
     }
 }
@@ -168,7 +169,7 @@ impl ImageService for CriImageService {
             .into_inner()
             .filter
             .and_then(|f| f.image)
-            .filter(|s| !s.image.trim().is_empty());
+            .filter(|s| !s.image.is_empty());
         let images = match filter {
             Some(spec) => self
                 .images

@@ -14,6 +14,7 @@ pub mod failpoint;
 pub mod handlers;
 pub mod image_service;
 pub mod layout;
+pub mod limits;
 pub mod notify;
 pub mod oci;
 pub mod oom_score;

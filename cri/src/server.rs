@@ -16,6 +16,22 @@ use crate::runtime_service::CriRuntimeService;
 
 /// Largest CRI message accepted or sent (kubelet uses 16 MiB).
 const MAX_MESSAGE: usize = 16 << 20;
+/// Streams one connection may have open: far above what kubelet (one connection, a
+/// few hundred calls in flight at 110 pods) needs; a client that opens more has to wait.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Largest header list a request may carry (gRPC metadata is a few hundred bytes).
+pub const MAX_HEADER_LIST: u32 = 64 << 10;
+
+/// The HTTP/2 server both sockets use, with grpc-go's server defaults where berth has
+/// no reason to differ (a ping after 2 h idle, 20 s to answer it) and bounds it lacks.
+pub fn http2_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(2 * 3600)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .http2_max_pending_accept_reset_streams(Some(20))
+}
 
 /// Errors while setting up the socket or serving.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +106,7 @@ pub async fn serve(
     let image = ImageServiceServer::new(CriImageService::new(images, Some(containers)))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    tonic::transport::Server::builder()
+    http2_server()
         .trace_fn(|req| tracing::info_span!("cri", rpc = %req.uri().path().rsplit('/').next().unwrap_or("")))
         .add_service(runtime)
         .add_service(image)

@@ -14,15 +14,19 @@ const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// `message`, cut at `MAX_MESSAGE_BYTES` (on a character boundary) with a note.
 fn bounded(code: Code, message: String) -> Status {
-    if message.len() <= MAX_MESSAGE_BYTES {
-        return Status::new(code, message);
+    Status::new(code, cut(message, MAX_MESSAGE_BYTES))
+}
+
+/// `message`, cut at `max` bytes (on a character boundary) with a note.
+pub fn cut(message: String, max: usize) -> String {
+    if message.len() <= max {
+        return message;
     }
-    let mut at = MAX_MESSAGE_BYTES;
+    let mut at = max;
     while !message.is_char_boundary(at) {
         at -= 1;
     }
-    let cut = format!("{}... ({} bytes cut)", &message[..at], message.len() - at);
-    Status::new(code, cut)
+    format!("{}... ({} bytes cut)", &message[..at], message.len() - at)
 }
 
 /// Maps an image service error to the gRPC status a CRI client expects.

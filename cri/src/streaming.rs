@@ -89,6 +89,7 @@ impl StreamingService {
         if r.cmd.is_empty() {
             return Err(invalid("cmd: must not be empty"));
         }
+        crate::limits::argv("cmd", &r.cmd)?;
         let rec = self.containers.running(&r.container_id)?;
         self.stream_url(StreamRequest::Exec(ExecRequest {
             container_id: rec.id,

@@ -16,7 +16,7 @@ impl ImageRef {
     /// Parses a reference; a malformed one is an `InvalidReference` naming it.
     pub fn parse(s: &str) -> Result<ImageRef> {
         let invalid = |reason: String| ImageError::InvalidReference {
-            reference: s.to_string(),
+            reference: shown(s),
             reason,
         };
         if s.is_empty() {
@@ -141,6 +141,14 @@ pub fn is_loopback_host(host_port: &str) -> bool {
             .parse::<std::net::IpAddr>()
             .map(|ip| ip.is_loopback())
             .unwrap_or(false)
+}
+
+/// A reference as errors echo it: at most 128 characters, then its length.
+fn shown(s: &str) -> String {
+    match s.char_indices().nth(128) {
+        None => s.to_string(),
+        Some((at, _)) => format!("{}... ({} bytes)", &s[..at], s.len()),
+    }
 }
 
 #[cfg(test)]

@@ -213,11 +213,12 @@ impl ImageService {
     }
 
     /// Finds an image by id (full or unique hex prefix), `name:tag` or `name@digest`.
-    /// `Ok(None)` when there is no such image; malformed references are errors.
+    /// `Ok(None)` when there is no such image; what is neither an id nor a reference
+    /// PullImage would take is an error, whichever call asks (one rule for all of them).
     pub fn resolve(&self, s: &str) -> Result<Option<ImageRecord>> {
-        let s = s.trim();
         let bare_hex = s.strip_prefix("sha256:").unwrap_or(s);
         let is_hex = !bare_hex.is_empty()
+            && bare_hex.len() <= 64
             && bare_hex
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());

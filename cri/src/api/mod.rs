@@ -46,7 +46,7 @@ pub async fn serve(
     use pb::sandboxes_server::SandboxesServer;
     use pb::tasks_server::TasksServer;
     let objects = objects::Objects { svc: svc.clone() };
-    tonic::transport::Server::builder()
+    crate::server::http2_server()
         .trace_fn(|req| tracing::info_span!("api", rpc = %req.uri().path()))
         .add_service(IntrospectionServer::new(introspection::Introspection {
             config,

@@ -39,6 +39,8 @@ struct Plan {
     cgroups_path: String,
     /// SELinux mount label (SELinux hosts): the rootfs is mounted with it.
     mount_label: Option<String>,
+    /// The pid of the container whose PID namespace it shares (`TARGET`).
+    pid_target: Option<u32>,
 }
 
 impl ContainerService {
@@ -146,6 +148,56 @@ impl ContainerService {
         Ok(())
     }
 
+    /// The pid of the container a `TARGET` PID namespace names: it must be a running
+    /// container of the same pod (containerd's rule), never silently a private one.
+    fn pid_target(
+        &self,
+        config: &cri::ContainerConfig,
+        pod: &SandboxRecord,
+    ) -> Result<Option<u32>> {
+        let field = "config.linux.security_context.namespace_options";
+        let Some(ns) = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+        else {
+            return Ok(None);
+        };
+        let target = cri::NamespaceMode::Target as i32;
+        for (name, mode) in [("network", ns.network), ("ipc", ns.ipc)] {
+            if mode == target {
+                return Err(CriError::invalid(
+                    &format!("{field}.{name}"),
+                    "TARGET is only supported for the PID namespace",
+                ));
+            }
+        }
+        if ns.pid != target {
+            return Ok(None);
+        }
+        let field = format!("{field}.target_id");
+        if ns.target_id.is_empty() {
+            return Err(CriError::invalid(&field, "is required when pid is TARGET"));
+        }
+        let shown = crate::error::shown(&ns.target_id);
+        let t = self
+            .ctx
+            .records
+            .container(&ns.target_id)
+            .filter(|t| t.sandbox_id == pod.id)
+            .ok_or_else(|| {
+                CriError::invalid(&field, format!("no container {shown} in pod {}", pod.id))
+            })?;
+        if t.state != ContainerState::Running || t.pid == 0 {
+            return Err(CriError::FailedPrecondition(format!(
+                "{field}: target container {} is not running",
+                t.id
+            )));
+        }
+        Ok(Some(t.pid))
+    }
+
     /// Reserves the name in the pod and gathers what the steps need.
     fn plan(
         &self,
@@ -178,8 +230,10 @@ impl ContainerService {
             pod.selinux_label.as_deref(),
         )?
         .map(|l| l.mount);
+        let pid_target = self.pid_target(&config, &pod)?;
         let id = new_id();
         Ok(Plan {
+            pid_target,
             cgroups_path: self.cgroups_path(&pod, &id),
             image_config: self.ctx.images.image_config(&image)?,
             layers: self.ctx.images.layer_paths(&image)?,
@@ -260,6 +314,7 @@ impl ContainerService {
             files: &files,
             netns: plan.pod.netns.as_deref(),
             infra_pid: plan.pod.infra_pid,
+            pid_target: plan.pid_target,
             cgroups_path: &plan.cgroups_path,
             min_oom_score_adj: min_oom,
             volumes_dir: &paths.container_dir(&plan.id).join("volumes"),
@@ -365,6 +420,7 @@ fn checked_config(
         .config
         .clone()
         .ok_or_else(|| CriError::invalid("config", "is required"))?;
+    crate::limits::container_config(&config)?;
     let meta = config
         .metadata
         .as_ref()
@@ -393,7 +449,7 @@ fn checked_config(
     let image = config
         .image
         .as_ref()
-        .map(|i| i.image.trim().to_string())
+        .map(|i| i.image.clone())
         .unwrap_or_default();
     if image.is_empty() {
         return Err(CriError::invalid(

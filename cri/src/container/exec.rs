@@ -19,6 +19,31 @@ const MAX_EXEC_OUTPUT: usize = 4 << 20;
 /// How long a killed exec may take to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(10);
 
+/// An ExecSync process whose caller may leave before it ends: dropped armed, it kills
+/// and reaps the process, so nothing keeps running for a caller that is gone.
+struct AbandonedExec {
+    shim: Option<berth_runtime::client::ShimClient>,
+    id: String,
+    exec_id: String,
+}
+
+impl Drop for AbandonedExec {
+    fn drop(&mut self) {
+        // Without a runtime (berthd ending) the shim kills it when berthd's connection closes.
+        let (Some(shim), Ok(rt)) = (self.shim.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (id, exec_id) = (
+            std::mem::take(&mut self.id),
+            std::mem::take(&mut self.exec_id),
+        );
+        tracing::warn!(container = %id, exec = %exec_id, "ExecSync caller went away; killing the process");
+        rt.spawn(async move {
+            let _ = shim.kill_and_reap_exec(&id, &exec_id, REAP_WAIT).await;
+        });
+    }
+}
+
 impl ContainerService {
     /// An exec's OCI process (JSON): the container's own process (user, env, cwd,
     /// capabilities) from its bundle, with new args.
@@ -66,6 +91,7 @@ impl ContainerService {
         if req.cmd.is_empty() {
             return Err(CriError::invalid("cmd", "must not be empty"));
         }
+        crate::limits::argv("cmd", &req.cmd)?;
         if req.timeout < 0 {
             return Err(CriError::invalid("timeout", "must not be negative"));
         }
@@ -73,7 +99,14 @@ impl ContainerService {
         let process_json = self.exec_process_json(&rec.id, &req.cmd, false)?;
         let shim = self.shim_of(&rec).await?;
         let exec_id = Self::new_exec_id();
-        let pid = shim
+        // Dropped with this future when the caller goes away (disconnect, deadline),
+        // armed before the exec starts: the shim answers the kill after the exec.
+        let mut guard = AbandonedExec {
+            shim: Some(shim.clone()),
+            id: rec.id.clone(),
+            exec_id: exec_id.clone(),
+        };
+        let started = shim
             .exec(pb::ExecRequest {
                 id: rec.id.clone(),
                 exec_id: exec_id.clone(),
@@ -81,8 +114,11 @@ impl ContainerService {
                 capture_limit: MAX_EXEC_OUTPUT as u32,
                 ..Default::default()
             })
-            .await
-            .map_err(|e| CriError::shim(format!("exec in {}", rec.id), e))?;
+            .await;
+        let pid = started.map_err(|e| {
+            guard.shim = None; // nothing started
+            CriError::shim(format!("exec in {}", rec.id), e)
+        })?;
         self.publish_exec(&rec, &exec_id, pid);
         let waited = if req.timeout > 0 {
             let limit = Duration::from_secs(req.timeout as u64);
@@ -92,6 +128,7 @@ impl ContainerService {
         } else {
             Some(shim.wait_exec(&rec.id, &exec_id).await)
         };
+        guard.shim = None;
         let Some(result) = waited else {
             let _ = shim.kill_and_reap_exec(&rec.id, &exec_id, REAP_WAIT).await;
             return Err(CriError::DeadlineExceeded(format!(

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use berth_proto::shim as pb;
+use berth_runtime::client::ShimClient;
 use berth_runtime::timefmt::now_unix_nanos;
 use tracing::{info, warn};
 
@@ -13,6 +14,8 @@ use crate::records::{ContainerRecord, ContainerState};
 
 /// How long a stop waits for a container's exit after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(15);
+/// How long the task of a failed start may take to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(10);
 
 /// An exit as berth records it.
 pub struct Exit<'a> {
@@ -164,6 +167,10 @@ impl ContainerService {
         let started_at = now_unix_nanos();
         let _starting = Starting::mark(&self.ctx, &rec.id);
         let started = shim.start(&rec.id).await;
+        if let Err(e) = started {
+            Starting::clear(&self.ctx, &rec.id);
+            return Err(self.start_failed(&rec, &shim, e).await);
+        }
         // Serialised with exit events: a fast exit must not be overwritten by Running.
         let _g = self
             .ctx
@@ -171,7 +178,6 @@ impl ContainerService {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         Starting::clear(&self.ctx, &rec.id);
-        started.map_err(|e| CriError::shim("starting container", e))?;
         rec.started_at = started_at;
         if let Some(cur) = self.ctx.records.container(&rec.id) {
             if cur.state == ContainerState::Exited {
@@ -192,6 +198,29 @@ impl ContainerService {
             },
         );
         Ok(())
+    }
+
+    /// A start that failed leaves an exited container (128, `StartError`, the runtime's
+    /// error as its message) and no task, as containerd does: kubelet sees why.
+    async fn start_failed(
+        &self,
+        rec: &ContainerRecord,
+        shim: &ShimClient,
+        e: berth_runtime::client::ShimError,
+    ) -> CriError {
+        let err = CriError::shim("starting container", e);
+        let message = crate::status::cut(err.to_string(), 4096);
+        let exit = Exit {
+            code: 128,
+            at: 0,
+            reason: Some("StartError"),
+            message: &message,
+        };
+        self.record_exit(&rec.id, exit);
+        if let Err(e) = shim.kill_and_reap(&rec.id, REAP_WAIT).await {
+            warn!(container = %rec.id, error = %e, "deleting the task of a failed start");
+        }
+        err
     }
 
     /// StopContainer: the image's stop signal, SIGKILL after `timeout` seconds (0 = at once).
@@ -272,6 +301,7 @@ impl ContainerService {
             }
         }
         self.release_fs(&rec.id).await;
+        crate::failpoint::failpoint("container-remove-before-record");
         let _g = self
             .ctx
             .record_lock

@@ -77,6 +77,12 @@ fn namespaces(inp: &SpecInputs<'_>) -> Vec<LinuxNamespace> {
         p if p == cri::NamespaceMode::Pod as i32 => {
             out.push(namespace(LinuxNamespaceType::Pid, infra("pid")))
         }
+        p if p == cri::NamespaceMode::Target as i32 => {
+            let path = inp
+                .pid_target
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/pid")));
+            out.push(namespace(LinuxNamespaceType::Pid, path))
+        }
         _ => out.push(namespace(LinuxNamespaceType::Pid, None)),
     }
     out

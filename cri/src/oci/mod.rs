@@ -88,6 +88,8 @@ pub struct SpecInputs<'a> {
     pub netns: Option<&'a Path>,
     /// The pod's infra pid, whose IPC/UTS/PID namespaces the container joins.
     pub infra_pid: u32,
+    /// The pid of the running container whose PID namespace it joins (`TARGET`).
+    pub pid_target: Option<u32>,
     /// The OCI `cgroupsPath`.
     pub cgroups_path: &'a str,
     /// Lowest oom_score_adj this host allows (berthd's own without CAP_SYS_RESOURCE).

@@ -48,6 +48,7 @@ impl SandboxService {
             .teardown(&self.ctx.paths.cni_cache(&rec.id))
             .await
             .map_err(|e| CriError::internal("tearing down the pod network", e))?;
+        crate::failpoint::failpoint("sandbox-stop-after-network");
         let (shm, ns) = (self.ctx.paths.shm(&rec.id), rec.netns.clone());
         tokio::task::spawn_blocking(move || release_namespaces(&shm, ns.as_deref())).await??;
         // Under the record lock, as the watcher's NotReady: one `/sandboxes/stop`
@@ -147,6 +148,7 @@ impl SandboxService {
             Ok(())
         })
         .await??;
+        crate::failpoint::failpoint("sandbox-remove-before-record");
         self.ctx.records.delete_sandbox(&rec.id)?;
         self.ctx.pod_locks.forget(&rec.id);
         info!(sandbox = %rec.id, "sandbox removed");

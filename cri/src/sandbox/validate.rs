@@ -167,6 +167,7 @@ pub(super) fn pod_spec(
         .config
         .as_ref()
         .ok_or_else(|| CriError::invalid("config", "is required"))?;
+    crate::limits::pod_config(config)?;
     let meta = metadata(config)?;
     let handler = handler(cfg, &req.runtime_handler)?;
     let linux = config.linux.clone().unwrap_or_default();

@@ -309,6 +309,7 @@ const HEADERS: u8 = 1;
 const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
 const GOAWAY: u8 = 7;
+const CONTINUATION: u8 = 9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 
@@ -389,13 +390,26 @@ fn raw_call(socket: &Path, headers: &[(&str, &str)], message: &[u8]) -> Result<R
     grpc.extend_from_slice(message);
     let mut out = PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
-    out.extend(frame(HEADERS, END_HEADERS, 1, &hpack_literal(headers)));
+    // A header block larger than a frame goes on in CONTINUATION frames.
+    let block = hpack_literal(headers);
+    let mut chunks = block.chunks(16 << 10).peekable();
+    let mut kind = HEADERS;
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        out.extend(frame(kind, if last { END_HEADERS } else { 0 }, 1, chunk));
+        kind = CONTINUATION;
+    }
     out.extend(frame(DATA, END_STREAM, 1, &grpc));
     s.write_all(&out)?;
+    read_answer(&mut s)
+}
+
+/// Reads frames until stream 1 ends (or the connection does).
+fn read_answer(s: &mut UnixStream) -> Result<RawAnswer> {
     let mut decoder = loona_hpack::Decoder::new();
     let mut answer = RawAnswer::default();
     loop {
-        let (kind, flags, stream, payload) = read_frame(&mut s)?;
+        let (kind, flags, stream, payload) = read_frame(s)?;
         match (kind, stream) {
             (SETTINGS, 0) if flags & 1 == 0 => s.write_all(&frame(SETTINGS, 1, 0, &[]))?,
             (HEADERS, 1) => {
@@ -504,6 +518,73 @@ pub fn raw_http2_authorities() -> Result<(), Failed> {
                 "{what} was not refused: {a:?}"
             );
         }
+        Ok(())
+    })
+}
+
+/// The SETTINGS the server sends first on a new connection.
+fn server_settings(socket: &Path) -> Result<Vec<(u16, u32)>> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&out)?;
+    loop {
+        let (kind, flags, _, payload) = read_frame(&mut s)?;
+        if kind == SETTINGS && flags & 1 == 0 {
+            return Ok(payload
+                .chunks(6)
+                .map(|c| {
+                    (
+                        u16::from_be_bytes([c[0], c[1]]),
+                        u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                    )
+                })
+                .collect());
+        }
+    }
+}
+
+/// The CRI socket bounds what one connection may ask for, as it tells every client in
+/// its SETTINGS: at most 1024 concurrent streams and a 64 KiB header list. A request
+/// whose headers exceed that is refused without reaching a handler; the connection
+/// still serves the next call.
+pub fn http2_limits_on_the_cri_socket() -> Result<(), Failed> {
+    run(|| async {
+        let b = Berthd::start("")?;
+        const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+        const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+        let settings = server_settings(&b.socket)?;
+        let get = |id| settings.iter().find(|(k, _)| *k == id).map(|(_, v)| *v);
+        ensure!(get(MAX_CONCURRENT_STREAMS) == Some(1024), "{settings:?}");
+        ensure!(get(MAX_HEADER_LIST_SIZE) == Some(64 << 10), "{settings:?}");
+        let path = b.socket.display().to_string();
+        let big = "x".repeat(100 << 10);
+        let headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/runtime.v1.RuntimeService/Version"),
+            (":authority", path.as_str()),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("x-padding", big.as_str()),
+        ];
+        let req = cri::VersionRequest {
+            version: "v1".into(),
+        }
+        .encode_to_vec();
+        let a = raw_call(&b.socket, &headers, &req)?;
+        ensure!(
+            a.header("grpc-status") != Some("0") && a.body.is_empty(),
+            "a 100 KiB header list was served: {a:?}"
+        );
+        ensure!(
+            a.reset.is_some() || a.goaway || a.header(":status") == Some("431"),
+            "{a:?}"
+        );
+        // berthd itself is unharmed.
+        let ok = raw_version(&b.socket, Some(&path), true)?;
+        ensure!(ok.header("grpc-status") == Some("0"), "{ok:?}");
         Ok(())
     })
 }

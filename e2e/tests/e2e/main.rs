@@ -29,7 +29,9 @@ use tonic::Code;
 mod confinement;
 mod ctl;
 mod events;
+mod fault;
 mod interop;
+mod limits;
 mod security;
 mod systemd;
 
@@ -4723,6 +4725,30 @@ fn main() -> anyhow::Result<()> {
         ),
         Trial::test("grpcio_python_client", interop::grpcio_python_client),
         Trial::test("raw_http2_authorities", interop::raw_http2_authorities),
+        Trial::test(
+            "exec_sync_ends_with_its_caller",
+            limits::exec_sync_ends_with_its_caller,
+        ),
+        Trial::test(
+            "requests_are_bounded_and_checked",
+            limits::requests_are_bounded_and_checked,
+        ),
+        Trial::test(
+            "failed_start_is_explained",
+            limits::failed_start_is_explained,
+        ),
+        Trial::test(
+            "kill9_at_failpoints_during_churn",
+            fault::kill9_at_failpoints_during_churn,
+        ),
+        Trial::test(
+            "soak_cycles_leave_nothing",
+            fault::soak_cycles_leave_nothing,
+        ),
+        Trial::test(
+            "http2_limits_on_the_cri_socket",
+            interop::http2_limits_on_the_cri_socket,
+        ),
         Trial::test("berthd_log_formats", interop::berthd_log_formats),
         Trial::test(
             "port_forward_tunneled_in_websocket",

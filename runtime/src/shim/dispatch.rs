@@ -54,7 +54,7 @@ impl Shim {
             }
             pb::Method::Create => decode(f).and_then(|r| self.create(r)),
             pb::Method::Attach => decode(f).and_then(|r| self.attach(r)),
-            pb::Method::Exec => decode(f).and_then(|r| self.exec(r)),
+            pb::Method::Exec => decode(f).and_then(|r| self.exec(conn, r)),
             pb::Method::StartInfra => decode(f).and_then(|r| self.start_infra(r)),
             pb::Method::Kill => decode(f).and_then(|r| self.kill(r)),
             pb::Method::ResizePty => decode(f).and_then(|r| self.resize_pty(r)),

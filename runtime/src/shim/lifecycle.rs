@@ -205,10 +205,11 @@ impl Shim {
     }
 
     /// `<runtime> exec --detach` of a process in a running container.
-    pub(super) fn exec(&mut self, r: pb::ExecRequest) -> Reply {
+    /// An ExecSync process (one that captures) belongs to `conn`.
+    pub(super) fn exec(&mut self, conn: u64, r: pb::ExecRequest) -> Reply {
         self.check_new_exec(&r.id, &r.exec_id)?;
         let (pid, stdio, console) = self.run_exec(&r)?;
-        let process = match self.exec_process(&r, pid, stdio, console) {
+        let process = match self.exec_process(conn, &r, pid, stdio, console) {
             Ok(p) => p,
             Err(e) => {
                 kill_pid(pid); // a process we cannot talk to is not left running
@@ -264,6 +265,7 @@ impl Shim {
     /// The exec's process entry: its streams, its capture (ExecSync) or its client's relay.
     fn exec_process(
         &self,
+        conn: u64,
         r: &pb::ExecRequest,
         pid: u32,
         stdio: Option<ProcessStdio>,
@@ -287,6 +289,7 @@ impl Shim {
             truncated: false,
         });
         p.stdio = stdio;
+        p.owner = p.capture.is_some().then_some(conn);
         Ok(p)
     }
 
@@ -558,6 +561,9 @@ impl Shim {
         p.stdio.console = None;
         let waiters = std::mem::take(&mut p.waiters);
         let payload = p.exit_payload(rec);
+        if p.abandoned {
+            self.forget_exec(&id, &exec);
+        }
         for (conn, req) in waiters {
             self.respond(conn, pb::Method::Wait as u16, req, Ok(payload.clone()));
         }
@@ -571,6 +577,38 @@ impl Shim {
                 oom_killed,
             })),
         });
+    }
+
+    /// Connections that closed: their ExecSync processes are killed (still running) or
+    /// forgotten (exited), since no Wait can come for them.
+    pub(super) fn abandon_execs(&mut self, closed: &[u64]) {
+        let mut forget = Vec::new();
+        for (id, t) in self.tasks.0.iter_mut() {
+            let Some(c) = t.container_mut() else {
+                continue;
+            };
+            for (exec_id, p) in c.execs.iter_mut() {
+                if !p.owner.is_some_and(|o| closed.contains(&o)) {
+                    continue;
+                }
+                p.owner = None;
+                if p.exit.is_some() {
+                    forget.push((id.clone(), exec_id.clone()));
+                } else {
+                    p.abandoned = true;
+                    kill_pid(p.pid);
+                }
+            }
+        }
+        for (id, exec_id) in forget {
+            self.forget_exec(&id, &exec_id);
+        }
+    }
+
+    fn forget_exec(&mut self, id: &str, exec_id: &str) {
+        if let Some(c) = self.tasks.0.get_mut(id).and_then(Task::container_mut) {
+            c.execs.remove(exec_id);
+        }
     }
 
     /// Whether a container's init died of an OOM kill: the counter, not only the watch

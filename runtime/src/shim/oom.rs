@@ -79,8 +79,10 @@ impl Shim {
             return;
         }
         let Some(c) = t.container_mut() else { return };
+        // The watch's count also covers a kill its cgroup's removal hides from the counter.
+        let mut seen = 0;
         if let Some(w) = c.oom.as_mut() {
-            w.check(); // drains the fd, or poll would spin
+            seen = w.check(); // drains the fd, or poll would spin
             if w.is_gone() {
                 c.oom = None;
             }
@@ -89,7 +91,7 @@ impl Shim {
             return;
         }
         let total = c.cgroup.as_ref().and_then(oom_kill_count).unwrap_or(0);
-        if total <= c.oom_baseline {
+        if total <= c.oom_baseline && seen == 0 {
             return;
         }
         c.oom_killed = true;

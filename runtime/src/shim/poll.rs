@@ -90,7 +90,16 @@ impl Shim {
         for (i, rev) in ready {
             self.serve_slot(&slots[i], rev);
         }
-        self.conns.retain(|_, c| !(c.closed && c.out.is_empty()));
+        let closed: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.closed && c.out.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        if !closed.is_empty() {
+            self.conns.retain(|id, _| !closed.contains(id));
+            self.abandon_execs(&closed);
+        }
         Ok(())
     }
 

@@ -45,6 +45,11 @@ pub(super) struct Process {
     pub waiters: Vec<(u64, u32)>,
     /// Streaming clients (exec sessions, attachers).
     pub relays: Vec<Relay>,
+    /// The connection an ExecSync process belongs to: when it closes before the
+    /// process is deleted, nobody can collect its output, so it is killed and dropped.
+    pub owner: Option<u64>,
+    /// Killed for a closed owner: forgotten at its exit.
+    pub abandoned: bool,
 }
 
 impl Process {
@@ -58,6 +63,8 @@ impl Process {
             exit: None,
             waiters: Vec::new(),
             relays: Vec::new(),
+            owner: None,
+            abandoned: false,
         }
     }
 
