@@ -47,6 +47,9 @@ pub struct OomWatch {
     counter: PathBuf,
     seen: u64,
     gone: bool,
+    /// v1: notifications read while the counter did not move (an OOM the kernel had
+    /// announced but not yet counted, or one of an ancestor's).
+    unexplained: u64,
 }
 
 impl OomWatch {
@@ -66,6 +69,7 @@ impl OomWatch {
                 counter: events,
                 notifier: Notifier::V2(ino),
                 gone: false,
+                unexplained: 0,
             });
         }
         let control_path = dir.join("memory.oom_control");
@@ -90,6 +94,7 @@ impl OomWatch {
                 _control: control,
             },
             gone: false,
+            unexplained: 0,
         })
     }
 
@@ -127,14 +132,19 @@ impl OomWatch {
             Some(n) => {
                 let new = n.saturating_sub(self.seen);
                 self.seen = self.seen.max(n);
+                self.unexplained = if new > 0 {
+                    0
+                } else {
+                    self.unexplained + signals
+                };
                 new
             }
             None => {
                 self.gone = true;
-                // v1 signals once when the cgroup is removed and once per OOM: with
-                // more than one signal unread, an OOM came before the removal (which
-                // systemd can make before this shim reads the counter).
-                u64::from(signals >= 2)
+                // v1 signals once when the cgroup is removed and once per OOM: more
+                // signals than the removal's since the counter last moved mean an OOM
+                // the removal (systemd's, before this shim read) hid from the counter.
+                u64::from(self.unexplained + signals >= 2)
             }
         }
     }

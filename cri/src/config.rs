@@ -182,6 +182,9 @@ pub struct RuntimeHandler {
     pub root: PathBuf,
     /// Extra global arguments.
     pub args: Vec<String>,
+    /// How long one runtime command (create, start, exec, kill, delete...) may take
+    /// before the shim kills it and fails the call (1 to 110: under the shim call's 120 s).
+    pub timeout_secs: u64,
 }
 
 impl Default for RuntimeHandler {
@@ -190,6 +193,7 @@ impl Default for RuntimeHandler {
             path: PathBuf::from("runc"),
             root: PathBuf::new(),
             args: Vec::new(),
+            timeout_secs: berth_runtime::runc::DEFAULT_TIMEOUT.as_secs(),
         }
     }
 }
@@ -352,6 +356,14 @@ impl Config {
         }
         if let Some((key, why)) = self.stream.check() {
             return Err(invalid(key.into(), why));
+        }
+        for (name, h) in &self.runtimes {
+            if !(1..=110).contains(&h.timeout_secs) {
+                return Err(invalid(
+                    format!("runtimes.{name}.timeout_secs"),
+                    "must be 1 to 110 (a shim call waits 120 s)".into(),
+                ));
+            }
         }
         if self.cni.plugin_timeout_secs == 0 {
             return Err(invalid(

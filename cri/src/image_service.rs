@@ -169,7 +169,7 @@ impl ImageService for CriImageService {
             .into_inner()
             .filter
             .and_then(|f| f.image)
-            .filter(|s| !s.image.is_empty());
+            .filter(|s| !s.image.trim().is_empty());
         let images = match filter {
             Some(spec) => self
                 .images

@@ -27,14 +27,20 @@ pub const MAX_LABEL_BYTES: usize = 256 << 10;
 /// Bytes of keys and values in an annotations map: Kubernetes' 256 KiB for the user's,
 /// and as much again for what kubelet adds.
 pub const MAX_ANNOTATION_BYTES: usize = 512 << 10;
-/// One argument or `KEY=value`: the kernel's MAX_ARG_STRLEN (exec fails above it).
+/// One argument or `KEY=value` with its NUL: the kernel's MAX_ARG_STRLEN (exec fails
+/// above it).
 pub const MAX_ARG_BYTES: usize = 128 << 10;
-/// Entries in command + args, and in envs.
-pub const MAX_ARGV: usize = 16384;
-pub const MAX_ENVS: usize = 16384;
-/// Bytes of command, args and env together: the kernel's ARG_MAX under the usual
-/// 8 MiB stack limit (exec fails above it with "argument list too long").
+/// Entries in command + args, and in envs: above Kubernetes' tested 5000 Services per
+/// namespace with service links (7 variables each); the runtime's setup of a process
+/// grows with the square of its variables, so a bound keeps it to a second or so.
+pub const MAX_ARGV: usize = 65536;
+pub const MAX_ENVS: usize = 65536;
+/// Bytes of command, args and env together, counted as the kernel counts them (each
+/// string with its NUL and its pointer): ARG_MAX under the usual 8 MiB stack limit
+/// (exec fails above it with "argument list too long").
 pub const MAX_EXEC_BYTES: usize = 2 << 20;
+/// What one argument or variable costs exec beyond its bytes: its NUL and pointer.
+const EXEC_OVERHEAD: usize = 1 + 8;
 /// Mounts, devices and CDI devices of a container.
 pub const MAX_MOUNTS: usize = 1024;
 pub const MAX_DEVICES: usize = 1024;
@@ -94,11 +100,11 @@ fn list(field: &str, items: &[String], max_items: usize, max_each: usize) -> Res
     Ok(())
 }
 
-/// What exec would refuse: each argument and `KEY=value` at most MAX_ARG_BYTES, all of
-/// them together (with their terminating NULs) at most MAX_EXEC_BYTES.
+/// What exec would refuse: each argument and `KEY=value` with its NUL at most
+/// MAX_ARG_BYTES, all of them together at most MAX_EXEC_BYTES.
 pub fn argv(field: &str, args: &[String]) -> Result<()> {
-    list(field, args, MAX_ARGV, MAX_ARG_BYTES)?;
-    let total: usize = args.iter().map(|a| a.len() + 1).sum();
+    list(field, args, MAX_ARGV, MAX_ARG_BYTES - 1)?;
+    let total: usize = args.iter().map(|a| a.len() + EXEC_OVERHEAD).sum();
     exec_bytes(field, total)
 }
 
@@ -219,8 +225,8 @@ pub fn container_config(c: &cri::ContainerConfig) -> Result<()> {
     if let Some(i) = &c.image {
         text("config.image.image", &i.image, MAX_SHORT_TEXT)?;
     }
-    list("config.command", &c.command, MAX_ARGV, MAX_ARG_BYTES)?;
-    list("config.args", &c.args, MAX_ARGV, MAX_ARG_BYTES)?;
+    list("config.command", &c.command, MAX_ARGV, MAX_ARG_BYTES - 1)?;
+    list("config.args", &c.args, MAX_ARGV, MAX_ARG_BYTES - 1)?;
     count(
         "config.command and config.args",
         c.command.len() + c.args.len(),
@@ -267,10 +273,15 @@ pub fn container_config(c: &cri::ContainerConfig) -> Result<()> {
 /// Env entries: each `KEY=value` and all of them with the argv within exec's limits.
 fn envs(c: &cri::ContainerConfig) -> Result<()> {
     count("config.envs", c.envs.len(), MAX_ENVS)?;
-    let mut total: usize = c.command.iter().chain(&c.args).map(|a| a.len() + 1).sum();
+    let mut total: usize = c
+        .command
+        .iter()
+        .chain(&c.args)
+        .map(|a| a.len() + EXEC_OVERHEAD)
+        .sum();
     for (i, kv) in c.envs.iter().enumerate() {
         let bytes = kv.key.len() + 1 + kv.value.len();
-        if bytes > MAX_ARG_BYTES {
+        if bytes + 1 > MAX_ARG_BYTES {
             return Err(CriError::invalid(
                 &format!("config.envs[{i}]"),
                 format!(
@@ -279,7 +290,7 @@ fn envs(c: &cri::ContainerConfig) -> Result<()> {
                 ),
             ));
         }
-        total += bytes + 1;
+        total += bytes + EXEC_OVERHEAD;
     }
     exec_bytes("config.envs", total)
 }
@@ -461,6 +472,9 @@ mod tests {
         assert!(container_config(&env(10_000, 100)).is_ok());
         assert!(message(container_config(&env(MAX_ENVS + 1, 1))).contains("config.envs"));
         assert!(message(container_config(&env(1, MAX_ARG_BYTES))).contains("config.envs[0]"));
+        // "K0=" and the value with its NUL: exactly MAX_ARG_STRLEN is what exec takes.
+        assert!(container_config(&env(1, MAX_ARG_BYTES - 4)).is_ok());
+        assert!(container_config(&env(1, MAX_ARG_BYTES - 3)).is_err());
         let m = message(container_config(&env(10_000, 300)));
         assert!(m.contains("exec takes at most"), "{m}");
     }

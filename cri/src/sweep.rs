@@ -113,6 +113,10 @@ async fn sweep_pods(ctx: &Context, pods: &HashSet<String>) {
         .flat_map(|d| names(d))
         .filter(|n| is_berth_id(n) && !pods.contains(n))
         .collect();
+    // CNI plugins the crash orphaned would otherwise race the DEL below (an ADD that
+    // writes its lease after it).
+    let orphans = pod_dirs.clone();
+    let _ = tokio::task::spawn_blocking(move || kill_cni_plugins_of(&orphans)).await;
     for id in pod_dirs {
         info!(sandbox = %id, "sweep: removing what an unrecorded pod left");
         if let Err(e) = ctx.net.teardown(&ctx.paths.cni_cache(&id)).await {
@@ -162,12 +166,38 @@ async fn sweep_runtime_containers(ctx: &Context, ctrs: &HashSet<String>) {
             // Beside the root, which exists since it holds this container.
             let log = root.with_extension("sweep.log");
             let runc =
-                berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone());
+                berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone())
+                    .with_timeout(Duration::from_secs(handler.timeout_secs));
             let _ = tokio::task::spawn_blocking(move || {
                 let _ = runc.delete(&id, true);
                 let _ = std::fs::remove_file(&log);
             })
             .await;
+        }
+    }
+}
+
+/// SIGKILLs every process running for one of `pods` as a CNI plugin (or a helper it
+/// started): berth gives each plugin `CNI_CONTAINERID=<pod id>`.
+fn kill_cni_plugins_of(pods: &HashSet<String>) {
+    if pods.is_empty() {
+        return;
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let ours = env
+            .split(|b| *b == 0)
+            .filter_map(|kv| kv.strip_prefix(b"CNI_CONTAINERID="))
+            .any(|id| std::str::from_utf8(id).is_ok_and(|id| pods.contains(id)));
+        if ours {
+            warn!(pid, "sweep: killing a CNI plugin of an unrecorded pod");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

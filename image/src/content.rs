@@ -92,6 +92,7 @@ impl ContentStore {
             dest: self.path(&expected),
             expected,
             hasher: Sha256::new(),
+            verified: false,
         })
     }
 
@@ -133,6 +134,8 @@ pub struct BlobWriter {
     dest: PathBuf,
     expected: Digest,
     hasher: Sha256,
+    /// The digest was checked (the hasher is spent).
+    verified: bool,
 }
 
 impl Write for BlobWriter {
@@ -159,7 +162,17 @@ impl BlobWriter {
 
     /// Checks the digest of what was written, then discards it.
     pub fn verify_only(mut self) -> Result<()> {
-        self.check()
+        self.verify()
+    }
+
+    /// Checks the digest of what was written (once); `commit` may follow.
+    pub fn verify(&mut self) -> Result<()> {
+        if self.verified {
+            return Ok(());
+        }
+        self.check()?;
+        self.verified = true;
+        Ok(())
     }
 
     fn check(&mut self) -> Result<()> {
@@ -175,7 +188,7 @@ impl BlobWriter {
 
     /// Verifies the digest, syncs and renames the blob into place.
     pub fn commit(mut self) -> Result<()> {
-        self.check()?;
+        self.verify()?;
         // A blob that is renamed into place must be whole even after a host crash.
         let synced = match &self.file {
             Some(f) => f.sync_data(),

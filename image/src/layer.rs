@@ -55,7 +55,13 @@ impl LayerJob {
             LayerSource::Download { rx, blob, declared } => {
                 let mut chan = ChannelReader::new(rx, Some(blob), declared);
                 let outcome = read_through(&mut chan, target.as_deref(), &diff_id, &name);
-                download_failure_wins(&mut chan, outcome)
+                let outcome = download_failure_wins(&mut chan, outcome);
+                // Kept only with a layer that unpacked: a blob that matches its digest
+                // but does not inflate (or unpack) is no layer.
+                match (outcome, chan.verified.take()) {
+                    (Ok(stats), Some(blob)) => blob.commit().map(|()| stats),
+                    (outcome, _) => outcome,
+                }
             }
         }?;
         match (outcome, &target) {
@@ -139,6 +145,8 @@ struct ChannelReader {
     received: u64,
     /// Why the download failed, as opposed to what reading its content found.
     failure: Option<ImageError>,
+    /// The whole blob, digest checked, waiting for the layer's outcome to be kept.
+    verified: Option<BlobWriter>,
 }
 
 impl ChannelReader {
@@ -155,6 +163,7 @@ impl ChannelReader {
             declared,
             received: 0,
             failure: None,
+            verified: None,
         }
     }
 
@@ -202,14 +211,12 @@ impl Read for ChannelReader {
                 }
                 None => {
                     // End of download: the blob must now hash to its digest.
-                    if let Some(w) = self.tee.take() {
-                        let done = if self.keep {
-                            w.commit()
-                        } else {
-                            w.verify_only()
-                        };
-                        if let Err(e) = done {
+                    if let Some(mut w) = self.tee.take() {
+                        if let Err(e) = w.verify() {
                             return Err(self.fail(e));
+                        }
+                        if self.keep {
+                            self.verified = Some(w);
                         }
                     }
                     return Ok(0);

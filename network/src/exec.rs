@@ -85,11 +85,13 @@ pub async fn run_plugin(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|source| PluginError::Spawn {
         plugin: plugin.clone(),
         source,
     })?;
+    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     let input = serde_json::to_vec(inv.config).unwrap_or_default();
     let run = async {
         if let Some(mut stdin) = child.stdin.take() {
@@ -103,8 +105,12 @@ pub async fn run_plugin(
             plugin: plugin.clone(),
             source,
         })?,
-        // Dropping the future drops the child, which kills it (kill_on_drop).
+        // Its process group goes (a plugin may have started helpers); dropping the
+        // future drops the child, which reaps it (kill_on_drop).
         Err(_) => {
+            if let Some(pgid) = pgid {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            }
             return Err(PluginError::Timeout {
                 plugin,
                 command: inv.command.to_string(),

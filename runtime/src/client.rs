@@ -184,16 +184,22 @@ impl ShimClient {
         let bytes = frame
             .encode()
             .map_err(|e| ShimError::Decode(e.to_string()))?;
-        {
-            let mut w = self.inner.writer.lock().await;
-            if let Err(e) = w.write_all(&bytes).await {
-                self.inner
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                return Err(e.into());
-            }
+        // Written by a task of its own: a caller dropped mid-write must not leave half
+        // a frame on the connection the whole pod shares.
+        let inner = self.inner.clone();
+        let written = tokio::spawn(async move {
+            let mut w = inner.writer.lock().await;
+            w.write_all(&bytes).await
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        if let Err(e) = written {
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(e.into());
         }
         let answer = if method == pb::Method::Wait {
             rx.await.map_err(|_| ShimError::Closed)?
@@ -502,6 +508,8 @@ pub fn spawn_shim(binary: &Path, cfg: &ShimConfig) -> Result<(), ShimError> {
     for a in &cfg.runtime_args {
         cmd.arg("--runtime-arg").arg(a);
     }
+    cmd.arg("--runtime-timeout")
+        .arg(cfg.runtime_timeout.as_secs().to_string());
     // berthd's service-manager variables are berthd's own: with NOTIFY_SOCKET, runc
     // would relay the container's sd_notify to systemd (and fail on long paths); a
     // shim outlives berthd's service and must not be taken for it.

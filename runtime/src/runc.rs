@@ -2,13 +2,17 @@
 //! command. Errors carry the runtime's own message, read from its JSON log.
 //!
 //! Commands run synchronously; inside the shim this is safe because the shim is
-//! single-threaded and reaps other children only between commands.
+//! single-threaded and reaps other children only between commands. Each command is
+//! bounded: one that hangs is killed with its process group (the runtime and whatever
+//! it started) after the runtime's timeout, so a wedged runtime cannot wedge the shim.
 
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -25,6 +29,14 @@ pub enum RuncError {
         command: &'static str,
         id: String,
         message: String,
+    },
+    /// The command did not finish in time; it was killed with its process group.
+    #[error("{binary} {command} {id}: no answer within {secs}s; killed")]
+    Timeout {
+        binary: String,
+        command: &'static str,
+        id: String,
+        secs: u64,
     },
     /// The runtime's output could not be understood.
     #[error("{binary} {command} {id}: unexpected output: {detail}")]
@@ -87,6 +99,30 @@ pub struct Runc {
     root: PathBuf,
     log: PathBuf,
     extra_args: Vec<String>,
+    timeout: Duration,
+}
+
+/// How long a runtime command may take unless the handler says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits for `child`; after `timeout`, SIGKILLs its process group (it leads one) and
+/// returns `None`. A thread waits so that the pipes are drained meanwhile.
+fn wait_bounded(child: Child, timeout: Duration) -> io::Result<Option<Output>> {
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let answer = rx.recv_timeout(timeout);
+    if answer.is_err() {
+        // Not reaped yet (the waiter has not returned), so the group is still ours.
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = waiter.join();
+    match answer {
+        Ok(out) => out.map(Some),
+        Err(_) => Ok(None),
+    }
 }
 
 impl Runc {
@@ -97,7 +133,40 @@ impl Runc {
             root: root.to_path_buf(),
             log: log.to_path_buf(),
             extra_args,
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The same runtime with another bound on each command.
+    pub fn with_timeout(mut self, timeout: Duration) -> Runc {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs `cmd` as the leader of its own process group, bounded by the timeout.
+    fn output(
+        &self,
+        mut cmd: Command,
+        command: &'static str,
+        id: &str,
+    ) -> Result<Output, RuncError> {
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .map_err(|source| RuncError::Spawn {
+                binary: self.name(),
+                source,
+            })?;
+        let out = wait_bounded(child, self.timeout).map_err(|source| RuncError::Spawn {
+            binary: self.name(),
+            source,
+        })?;
+        out.ok_or_else(|| RuncError::Timeout {
+            binary: self.name(),
+            command,
+            id: id.to_string(),
+            secs: self.timeout.as_secs(),
+        })
     }
 
     fn base(&self) -> Command {
@@ -119,10 +188,10 @@ impl Runc {
     /// Runs a command whose stdio the caller has set; maps failure to the runtime's message.
     fn run(&self, mut cmd: Command, command: &'static str, id: &str) -> Result<Vec<u8>, RuncError> {
         let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-        let out = cmd.output().map_err(|source| RuncError::Spawn {
-            binary: self.name(),
-            source,
-        })?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = self.output(cmd, command, id)?;
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -201,10 +270,7 @@ impl Runc {
         c.stdout(io.stdout.map_or_else(Stdio::null, Stdio::from));
         c.stderr(io.stderr.map_or_else(Stdio::null, Stdio::from));
         let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-        let status = c.status().map_err(|source| RuncError::Spawn {
-            binary: self.name(),
-            source,
-        })?;
+        let status = self.output(c, command, id)?.status;
         if status.success() {
             return Ok(());
         }

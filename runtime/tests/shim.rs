@@ -69,6 +69,7 @@ impl Env {
             runtime: PathBuf::from(which("runc")),
             runtime_root: dir.path().join("runc-root"),
             runtime_args: vec![],
+            runtime_timeout: berth_runtime::runc::DEFAULT_TIMEOUT,
         };
         Env { dir, cfg }
     }

@@ -28,6 +28,7 @@ impl Env {
             runtime: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-runtime"),
             runtime_root: dir.path().join("root"),
             runtime_args: vec![],
+            runtime_timeout: berth_runtime::runc::DEFAULT_TIMEOUT,
         };
         spawn_shim(Path::new(env!("CARGO_BIN_EXE_berth-shim")), &cfg).unwrap();
         let client = ShimClient::connect(&cfg.socket).await.unwrap();

@@ -39,8 +39,9 @@ struct Plan {
     cgroups_path: String,
     /// SELinux mount label (SELinux hosts): the rootfs is mounted with it.
     mount_label: Option<String>,
-    /// The pid of the container whose PID namespace it shares (`TARGET`).
-    pid_target: Option<u32>,
+    /// The pid of the container whose PID namespace it shares (`TARGET`), and that
+    /// namespace's inode (checked on the new container: the pid could be reused).
+    pid_target: Option<(u32, u64)>,
 }
 
 impl ContainerService {
@@ -112,6 +113,14 @@ impl ContainerService {
             CriError::FailedPrecondition(format!("the shim of pod {} is gone", plan.pod.id))
         })?;
         let pid = self.create_task(plan, &shim, undo).await?;
+        if let Some((target, ino)) = plan.pid_target {
+            if pid_namespace(pid) != Some(ino) {
+                return Err(CriError::FailedPrecondition(format!(
+                    "the target container (pid {target}) exited while container {} was created",
+                    plan.id
+                )));
+            }
+        }
         crate::failpoint::failpoint("container-before-record");
         self.ctx
             .records
@@ -154,7 +163,7 @@ impl ContainerService {
         &self,
         config: &cri::ContainerConfig,
         pod: &SandboxRecord,
-    ) -> Result<Option<u32>> {
+    ) -> Result<Option<(u32, u64)>> {
         let field = "config.linux.security_context.namespace_options";
         let Some(ns) = config
             .linux
@@ -189,13 +198,17 @@ impl ContainerService {
             .ok_or_else(|| {
                 CriError::invalid(&field, format!("no container {shown} in pod {}", pod.id))
             })?;
-        if t.state != ContainerState::Running || t.pid == 0 {
-            return Err(CriError::FailedPrecondition(format!(
+        let not_running = || {
+            CriError::FailedPrecondition(format!(
                 "{field}: target container {} is not running",
                 t.id
-            )));
+            ))
+        };
+        if t.state != ContainerState::Running || t.pid == 0 {
+            return Err(not_running());
         }
-        Ok(Some(t.pid))
+        let ino = pid_namespace(t.pid).ok_or_else(not_running)?;
+        Ok(Some((t.pid, ino)))
     }
 
     /// Reserves the name in the pod and gathers what the steps need.
@@ -314,7 +327,7 @@ impl ContainerService {
             files: &files,
             netns: plan.pod.netns.as_deref(),
             infra_pid: plan.pod.infra_pid,
-            pid_target: plan.pid_target,
+            pid_target: plan.pid_target.map(|(pid, _)| pid),
             cgroups_path: &plan.cgroups_path,
             min_oom_score_adj: min_oom,
             volumes_dir: &paths.container_dir(&plan.id).join("volumes"),
@@ -409,6 +422,14 @@ impl ContainerService {
             user: Some(user),
         }
     }
+}
+
+/// The inode of a process's PID namespace.
+fn pid_namespace(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/pid"))
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// The request's config and image name, checked before anything is made.

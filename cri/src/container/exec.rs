@@ -116,7 +116,11 @@ impl ContainerService {
             })
             .await;
         let pid = started.map_err(|e| {
-            guard.shim = None; // nothing started
+            // The shim refused it: nothing started. (Lost or late answers keep the
+            // guard: the shim may still start it.)
+            if matches!(e, berth_runtime::client::ShimError::Remote { .. }) {
+                guard.shim = None;
+            }
             CriError::shim(format!("exec in {}", rec.id), e)
         })?;
         self.publish_exec(&rec, &exec_id, pid);
@@ -128,15 +132,18 @@ impl ContainerService {
         } else {
             Some(shim.wait_exec(&rec.id, &exec_id).await)
         };
-        guard.shim = None;
         let Some(result) = waited else {
             let _ = shim.kill_and_reap_exec(&rec.id, &exec_id, REAP_WAIT).await;
+            guard.shim = None;
             return Err(CriError::DeadlineExceeded(format!(
                 "command {:?} in container {} timed out after {}s and was killed",
                 req.cmd, rec.id, req.timeout
             )));
         };
+        // Disarmed only once the shim has forgotten it: a caller leaving mid-cleanup
+        // still gets the exec (and its captured output) freed.
         let _ = shim.delete_exec(&rec.id, &exec_id).await;
+        guard.shim = None;
         let st =
             result.map_err(|e| CriError::shim(format!("waiting for exec in {}", rec.id), e))?;
         if st.truncated {

@@ -44,14 +44,25 @@ impl Exit<'_> {
 impl ContainerService {
     /// Records an exit the shim reported (or berth inferred); the first one wins.
     pub fn record_exit(&self, id: &str, exit: Exit<'_>) {
+        let _g = self
+            .ctx
+            .record_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.record_exit_locked(id, exit, false);
+    }
+
+    /// `record_exit` under the record lock; `overwrite` replaces an exit already
+    /// recorded (a failed start's own verdict over the exit its killed init reported).
+    fn record_exit_locked(&self, id: &str, exit: Exit<'_>, overwrite: bool) {
         let ctx = &self.ctx;
-        let _g = ctx.record_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut rec) = ctx.records.container(id) else {
             return;
         };
-        if rec.state == ContainerState::Exited {
+        if rec.state == ContainerState::Exited && !overwrite {
             return;
         }
+        let published = rec.state == ContainerState::Exited;
         // An exit before StartContainer recorded the start: the process did start.
         let unstarted = ctx
             .starting
@@ -72,6 +83,9 @@ impl ContainerService {
             warn!(container = id, error = %e, "recording exit");
         }
         info!(container = id, code = exit.code, reason = %rec.reason, "container exited");
+        if published {
+            return; // its exit event is out already
+        }
         if unstarted {
             let start = Event::TaskStart {
                 container_id: id.to_string(),
@@ -106,7 +120,8 @@ impl ContainerService {
             .unwrap_or_default();
         let root = self.ctx.cfg.runtime_root(&pod.runtime_handler);
         let log = self.ctx.paths.shim_dir(sandbox).join("runtime.log");
-        let runc = berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone());
+        let runc = berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone())
+            .with_timeout(std::time::Duration::from_secs(handler.timeout_secs));
         for c in self.ctx.containers_of(sandbox) {
             if c.state == ContainerState::Exited {
                 continue;
@@ -168,7 +183,6 @@ impl ContainerService {
         let _starting = Starting::mark(&self.ctx, &rec.id);
         let started = shim.start(&rec.id).await;
         if let Err(e) = started {
-            Starting::clear(&self.ctx, &rec.id);
             return Err(self.start_failed(&rec, &shim, e).await);
         }
         // Serialised with exit events: a fast exit must not be overwritten by Running.
@@ -216,7 +230,16 @@ impl ContainerService {
             reason: Some("StartError"),
             message: &message,
         };
-        self.record_exit(&rec.id, exit);
+        {
+            // Under the record lock, over an exit the dying init may have reported.
+            let _g = self
+                .ctx
+                .record_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            Starting::clear(&self.ctx, &rec.id);
+            self.record_exit_locked(&rec.id, exit, true);
+        }
         if let Err(e) = shim.kill_and_reap(&rec.id, REAP_WAIT).await {
             warn!(container = %rec.id, error = %e, "deleting the task of a failed start");
         }

@@ -333,6 +333,7 @@ impl SandboxService {
                 runtime: handler.path.clone(),
                 runtime_root: ctx.cfg.runtime_root(&spec.handler),
                 runtime_args,
+                runtime_timeout: std::time::Duration::from_secs(handler.timeout_secs),
             })
             .await
             .map_err(|e| CriError::shim("starting the pod's shim", e))?;

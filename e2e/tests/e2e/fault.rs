@@ -114,8 +114,10 @@ async fn check_invariants(b: &Berthd, c: &mut CriClient, kept: &Kept, settled: b
         ready.len(),
         netns.len()
     );
+    // A crash between a stop's kill of the infra process and its shim's shutdown
+    // leaves a NotReady pod with its shim; kubelet's stop ends it.
     ensure!(
-        shims == ready.len(),
+        shims >= ready.len() && shims <= all.len(),
         "{counts}: shims {shim_list:?}, ready pods {ready:?}"
     );
     ensure!(
@@ -128,7 +130,7 @@ async fn check_invariants(b: &Berthd, c: &mut CriClient, kept: &Kept, settled: b
     );
     if settled {
         ensure!(
-            netns.len() == ready.len() && veths == ready.len(),
+            netns.len() == ready.len() && veths == ready.len() && shims == ready.len(),
             "{counts}"
         );
     }
@@ -350,6 +352,473 @@ pub fn soak_cycles_leave_nothing() -> Result<(), Failed> {
                 entries(&dir)?
             );
         }
+        Ok(())
+    })
+}
+
+/// Writes an executable script.
+fn script(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// A CNI plugin that hangs on ADD and a runtime that hangs on `create` (stand-in
+/// scripts that start a helper and wait on it): each call fails after its timeout with
+/// an error that says so, the hung processes and their helpers are killed, nothing of
+/// the pod or container is left, and the pod's shim and berthd serve on.
+pub fn hung_cni_plugin_and_runtime_time_out() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let _cg = CgroupParentGuard(Some("hang"));
+        let tools = tempfile::tempdir()?;
+        let plugin_marker = format!("36{}.25", std::process::id());
+        script(
+            &tools.path().join("hangplugin"),
+            &format!(
+                "#!/bin/sh\ncase \"$CNI_COMMAND\" in\n  ADD) sleep {plugin_marker} & wait ;;\n  VERSION) echo '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.4.0\",\"1.0.0\"]}}' ;;\nesac\nexit 0\n"
+            ),
+        )?;
+        let runtime_marker = format!("37{}.25", std::process::id());
+        let runtime = tools.path().join("hangs-create");
+        script(
+            &runtime,
+            &format!(
+                "#!/bin/sh\nfor a; do [ \"$a\" = create ] && {{ sleep {runtime_marker} & wait; }}; done\nexec runc \"$@\"\n"
+            ),
+        )?;
+        let mut b = Berthd::prepare(
+            &format!(
+                "[runtimes.hangs]\npath = {:?}\ntimeout_secs = 2\n",
+                runtime.display()
+            ),
+            None,
+        )?;
+        let cfg = std::fs::read_to_string(&b.config)?.replace(
+            "[cni]\n",
+            &format!(
+                "[cni]\nbin_dirs = [{:?}, \"/usr/lib/cni\", \"/opt/cni/bin\"]\nplugin_timeout_secs = 2\n",
+                tools.path().display()
+            ),
+        );
+        std::fs::write(&b.config, cfg)?;
+        let hang_conf = b.cni_dir.join("00-hang.conflist");
+        std::fs::write(
+            &hang_conf,
+            r#"{"cniVersion": "1.0.0", "name": "hang", "plugins": [{"type": "hangplugin"}]}"#,
+        )?;
+        b.spawn()?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+
+        // The plugin hangs: RunPodSandbox fails after the plugin timeout.
+        let t = std::time::Instant::now();
+        let r = run_pod(&mut c, container_pod("hang", "h-net", &logs)).await;
+        let e = r.expect_err("a pod whose CNI ADD hangs was made");
+        ensure!(
+            e.message().contains("hangplugin") && e.message().contains("within 2s"),
+            "{e:?}"
+        );
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ensure!(
+            !running_cmd(&plugin_marker),
+            "the hung plugin's helper still runs"
+        );
+        ensure!(
+            list_pods(&mut c).await?.is_empty(),
+            "the failed pod is listed"
+        );
+        assert_no_pod_leftovers(&b, "hang")?;
+
+        // The runtime hangs on create: CreateContainer fails after its timeout.
+        std::fs::remove_file(&hang_conf)?;
+        let pod_cfg = container_pod("hang", "h-rt", &logs);
+        let pod = c
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod_cfg.clone()),
+                runtime_handler: "hangs".into(),
+            })
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
+        let t = std::time::Instant::now();
+        let cfg = container_config("app", &w.busybox.reference, "exec sleep 3600");
+        let e = create_ctr(&mut c, &pod, &pod_cfg, cfg)
+            .await
+            .expect_err("a container whose runtime hangs was made");
+        ensure!(e.message().contains("no answer within 2s"), "{e:?}");
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ensure!(
+            !running_cmd(&runtime_marker),
+            "the hung runtime's helper still runs"
+        );
+        ensure!(
+            list_ctrs(&mut c).await?.is_empty(),
+            "the failed container is listed"
+        );
+        // The shim was not wedged: the pod is ready and goes at once.
+        ensure!(
+            pod_status(&mut c, &pod).await?.0.state == cri::PodSandboxState::SandboxReady as i32
+        );
+        let t = std::time::Instant::now();
+        remove_pod(&mut c, &pod).await?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "removal took {:?}",
+            t.elapsed()
+        );
+        assert_no_pod_leftovers(&b, "hang")?;
+        ensure!(
+            entries(&b.root.join("containers"))?.is_empty(),
+            "container dirs left"
+        );
+        Ok(())
+    })
+}
+
+/// Whether a process whose command line holds `marker` runs (zombies have none).
+fn running_cmd(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|p| {
+                let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(marker)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// The pod's shim: the parent of its infra process.
+async fn shim_pid(c: &mut CriClient, pod: &str) -> Result<i32> {
+    let infra = pod_status(c, pod).await?.1["pid"]
+        .as_u64()
+        .context("infra pid")?;
+    std::fs::read_to_string(format!("/proc/{infra}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("PPid")
+}
+
+/// A shim killed with -9 while an ExecSync, an exec session and an attach run and the
+/// log is being reopened: every one of them ends with an error within seconds (none
+/// hangs), the container is reported `137 ShimDied`, the execs' processes are gone,
+/// and berthd serves on and cleans up.
+pub fn shim_death_mid_exec_attach_and_reopen() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let _cg = CgroupParentGuard(Some("shimmid"));
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        pull(&mut c, &w.busybox.reference).await?;
+        let logs = b.dir().join("logs");
+        let pod_cfg = container_pod("shimmid", "sm-1", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let ticker = "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.05; done";
+        let id = create_and_start(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("ticker", &w.busybox.reference, ticker),
+        )
+        .await?;
+        let marker = format!("3{:05}", std::process::id() % 100_000);
+        let (sync_marker, session_marker) = (format!("{marker}1"), format!("{marker}2"));
+
+        let mut cc = c.clone();
+        let sync = cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["busybox".into(), "sleep".into(), sync_marker.clone()],
+            timeout: 0,
+        };
+        let exec_sync = tokio::spawn(async move { cc.runtime.exec_sync(sync).await });
+        let url = c
+            .runtime
+            .exec(cri::ExecRequest {
+                container_id: id.clone(),
+                cmd: vec!["busybox".into(), "sleep".into(), session_marker.clone()],
+                stdout: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .url;
+        let session = tokio::spawn(async move {
+            let none: Option<&[u8]> = None;
+            berth_stream::client::run_command(
+                &url,
+                berth_stream::client::CommandIo {
+                    stdin: none,
+                    stdout: Some(tokio::io::sink()),
+                    stderr: None::<tokio::io::Sink>,
+                    tty: false,
+                    resize: None,
+                },
+            )
+            .await
+        });
+        let mut attach = ChildGuard(
+            Command::new(berth_e2e::berthd::built_binary("berthctl")?)
+                .arg("--socket")
+                .arg(&b.socket)
+                .args(["attach", &id])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+        let mut attached = attach.0.stdout.take().context("attach stdout")?;
+        let first = tokio::task::spawn_blocking(move || {
+            let mut buf = [0u8; 64];
+            std::io::Read::read(&mut attached, &mut buf).map(|n| (n, attached))
+        })
+        .await??;
+        ensure!(first.0 > 0, "attach printed nothing");
+        let mut rc = c.clone();
+        let (log, cid) = (logs.join("ticker/0.log"), id.clone());
+        let reopen = tokio::spawn(async move {
+            for n in 0.. {
+                let _ = std::fs::rename(&log, log.with_extension(format!("{n}")));
+                let r = rc
+                    .runtime
+                    .reopen_container_log(cri::ReopenContainerLogRequest {
+                        container_id: cid.clone(),
+                    })
+                    .await;
+                if let Err(e) = r {
+                    return e;
+                }
+            }
+            unreachable!()
+        });
+        until_running(&sync_marker).await?;
+        until_running(&session_marker).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let shim = shim_pid(&mut c, &pod).await?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+
+        let bound = Duration::from_secs(10);
+        let r = tokio::time::timeout(bound, exec_sync)
+            .await
+            .context("ExecSync hung")??;
+        ensure!(
+            r.is_err(),
+            "ExecSync succeeded across its shim's death: {r:?}"
+        );
+        let r = tokio::time::timeout(bound, session)
+            .await
+            .context("exec session hung")??;
+        ensure!(!matches!(r, Ok(0)), "the exec session ended well: {r:?}");
+        let e = tokio::time::timeout(bound, reopen)
+            .await
+            .context("ReopenContainerLog hung")??;
+        ensure!(
+            matches!(
+                e.code(),
+                Code::FailedPrecondition | Code::Unavailable | Code::Internal | Code::NotFound
+            ),
+            "{e:?}"
+        );
+        let waited = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = attach.0.try_wait() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        })
+        .await?;
+        ensure!(waited, "berthctl attach did not end after the shim died");
+        let st = super::wait_exited(&mut c, &id).await?;
+        ensure!(st.exit_code == 137 && st.reason == "ShimDied", "{st:?}");
+        ensure!(
+            !running_cmd(&sync_marker) && !running_cmd(&session_marker),
+            "exec processes outlived their shim"
+        );
+        // berthd serves on: a new pod runs.
+        let again = run_pod(&mut c, container_pod("shimmid", "sm-2", &logs)).await?;
+        remove_pod(&mut c, &again).await?;
+        remove_pod(&mut c, &pod).await?;
+        assert_no_pod_leftovers(&b, "shimmid")?;
+        Ok(())
+    })
+}
+
+async fn until_running(marker: &str) -> Result<()> {
+    for _ in 0..200 {
+        if running_cmd(marker) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("no process with {marker} started")
+}
+
+/// How a hostile registry serves a layer.
+#[derive(Clone, Copy, PartialEq)]
+enum LayerServing {
+    /// All of it.
+    Whole,
+    /// Half of the promised length, then the connection closes.
+    DropHalfway,
+}
+
+/// A one-image registry on 127.0.0.1 that serves `manifest`, `config` and `layer` (by
+/// digest), the layer as `serving` says. Returns its address.
+fn hostile_registry(
+    manifest: Vec<u8>,
+    config: (String, Vec<u8>),
+    layer: (String, Vec<u8>),
+    serving: LayerServing,
+) -> Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let blobs = Arc::new([config, layer.clone()]);
+    let manifest = Arc::new(manifest);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (blobs, manifest, layer_digest) =
+                (blobs.clone(), manifest.clone(), layer.0.clone());
+            std::thread::spawn(move || {
+                let Ok(read_side) = stream.try_clone() else {
+                    return;
+                };
+                let mut reader = BufReader::new(read_side);
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    return;
+                }
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let mut out = stream;
+                let head = |ty: &str, len: usize| {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                    )
+                };
+                let (ty, body): (&str, &[u8]) = if first.contains("/manifests/") {
+                    ("application/vnd.oci.image.manifest.v1+json", &manifest)
+                } else if let Some((_, b)) = blobs.iter().find(|(d, _)| first.contains(d.as_str()))
+                {
+                    ("application/octet-stream", b)
+                } else {
+                    ("application/json", b"{}")
+                };
+                let _ = out.write_all(head(ty, body.len()).as_bytes());
+                let cut = serving == LayerServing::DropHalfway && first.contains(&layer_digest);
+                let sent = if cut { &body[..body.len() / 2] } else { body };
+                let _ = out.write_all(sent);
+                // Dropping the stream closes the connection, short of the promised length when cut.
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// An image of one gzip layer whose blob is `blob` (a real gzip of `tar`, or not):
+/// its manifest, config and layer, with digests of what is served.
+fn hostile_image(
+    tar: &[u8],
+    blob: Vec<u8>,
+) -> Result<(Vec<u8>, (String, Vec<u8>), (String, Vec<u8>))> {
+    use berth_e2e::testimages::sha256_digest;
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256_digest(tar)]},
+        "config": {"Cmd": ["/bin/sh"]},
+    }))?;
+    let (config_digest, layer_digest) = (sha256_digest(&config), sha256_digest(&blob));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": blob.len()}],
+    }))?;
+    Ok((manifest, (config_digest, config), (layer_digest, blob)))
+}
+
+/// A registry that drops the connection halfway through a layer, and one that serves
+/// a truncated gzip (with the digest of the truncated bytes, so only inflating finds
+/// it): each pull fails with an error that says what happened, nothing of the image is
+/// kept (no record, snapshot, layer blob or ingest file), and berthd pulls on.
+pub fn hostile_registry_pulls_leave_nothing() -> Result<(), Failed> {
+    run(|| async {
+        let w = world();
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let tar = LayerBuilder::new()
+            .dir("data", 0o755, 0, 0)
+            .generated_file("data/blob", 4 << 20, 7, 0o644)
+            .to_tar()?;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar)?;
+        let gz = gz.finish()?;
+        let cases = [
+            (
+                "dropped",
+                hostile_image(&tar, gz.clone())?,
+                LayerServing::DropHalfway,
+            ),
+            (
+                "truncated",
+                hostile_image(&tar, gz[..gz.len() / 2].to_vec())?,
+                LayerServing::Whole,
+            ),
+        ];
+        for (name, (manifest, config, layer), serving) in cases {
+            let layer_digest = layer.0.clone();
+            let registry = hostile_registry(manifest, config, layer, serving)?;
+            let reference = format!("{registry}/evil/{name}:1");
+            let err = pull(&mut c, &reference)
+                .await
+                .expect_err("a broken layer was accepted");
+            println!("{name}: {:?}: {}", err.code(), err.message());
+            ensure!(
+                matches!(
+                    err.code(),
+                    Code::Unavailable | Code::DataLoss | Code::Internal | Code::InvalidArgument
+                ),
+                "{name}: {err:?}"
+            );
+            ensure!(
+                err.message().len() < 4096 && !err.message().is_empty(),
+                "{name}: {err:?}"
+            );
+            ensure!(
+                status(&mut c, &reference, false).await?.image.is_none(),
+                "{name}: recorded"
+            );
+            ensure!(
+                !blobs_on_disk(&b)?.contains(hex(&layer_digest)),
+                "{name}: layer blob kept"
+            );
+            ensure!(snapshots_on_disk(&b)?.is_empty(), "{name}: snapshot left");
+            ensure!(
+                entries(&b.root.join("content/ingest"))?.is_empty(),
+                "{name}: ingest left"
+            );
+        }
+        pull(&mut c, &w.busybox.reference).await?;
         Ok(())
     })
 }

@@ -28,8 +28,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
 fn endless_exec(id: &str, marker: &str) -> cri::ExecSyncRequest {
     cri::ExecSyncRequest {
         container_id: id.into(),
-        // `yes` writes as fast as it can: the shim drains it for as long as it runs.
-        cmd: vec!["busybox".into(), "yes".into(), marker.into()],
+        cmd: vec!["busybox".into(), "sleep".into(), marker.into()],
         timeout: 0,
     }
 }
@@ -48,12 +47,22 @@ pub fn exec_sync_ends_with_its_caller() -> Result<(), Failed> {
         let pod = run_pod(&mut c, pod_cfg.clone()).await?;
         let cfg = container_config("svc", &w.busybox.reference, "exec sleep 3600");
         let id = create_and_start(&mut c, &pod, &pod_cfg, cfg).await?;
-        let marker = |what: &str| format!("berth-abandoned-{what}-{}", std::process::id());
+        // Unique sleep lengths, so that the test finds exactly its own processes.
+        let base = 4_000_000 + u64::from(std::process::id() % 100_000) * 10;
+        let marker = |what: &str| {
+            let n = match what {
+                "deadline" => 1,
+                "hangup" => 2,
+                _ => 3,
+            };
+            (base + n).to_string()
+        };
 
         // A deadline (grpc-timeout) that passes.
         let m = marker("deadline");
         let mut req = tonic::Request::new(endless_exec(&id, &m));
-        req.set_timeout(Duration::from_secs(2));
+        // Long enough for a loaded machine to start it before the deadline passes.
+        req.set_timeout(Duration::from_secs(8));
         let mut cc = c.clone();
         let call = tokio::spawn(async move { cc.runtime.exec_sync(req).await });
         until("the exec runs", || running(&m)).await?;

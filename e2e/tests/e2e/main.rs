@@ -4746,6 +4746,18 @@ fn main() -> anyhow::Result<()> {
             fault::soak_cycles_leave_nothing,
         ),
         Trial::test(
+            "hung_cni_plugin_and_runtime_time_out",
+            fault::hung_cni_plugin_and_runtime_time_out,
+        ),
+        Trial::test(
+            "shim_death_mid_exec_attach_and_reopen",
+            fault::shim_death_mid_exec_attach_and_reopen,
+        ),
+        Trial::test(
+            "hostile_registry_pulls_leave_nothing",
+            fault::hostile_registry_pulls_leave_nothing,
+        ),
+        Trial::test(
             "http2_limits_on_the_cri_socket",
             interop::http2_limits_on_the_cri_socket,
         ),

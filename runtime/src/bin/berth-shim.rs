@@ -10,7 +10,7 @@ use berth_runtime::shim::{Shim, ShimConfig};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: berth-shim --socket PATH --state-dir DIR --runtime BIN --runtime-root DIR [--runtime-arg ARG]... [--foreground]"
+        "usage: berth-shim --socket PATH --state-dir DIR --runtime BIN --runtime-root DIR [--runtime-arg ARG]... [--runtime-timeout SECS] [--foreground]"
     );
     ExitCode::from(2)
 }
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let (mut socket, mut state, mut runtime, mut root) = (None, None, None, None);
     let mut runtime_args = Vec::new();
+    let mut runtime_timeout = berth_runtime::runc::DEFAULT_TIMEOUT;
     let mut foreground = false;
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -27,6 +28,10 @@ fn main() -> ExitCode {
             "--runtime" => runtime = args.next().map(PathBuf::from),
             "--runtime-root" => root = args.next().map(PathBuf::from),
             "--runtime-arg" => runtime_args.extend(args.next()),
+            "--runtime-timeout" => match args.next().and_then(|s| s.parse().ok()) {
+                Some(secs) => runtime_timeout = std::time::Duration::from_secs(secs),
+                None => return usage(),
+            },
             "--foreground" => foreground = true,
             _ => return usage(),
         }
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         runtime,
         runtime_root,
         runtime_args,
+        runtime_timeout,
     };
     if foreground {
         return serve(&cfg, None);

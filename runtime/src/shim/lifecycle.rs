@@ -205,7 +205,7 @@ impl Shim {
     }
 
     /// `<runtime> exec --detach` of a process in a running container.
-    /// An ExecSync process (one that captures) belongs to `conn`.
+    /// An exec process belongs to `conn` (berthd's): killed if it closes first.
     pub(super) fn exec(&mut self, conn: u64, r: pb::ExecRequest) -> Reply {
         self.check_new_exec(&r.id, &r.exec_id)?;
         let (pid, stdio, console) = self.run_exec(&r)?;
@@ -289,7 +289,7 @@ impl Shim {
             truncated: false,
         });
         p.stdio = stdio;
-        p.owner = p.capture.is_some().then_some(conn);
+        p.owner = Some(conn);
         Ok(p)
     }
 
@@ -579,7 +579,7 @@ impl Shim {
         });
     }
 
-    /// Connections that closed: their ExecSync processes are killed (still running) or
+    /// Connections that closed: their exec processes are killed (still running) or
     /// forgotten (exited), since no Wait can come for them.
     pub(super) fn abandon_execs(&mut self, closed: &[u64]) {
         let mut forget = Vec::new();

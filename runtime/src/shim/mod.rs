@@ -51,6 +51,8 @@ pub struct ShimConfig {
     pub runtime_root: PathBuf,
     /// Extra global arguments for the runtime.
     pub runtime_args: Vec<String>,
+    /// How long one runtime command may take before it is killed.
+    pub runtime_timeout: std::time::Duration,
 }
 
 /// A request's answer: the encoded response, or why it failed.
@@ -102,7 +104,8 @@ impl Shim {
             &cfg.runtime_root,
             &cfg.state_dir.join("runtime.log"),
             cfg.runtime_args.clone(),
-        );
+        )
+        .with_timeout(cfg.runtime_timeout);
         Ok(Shim {
             runc,
             exits,

@@ -45,8 +45,8 @@ pub(super) struct Process {
     pub waiters: Vec<(u64, u32)>,
     /// Streaming clients (exec sessions, attachers).
     pub relays: Vec<Relay>,
-    /// The connection an ExecSync process belongs to: when it closes before the
-    /// process is deleted, nobody can collect its output, so it is killed and dropped.
+    /// The connection an exec process belongs to: when it closes before the process
+    /// is deleted, nobody can wait for it or relay it, so it is killed and dropped.
     pub owner: Option<u64>,
     /// Killed for a closed owner: forgotten at its exit.
     pub abandoned: bool,
