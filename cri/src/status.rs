@@ -42,9 +42,17 @@ pub fn from_image_error(e: ImageError) -> Status {
         ImageError::Unsupported(_) => Code::FailedPrecondition,
         ImageError::Registry(_) => Code::Unavailable,
         ImageError::Timeout { .. } => Code::DeadlineExceeded,
+        // A full disk is the node's resource, not a bug: kubelet's image GC acts on it.
+        ImageError::Io { source, .. } if out_of_space(source) => Code::ResourceExhausted,
         ImageError::Io { .. } | ImageError::Store(_) => Code::Internal,
     };
     bounded(code, e.to_string())
+}
+
+/// ENOSPC or EDQUOT.
+fn out_of_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// A network error: a config that is not ready is the node's state, a bad request field

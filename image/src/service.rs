@@ -412,7 +412,7 @@ impl ImageService {
                 .iter()
                 .flat_map(|l| [l.digest.clone(), l.chain_id.clone()]),
         );
-        let _lease = self.lease(keys);
+        let lease = self.lease(keys);
         let sizes = layers
             .iter()
             .map(|l| (l.digest.to_string(), l.size))
@@ -420,7 +420,7 @@ impl ImageService {
         ctx.report(PullProgress::Resolved { layers: sizes }).await;
 
         let parallel = self.cfg.image.max_concurrent_downloads.max(1);
-        stream::iter(
+        let fetched = stream::iter(
             layers
                 .iter()
                 .cloned()
@@ -428,7 +428,11 @@ impl ImageService {
         )
         .buffer_unordered(parallel)
         .try_collect::<Vec<()>>()
-        .await?;
+        .await;
+        if let Err(e) = fetched {
+            self.forget_failed_pull(&layers, lease).await;
+            return Err(e);
+        }
 
         let svc = self.clone();
         let (r, res_index, manifest_digest, manifest, config_digest) = (
@@ -464,6 +468,25 @@ impl ImageService {
             Ok(stored)
         })
         .await
+    }
+
+    /// A failed pull keeps nothing (on a full disk, least of all): once every layer job
+    /// of it has ended (each holds its layer's lock to its end), what no image and no
+    /// other pull uses goes.
+    async fn forget_failed_pull(self: &Arc<Self>, layers: &[LayerRecord], lease: Lease<'_>) {
+        for l in layers {
+            drop(self.layer_locks.get(l.chain_id.as_str()).lock_owned().await);
+        }
+        drop(lease);
+        let svc = self.clone();
+        match blocking(move || svc.gc()).await {
+            Ok(st) => debug!(
+                blobs = st.blobs,
+                snapshots = st.snapshots,
+                "removed what a failed pull left"
+            ),
+            Err(e) => warn!(error = %e, "removing what a failed pull left"),
+        }
     }
 
     /// Makes sure one layer's blob and snapshot exist: the blob is downloaded (unless

@@ -35,6 +35,8 @@ pub struct CriLogWriter {
     path: PathBuf,
     file: File,
     pending: [Vec<u8>; 2],
+    /// Writes fail (a full disk): output is dropped, said once, until one succeeds.
+    dropping: bool,
 }
 
 impl CriLogWriter {
@@ -45,6 +47,7 @@ impl CriLogWriter {
             path: path.to_path_buf(),
             file,
             pending: [Vec::new(), Vec::new()],
+            dropping: false,
         })
     }
 
@@ -101,7 +104,55 @@ impl CriLogWriter {
         rec.push(b' ');
         rec.extend_from_slice(body);
         rec.push(b'\n');
-        self.file.write_all(&rec)
+        let written = self.write_record(&rec);
+        self.note(&written);
+        written
+    }
+
+    /// Writes a whole record or none of it: what a failed write (ENOSPC) put in the
+    /// file is cut off again, so that the log never holds half a record.
+    fn write_record(&mut self, rec: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < rec.len() {
+            match self.file.write(&rec[done..]) {
+                Ok(0) => return Err(self.cut(done, io::ErrorKind::WriteZero.into())),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.cut(done, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn cut(&mut self, written: usize, e: io::Error) -> io::Error {
+        if written > 0 {
+            if let Ok(m) = self.file.metadata() {
+                let _ = self.file.set_len(m.len().saturating_sub(written as u64));
+            }
+        }
+        e
+    }
+
+    /// Says once (on the shim's stderr, its log) that output is being dropped, and
+    /// when it is written again.
+    fn note(&mut self, written: &io::Result<()>) {
+        match written {
+            Err(e) if !self.dropping => {
+                self.dropping = true;
+                eprintln!(
+                    "berth-shim: writing the CRI log {}: {e}; output is dropped until it can be written",
+                    self.path.display()
+                );
+            }
+            Ok(()) if self.dropping => {
+                self.dropping = false;
+                eprintln!(
+                    "berth-shim: the CRI log {} is written again",
+                    self.path.display()
+                );
+            }
+            _ => {}
+        }
     }
 }
 

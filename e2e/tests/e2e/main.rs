@@ -30,6 +30,7 @@ mod confinement;
 mod ctl;
 mod events;
 mod fault;
+mod fulldisk;
 mod interop;
 mod limits;
 mod security;
@@ -1515,9 +1516,18 @@ fn alive(pid: u64) -> bool {
 /// Nothing of this berthd's pods is left: no mounts under its dirs, no shim, no pod
 /// cgroup in the test's scope.
 fn assert_no_pod_leftovers(b: &Berthd, test: &str) -> Result<()> {
+    assert_no_pod_leftovers_but(b, test, None)
+}
+
+/// `assert_no_pod_leftovers`, with one mount of the test's own (at `own`) allowed.
+fn assert_no_pod_leftovers_but(b: &Berthd, test: &str, own: Option<&Path>) -> Result<()> {
     let dir = b.dir().display().to_string();
+    let own = own.map(|p| format!(" {} ", p.display()));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&dir)).collect();
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&dir) && !own.as_ref().is_some_and(|o| l.contains(o.as_str())))
+        .collect();
     ensure!(left.is_empty(), "mounts left: {left:?}");
     for p in std::fs::read_dir("/proc")?.flatten() {
         let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
@@ -4756,6 +4766,11 @@ fn main() -> anyhow::Result<()> {
         Trial::test(
             "hostile_registry_pulls_leave_nothing",
             fault::hostile_registry_pulls_leave_nothing,
+        ),
+        Trial::test("full_disk_during_a_pull", fulldisk::full_disk_during_a_pull),
+        Trial::test(
+            "full_disk_during_log_writes",
+            fulldisk::full_disk_during_log_writes,
         ),
         Trial::test(
             "http2_limits_on_the_cri_socket",

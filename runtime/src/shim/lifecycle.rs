@@ -559,6 +559,12 @@ impl Shim {
         p.status = pb::TaskStatus::Stopped;
         p.stdio.stdin = None;
         p.stdio.console = None;
+        // Its output is drained: the log is complete, and its file must not stay open
+        // (kubelet may remove it; on a full disk that frees the space).
+        if let Some(mut log) = p.log.take() {
+            let _ = log.close_stream(Stream::Stdout);
+            let _ = log.close_stream(Stream::Stderr);
+        }
         let waiters = std::mem::take(&mut p.waiters);
         let payload = p.exit_payload(rec);
         if p.abandoned {
