@@ -48,8 +48,10 @@ pub struct OomWatch {
     seen: u64,
     gone: bool,
     /// v1: notifications read while the counter did not move (an OOM the kernel had
-    /// announced but not yet counted, or one of an ancestor's).
+    /// announced but not yet counted, or one of an ancestor's), and when the last came:
+    /// only a recent one can be the announcement of a kill the removal hid.
     unexplained: u64,
+    unexplained_at: Option<std::time::Instant>,
 }
 
 impl OomWatch {
@@ -70,6 +72,7 @@ impl OomWatch {
                 notifier: Notifier::V2(ino),
                 gone: false,
                 unexplained: 0,
+                unexplained_at: None,
             });
         }
         let control_path = dir.join("memory.oom_control");
@@ -95,6 +98,7 @@ impl OomWatch {
             },
             gone: false,
             unexplained: 0,
+            unexplained_at: None,
         })
     }
 
@@ -132,11 +136,12 @@ impl OomWatch {
             Some(n) => {
                 let new = n.saturating_sub(self.seen);
                 self.seen = self.seen.max(n);
-                self.unexplained = if new > 0 {
-                    0
-                } else {
-                    self.unexplained + signals
-                };
+                if new > 0 {
+                    self.unexplained = 0;
+                } else if signals > 0 {
+                    self.unexplained += signals;
+                    self.unexplained_at = Some(std::time::Instant::now());
+                }
                 new
             }
             None => {
@@ -144,7 +149,11 @@ impl OomWatch {
                 // v1 signals once when the cgroup is removed and once per OOM: more
                 // signals than the removal's since the counter last moved mean an OOM
                 // the removal (systemd's, before this shim read) hid from the counter.
-                u64::from(self.unexplained + signals >= 2)
+                let recent = self
+                    .unexplained_at
+                    .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2));
+                let pending = if recent { self.unexplained } else { 0 };
+                u64::from(pending + signals >= 2)
             }
         }
     }

@@ -44,6 +44,16 @@ pub fn from_image_error(e: ImageError) -> Status {
         ImageError::Timeout { .. } => Code::DeadlineExceeded,
         // A full disk is the node's resource, not a bug: kubelet's image GC acts on it.
         ImageError::Io { source, .. } if out_of_space(source) => Code::ResourceExhausted,
+        // A layer that does not decompress or unpack (truncated, corrupt): bad data from
+        // the registry, as a digest mismatch is.
+        ImageError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Code::DataLoss
+        }
         ImageError::Io { .. } | ImageError::Store(_) => Code::Internal,
     };
     bounded(code, e.to_string())
@@ -51,8 +61,10 @@ pub fn from_image_error(e: ImageError) -> Status {
 
 /// ENOSPC or EDQUOT.
 fn out_of_space(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::StorageFull
-        || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// A network error: a config that is not ready is the node's state, a bad request field

@@ -183,6 +183,7 @@ fn kill_cni_plugins_of(pods: &HashSet<String>) {
     if pods.is_empty() {
         return;
     }
+    let mut killed = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -198,7 +199,22 @@ fn kill_cni_plugins_of(pods: &HashSet<String>) {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+            killed.push(pid);
         }
+    }
+    // Gone (or zombies) before the DEL runs: a dying plugin's last write cannot follow it.
+    for _ in 0..200 {
+        let dying = killed.iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
+            })
+        });
+        if !dying {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

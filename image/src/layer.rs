@@ -196,7 +196,10 @@ impl Read for ChannelReader {
                         ))));
                     }
                     if let Some(w) = self.tee.as_mut() {
-                        io::Write::write_all(w, &b)?;
+                        if let Err(e) = io::Write::write_all(w, &b) {
+                            let blob = w.expected().to_string();
+                            return Err(self.fail(ImageError::io("writing the blob", blob, e)));
+                        }
                     }
                     self.cur = b;
                 }

@@ -13,7 +13,6 @@ use berth_proto::shim as pb;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::shim::ShimConfig;
@@ -65,7 +64,9 @@ impl ShimError {
 pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 struct Inner {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Whole frames, in call order, for the one writer task: a caller dropped at any
+    /// point never leaves half a frame on the connection the whole pod shares.
+    outbox: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     pending: Mutex<HashMap<u32, oneshot::Sender<Frame>>>,
     next_id: AtomicU32,
     events: broadcast::Sender<pb::Event>,
@@ -79,19 +80,46 @@ pub struct ShimClient {
     inner: Arc<Inner>,
 }
 
+impl Inner {
+    /// The connection is gone: every caller waiting for an answer gets `Closed`.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.closed_tx.send_replace(true);
+        // Dropping the senders wakes every caller.
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 impl ShimClient {
     /// Connects to a shim socket and starts reading its answers and events.
     pub async fn connect(socket: &Path) -> Result<ShimClient, ShimError> {
         let stream = UnixStream::connect(socket).await?;
-        let (mut rd, wr) = stream.into_split();
+        let (mut rd, mut wr) = stream.into_split();
         let (events, _) = broadcast::channel(256);
+        let (outbox, mut frames) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let inner = Arc::new(Inner {
-            writer: tokio::sync::Mutex::new(wr),
+            outbox,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             events,
             closed: AtomicBool::new(false),
             closed_tx: tokio::sync::watch::channel(false).0,
+        });
+        // Weak: the task ends (closing the socket) once the last client goes, which
+        // drops the outbox's sender.
+        let writer = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(bytes) = frames.recv().await {
+                if wr.write_all(&bytes).await.is_err() {
+                    if let Some(inner) = writer.upgrade() {
+                        inner.close();
+                    }
+                    break;
+                }
+            }
         });
         let reader = inner.clone();
         tokio::spawn(async move {
@@ -132,14 +160,7 @@ impl ShimClient {
                     Kind::Request => {}
                 }
             }
-            reader.closed.store(true, Ordering::SeqCst);
-            reader.closed_tx.send_replace(true);
-            // Dropping the senders wakes every caller with `Closed`.
-            reader
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            reader.close();
         });
         Ok(ShimClient { inner })
     }
@@ -184,22 +205,13 @@ impl ShimClient {
         let bytes = frame
             .encode()
             .map_err(|e| ShimError::Decode(e.to_string()))?;
-        // Written by a task of its own: a caller dropped mid-write must not leave half
-        // a frame on the connection the whole pod shares.
-        let inner = self.inner.clone();
-        let written = tokio::spawn(async move {
-            let mut w = inner.writer.lock().await;
-            w.write_all(&bytes).await
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
-        if let Err(e) = written {
+        if self.inner.outbox.send(bytes).is_err() {
             self.inner
                 .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            return Err(e.into());
+            return Err(ShimError::Closed);
         }
         let answer = if method == pb::Method::Wait {
             rx.await.map_err(|_| ShimError::Closed)?

@@ -136,17 +136,20 @@ impl CriLogWriter {
     /// Says once (on the shim's stderr, its log) that output is being dropped, and
     /// when it is written again.
     fn note(&mut self, written: &io::Result<()>) {
+        // Never eprintln!: the shim's own log may sit on the same full disk.
         match written {
             Err(e) if !self.dropping => {
                 self.dropping = true;
-                eprintln!(
+                let _ = writeln!(
+                    io::stderr(),
                     "berth-shim: writing the CRI log {}: {e}; output is dropped until it can be written",
                     self.path.display()
                 );
             }
             Ok(()) if self.dropping => {
                 self.dropping = false;
-                eprintln!(
+                let _ = writeln!(
+                    io::stderr(),
                     "berth-shim: the CRI log {} is written again",
                     self.path.display()
                 );

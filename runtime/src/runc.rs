@@ -110,18 +110,36 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 fn wait_bounded(child: Child, timeout: Duration) -> io::Result<Option<Output>> {
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let answer = rx.recv_timeout(timeout);
-    if answer.is_err() {
-        // Not reaped yet (the waiter has not returned), so the group is still ours.
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let child = std::sync::Arc::new(std::sync::Mutex::new(Some(child)));
+    let theirs = child.clone();
+    let spawned = std::thread::Builder::new()
+        .name("runtime-wait".into())
+        .spawn(move || {
+            let c = theirs.lock().ok().and_then(|mut c| c.take());
+            if let Some(c) = c {
+                let _ = tx.send(c.wait_with_output());
+            }
+        });
+    if spawned.is_err() {
+        // No thread to spare: wait unbounded rather than not at all.
+        let c = child.lock().ok().and_then(|mut c| c.take());
+        return match c {
+            Some(c) => c.wait_with_output().map(Some),
+            None => Ok(None),
+        };
     }
-    let _ = waiter.join();
-    match answer {
+    match rx.recv_timeout(timeout) {
         Ok(out) => out.map(Some),
-        Err(_) => Ok(None),
+        Err(_) => {
+            // Not reaped yet (the waiter has not answered), so the group is still ours.
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            // A process in uninterruptible sleep outlives SIGKILL: give up on it rather
+            // than wedge the shim (the reaping loop collects it when it dies).
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(out)) if out.status.success() => Ok(Some(out)),
+                _ => Ok(None),
+            }
+        }
     }
 }
 
@@ -185,7 +203,7 @@ impl Runc {
         self.binary.display().to_string()
     }
 
-    /// Runs a command whose stdio the caller has set; maps failure to the runtime's message.
+    /// Runs a command with its output captured; maps failure to the runtime's message.
     fn run(&self, mut cmd: Command, command: &'static str, id: &str) -> Result<Vec<u8>, RuncError> {
         let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         cmd.stdin(Stdio::null())

@@ -56,9 +56,11 @@ impl Framing {
         }
     }
 
-    /// One message on a channel.
+    /// One message on a channel (base64 framing: channels 0 to 79, one ASCII digit
+    /// or character from '0'; callers keep to them).
     pub fn encode(self, ch: u8, data: &[u8]) -> Message {
         if self.base64 {
+            debug_assert!(ch < 80, "base64 framing has channels 0 to 79");
             let mut s = String::with_capacity(1 + data.len() * 4 / 3 + 4);
             s.push((b'0' + ch) as char);
             s.push_str(&STANDARD.encode(data));
@@ -245,7 +247,9 @@ pub async fn serve_port_forward<T>(
     let (out_tx, out_rx) = mpsc::channel::<Message>(32);
     let write_task = tokio::spawn(writer(sink, out_rx));
     // Two channels per port, as two streams each over SPDY; channel numbers are bytes.
-    let most = (limits.max_port_forward_streams / 2).min(128);
+    // Base64 framing names a channel by one ASCII character from '0': 80 channels.
+    let channels = if framing.base64 { 80 } else { 256 };
+    let most = (limits.max_port_forward_streams / 2).min(channels / 2);
     let refusal = if req.ports.is_empty() {
         Some("query parameter \"port\" is required".to_string())
     } else if req.ports.len() > most {

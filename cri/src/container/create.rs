@@ -40,8 +40,8 @@ struct Plan {
     /// SELinux mount label (SELinux hosts): the rootfs is mounted with it.
     mount_label: Option<String>,
     /// The pid of the container whose PID namespace it shares (`TARGET`), and that
-    /// namespace's inode (checked on the new container: the pid could be reused).
-    pid_target: Option<(u32, u64)>,
+    /// namespace's (device, inode) (checked on the new container: the pid could be reused).
+    pid_target: Option<(u32, (u64, u64))>,
 }
 
 impl ContainerService {
@@ -163,7 +163,7 @@ impl ContainerService {
         &self,
         config: &cri::ContainerConfig,
         pod: &SandboxRecord,
-    ) -> Result<Option<(u32, u64)>> {
+    ) -> Result<Option<(u32, (u64, u64))>> {
         let field = "config.linux.security_context.namespace_options";
         let Some(ns) = config
             .linux
@@ -369,6 +369,12 @@ impl ContainerService {
 
     /// The shim runs `<runtime> create`; a later failure kills and deletes the task.
     async fn create_task(&self, plan: &Plan, shim: &ShimClient, undo: &mut Undo) -> Result<u32> {
+        // Armed before the call: a create the shim finishes after berthd gave up on it
+        // (a timeout) is killed and deleted too; an absent task is fine.
+        let (undo_shim, id) = (shim.clone(), plan.id.clone());
+        undo.push_async(async move {
+            let _ = undo_shim.kill_and_reap(&id, Duration::from_secs(5)).await;
+        });
         let pid = shim
             .create(pb::CreateRequest {
                 id: plan.id.clone(),
@@ -380,10 +386,6 @@ impl ContainerService {
             })
             .await
             .map_err(|e| CriError::shim("creating container", e))?;
-        let (shim, id) = (shim.clone(), plan.id.clone());
-        undo.push_async(async move {
-            let _ = shim.kill_and_reap(&id, Duration::from_secs(5)).await;
-        });
         Ok(pid)
     }
 
@@ -424,12 +426,12 @@ impl ContainerService {
     }
 }
 
-/// The inode of a process's PID namespace.
-fn pid_namespace(pid: u32) -> Option<u64> {
+/// A process's PID namespace, as (device, inode).
+fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/{pid}/ns/pid"))
         .ok()
-        .map(|m| m.ino())
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The request's config and image name, checked before anything is made.

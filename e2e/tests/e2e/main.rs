@@ -1513,6 +1513,66 @@ fn alive(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a live process's command line holds `marker` (zombies have none).
+fn process_with(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|p| {
+                let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(marker)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Polls `cond` every 50 ms for up to 10 s.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    for _ in 0..200 {
+        if cond() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("timed out waiting until {what}")
+}
+
+/// An HTTP/1.1 request's first line, its headers read past (for the tests' hostile
+/// registries).
+fn request_line(stream: &std::net::TcpStream) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut first = String::new();
+    reader.read_line(&mut first).ok()?;
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    Some(first)
+}
+
+/// Writes an executable script (a stand-in runtime or plugin).
+fn write_script(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// RunPodSandbox with a runtime handler.
+async fn run_pod_on(
+    c: &mut CriClient,
+    cfg: &cri::PodSandboxConfig,
+    handler: &str,
+) -> Result<String, tonic::Status> {
+    Ok(c.runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id)
+}
+
 /// Nothing of this berthd's pods is left: no mounts under its dirs, no shim, no pod
 /// cgroup in the test's scope.
 fn assert_no_pod_leftovers(b: &Berthd, test: &str) -> Result<()> {

@@ -175,24 +175,15 @@ pub fn state_is_private_to_root() -> Result<(), Failed> {
 /// A registry that answers every manifest request with an endless JSON body (chunked,
 /// no length), as a hostile registry could; `/v2/` says hello. Returns its address.
 fn endless_manifest_registry() -> Result<String> {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             std::thread::spawn(move || {
-                let mut reader = BufReader::new(match stream.try_clone() {
-                    Ok(s) => s,
-                    Err(_) => return,
-                });
-                let mut first = String::new();
-                if reader.read_line(&mut first).is_err() {
+                let Some(first) = super::request_line(&stream) else {
                     return;
-                }
-                let mut line = String::new();
-                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                    line.clear();
-                }
+                };
                 let mut out = stream;
                 // Each answer closes its connection, and says so: a client must not
                 // reuse it.

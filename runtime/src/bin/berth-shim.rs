@@ -28,7 +28,11 @@ fn main() -> ExitCode {
             "--runtime" => runtime = args.next().map(PathBuf::from),
             "--runtime-root" => root = args.next().map(PathBuf::from),
             "--runtime-arg" => runtime_args.extend(args.next()),
-            "--runtime-timeout" => match args.next().and_then(|s| s.parse().ok()) {
+            "--runtime-timeout" => match args
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .filter(|s| *s > 0)
+            {
                 Some(secs) => runtime_timeout = std::time::Duration::from_secs(secs),
                 None => return usage(),
             },

@@ -254,7 +254,14 @@ impl Shim {
         );
         let _ = std::fs::remove_file(&process);
         let pid = take_pid_file(&pid_file);
-        result.map_err(|e| failure(Code::Internal, e.to_string()))?;
+        if let Err(e) = result {
+            // A runtime killed (or failing) after it started the process leaves it ours
+            // and unrecorded: it goes too.
+            if let Some(pid) = pid {
+                kill_pid(pid);
+            }
+            return Err(failure(Code::Internal, e.to_string()));
+        }
         let pid = pid.ok_or(failure(
             Code::Internal,
             "the runtime wrote no pid file for the exec",
@@ -559,12 +566,9 @@ impl Shim {
         p.status = pb::TaskStatus::Stopped;
         p.stdio.stdin = None;
         p.stdio.console = None;
-        // Its output is drained: the log is complete, and its file must not stay open
-        // (kubelet may remove it; on a full disk that frees the space).
-        if let Some(mut log) = p.log.take() {
-            let _ = log.close_stream(Stream::Stdout);
-            let _ = log.close_stream(Stream::Stderr);
-        }
+        // Once its output has ended, its log file must not stay open (kubelet may remove
+        // it; on a full disk that frees the space). Survivors still writing keep it.
+        p.close_log_if_done();
         let waiters = std::mem::take(&mut p.waiters);
         let payload = p.exit_payload(rec);
         if p.abandoned {

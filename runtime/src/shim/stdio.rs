@@ -167,6 +167,7 @@ impl Shim {
                     if let Some(l) = p.log.as_mut() {
                         let _ = l.close_stream(s);
                     }
+                    p.close_log_if_done();
                     return;
                 }
             }

@@ -68,6 +68,16 @@ impl Process {
         }
     }
 
+    /// An exited process whose streams have both ended lets go of its log file.
+    pub fn close_log_if_done(&mut self) {
+        if self.exit.is_some() && self.stdio.stdout.is_none() && self.stdio.stderr.is_none() {
+            if let Some(mut log) = self.log.take() {
+                let _ = log.close_stream(crate::criolog::Stream::Stdout);
+                let _ = log.close_stream(crate::criolog::Stream::Stderr);
+            }
+        }
+    }
+
     /// A Wait answer: the exit, plus captured output for exec processes.
     pub fn exit_payload(&self, e: ExitRecord) -> Vec<u8> {
         let (stdout, stderr, truncated) = match &self.capture {
