@@ -149,13 +149,33 @@ impl OomWatch {
                 // v1 signals once when the cgroup is removed and once per OOM: more
                 // signals than the removal's since the counter last moved mean an OOM
                 // the removal (systemd's, before this shim read) hid from the counter.
+                // The removal's own signal comes from a kernel work item after the
+                // rmdir: one signal alone may be it or an OOM's announcement. If another
+                // comes soon, that one was the removal's and the first the OOM's.
                 let recent = self
                     .unexplained_at
-                    .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2));
+                    .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(10));
                 let pending = if recent { self.unexplained } else { 0 };
-                u64::from(pending + signals >= 2)
+                let mut announced = pending + signals;
+                if announced == 1 && self.removal_signal_follows() {
+                    announced += 1;
+                }
+                u64::from(announced >= 2)
             }
         }
+    }
+
+    /// v1, once the cgroup is gone: whether a signal comes within 250 ms.
+    fn removal_signal_follows(&self) -> bool {
+        let Notifier::V1 { efd, .. } = &self.notifier else {
+            return false;
+        };
+        let mut fds = [nix::poll::PollFd::new(
+            efd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(250u16));
+        matches!(ready, Ok(n) if n > 0) && efd.read().is_ok_and(|n| n > 0)
     }
 
     /// The OOM kills counted so far (including those before the watch was armed).

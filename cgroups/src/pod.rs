@@ -71,7 +71,14 @@ pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
         for c in rel.components() {
             let parent = cur.clone();
             cur.push(c);
-            match std::fs::create_dir(&cur) {
+            // A parent found existing may have been trimmed since (see ensure_dir).
+            let made = std::fs::create_dir(&cur).or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    ensure_dir(&parent).and_then(|()| std::fs::create_dir(&cur))
+                }
+                _ => Err(e),
+            });
+            match made {
                 Ok(()) => created.push(cur.clone()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => {
@@ -89,6 +96,32 @@ pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
         all.push(cur);
     }
     Ok((created, all))
+}
+
+/// Makes `dir` again if it is gone, with any missing parents (cpusets filled in), as
+/// runc does before it joins: systemd on cgroup v1 trims empty cgroups in the
+/// hierarchies of controllers it turns off (cpu, blkio: `cg_trim_v1_controllers`), so
+/// a pod's fresh, still empty directory can vanish before its first process joins.
+pub fn ensure_dir(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while !cur.exists() {
+        missing.push(cur);
+        cur = cur
+            .parent()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup hierarchy"))?;
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = d.parent() {
+            inherit_cpuset(parent, d);
+        }
+    }
+    Ok(())
 }
 
 /// A new v1 cpuset cgroup starts empty and takes no tasks until it has cpus and mems.
@@ -120,6 +153,19 @@ fn remove_dirs(dirs: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ensure_dir_makes_what_was_trimmed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let leaf = tmp.path().join("scope/pod1");
+        ensure_dir(&leaf).unwrap();
+        assert!(leaf.is_dir());
+        // Present already: nothing to do, no error.
+        ensure_dir(&leaf).unwrap();
+        std::fs::remove_dir(&leaf).unwrap();
+        ensure_dir(&leaf).unwrap();
+        assert!(leaf.is_dir());
+    }
 
     #[test]
     fn systemd_names_expand() {

@@ -112,6 +112,12 @@ impl Context {
         }
     }
 
+    /// Holds `record_lock`. Nothing under it can leave a record half-written, so a
+    /// panic elsewhere that poisoned it leaves the records usable.
+    pub fn record_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.record_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A pod by full id or unique prefix; `Ok(None)` when there is none.
     pub fn resolve_sandbox(&self, id: &str, field: &str) -> Result<Option<SandboxRecord>> {
         check_id(id, field, "sandbox")?;

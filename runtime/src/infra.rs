@@ -173,8 +173,7 @@ fn infra_main(
             nix::unistd::sethostname(std::ffi::OsStr::from_bytes_compat(h))?;
         }
         for c in cgroups {
-            let path = Path::new(std::ffi::OsStr::from_bytes_compat(c.as_bytes()));
-            std::fs::write(path, b"0")?;
+            join_cgroup(Path::new(std::ffi::OsStr::from_bytes_compat(c.as_bytes())))?;
         }
         // A negative value needs CAP_SYS_RESOURCE; the caller clamps it beforehand.
         std::fs::write("/proc/self/oom_score_adj", oom.to_string())?;
@@ -222,6 +221,23 @@ fn infra_main(
         }
     }
     pause_and_reap()
+}
+
+/// Moves this process into the cgroup whose `cgroup.procs` is `procs`. A directory that
+/// vanished since berthd made it (systemd trims empty v1 cgroups) is made again: a few
+/// times, since nothing stops a trim between the mkdir and the write.
+fn join_cgroup(procs: &Path) -> io::Result<()> {
+    let mut joined = std::fs::write(procs, b"0");
+    for _ in 0..8 {
+        match (&joined, procs.parent()) {
+            (Err(e), Some(dir)) if e.kind() == io::ErrorKind::NotFound => {
+                joined =
+                    berth_cgroups::pod::ensure_dir(dir).and_then(|()| std::fs::write(procs, b"0"));
+            }
+            _ => break,
+        }
+    }
+    joined.map_err(|e| io::Error::new(e.kind(), format!("joining {}: {e}", procs.display())))
 }
 
 trait FromBytesCompat {

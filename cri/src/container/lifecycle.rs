@@ -44,11 +44,7 @@ impl Exit<'_> {
 impl ContainerService {
     /// Records an exit the shim reported (or berth inferred); the first one wins.
     pub fn record_exit(&self, id: &str, exit: Exit<'_>) {
-        let _g = self
-            .ctx
-            .record_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _g = self.ctx.record_guard();
         self.record_exit_locked(id, exit, false);
     }
 
@@ -186,11 +182,7 @@ impl ContainerService {
             return Err(self.start_failed(&rec, &shim, e).await);
         }
         // Serialised with exit events: a fast exit must not be overwritten by Running.
-        let _g = self
-            .ctx
-            .record_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _g = self.ctx.record_guard();
         Starting::clear(&self.ctx, &rec.id);
         rec.started_at = started_at;
         if let Some(cur) = self.ctx.records.container(&rec.id) {
@@ -232,11 +224,7 @@ impl ContainerService {
         };
         {
             // Under the record lock, over an exit the dying init may have reported.
-            let _g = self
-                .ctx
-                .record_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let _g = self.ctx.record_guard();
             Starting::clear(&self.ctx, &rec.id);
             self.record_exit_locked(&rec.id, exit, true);
         }
@@ -325,11 +313,7 @@ impl ContainerService {
         }
         self.release_fs(&rec.id).await;
         crate::failpoint::failpoint("container-remove-before-record");
-        let _g = self
-            .ctx
-            .record_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _g = self.ctx.record_guard();
         // A concurrent removal (a retry, or the pod's) may have been first: its events
         // are out already. The current record has the exit the stop recorded.
         let Some(rec) = self.ctx.records.container(&rec.id) else {

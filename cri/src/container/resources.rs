@@ -163,11 +163,7 @@ impl ContainerService {
                 ));
             }
         }
-        let _g = self
-            .ctx
-            .record_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _g = self.ctx.record_guard();
         let Some(mut rec) = self.ctx.records.container(&rec.id) else {
             return Err(CriError::NotFound(format!(
                 "container {} was removed",

@@ -35,11 +35,7 @@ impl SandboxService {
 
     /// Marks a ready pod NotReady, saying why.
     fn mark_not_ready(&self, id: &str, reason: &str) {
-        let _g = self
-            .ctx
-            .record_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _g = self.ctx.record_guard();
         let Some(mut rec) = self.ctx.records.sandbox(id) else {
             return;
         };

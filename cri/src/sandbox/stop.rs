@@ -53,11 +53,7 @@ impl SandboxService {
         tokio::task::spawn_blocking(move || release_namespaces(&shm, ns.as_deref())).await??;
         // Under the record lock, as the watcher's NotReady: one `/sandboxes/stop`
         // per stop, from whichever saw the pod Ready.
-        let _g = self
-            .ctx
-            .record_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _g = self.ctx.record_guard();
         if let Some(mut cur) = self.ctx.records.sandbox(&rec.id) {
             let was_ready = cur.state == SandboxState::Ready;
             if was_ready || cur.infra_pid != 0 {

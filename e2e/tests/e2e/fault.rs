@@ -802,3 +802,59 @@ pub fn hostile_registry_pulls_leave_nothing() -> Result<(), Failed> {
         Ok(())
     })
 }
+
+/// Pods start while something trims every empty cgroup below the test's scope, as
+/// systemd on cgroup v1 trims the hierarchies of controllers it turns off (cpu, blkio):
+/// a pod's fresh cgroup may vanish before its infra process joins it, and is made
+/// again. Each infra ends up in its pod's cgroup in every hierarchy, and removal leaves
+/// nothing.
+pub fn pods_start_while_empty_cgroups_are_trimmed() -> Result<(), Failed> {
+    run(|| async {
+        let _cg = CgroupParentGuard(Some("trim"));
+        let b = Berthd::start("")?;
+        let mut c = b.client().await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let trimmer = {
+            let stop = stop.clone();
+            let scope = cgroup_scope("trim");
+            std::thread::spawn(move || {
+                let mut passes = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    berth_e2e::calls::remove_cgroup_tree(&scope);
+                    passes += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                passes
+            })
+        };
+        let outcome = async {
+            for n in 0..20 {
+                let uid = format!("t-{n}");
+                let pod = run_pod(&mut c, pod_config_in("trim", &uid, "trim"))
+                    .await
+                    .with_context(|| format!("pod {n}"))?;
+                let (_, info) = pod_status(&mut c, &pod).await?;
+                let pid = info["pid"].as_u64().context("verbose pid")?;
+                let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+                let want = format!("{}/pod{uid}", cgroup_scope("trim"));
+                // Every hierarchy line (`id:controllers:path`) names the pod's cgroup.
+                let outside: Vec<&str> = cgroups.lines().filter(|l| !l.ends_with(&want)).collect();
+                ensure!(
+                    outside.is_empty(),
+                    "pod {n}: infra outside {want}: {outside:?}"
+                );
+                stop_pod(&mut c, &pod).await?;
+                remove_pod(&mut c, &pod).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let passes = trimmer.join().map_err(|_| anyhow!("trimmer panicked"))?;
+        outcome?;
+        println!("20 pods started through {passes} trimming passes");
+        ensure!(list_pods(&mut c).await?.is_empty());
+        assert_no_pod_leftovers(&b, "trim")?;
+        Ok(())
+    })
+}

@@ -4816,6 +4816,10 @@ fn main() -> anyhow::Result<()> {
             fault::soak_cycles_leave_nothing,
         ),
         Trial::test(
+            "pods_start_while_empty_cgroups_are_trimmed",
+            fault::pods_start_while_empty_cgroups_are_trimmed,
+        ),
+        Trial::test(
             "hung_cni_plugin_and_runtime_time_out",
             fault::hung_cni_plugin_and_runtime_time_out,
         ),

@@ -330,13 +330,17 @@ async fn systemd_driver_places_pods(
     let hog = create_and_start(c, &pod, &cfg, limited("hog", 64, false)).await?;
     std::fs::write(trigger.join("hog"), "")?;
     let st = wait_exited(c, &hog).await?;
-    ensure!(
-        st.exit_code == 137 && st.reason == "OOMKilled",
-        "{} {:?}: {}",
-        st.exit_code,
-        st.reason,
-        st.message
-    );
+    if st.exit_code != 137 || st.reason != "OOMKilled" {
+        // The shim's log says which way its OOM watch went.
+        let shim_log = b.state.join("sandboxes").join(&pod).join("shim/shim.log");
+        bail!(
+            "{} {:?}: {}\nshim log:\n{}",
+            st.exit_code,
+            st.reason,
+            st.message,
+            std::fs::read_to_string(shim_log).unwrap_or_default()
+        );
+    }
     remove_pod(c, &pod).await?;
     for unit in [scope, grow_scope, format!("berth-{hog}.scope")] {
         ensure!(
