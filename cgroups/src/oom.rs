@@ -52,6 +52,10 @@ pub struct OomWatch {
     /// only a recent one can be the announcement of a kill the removal hid.
     unexplained: u64,
     unexplained_at: Option<std::time::Instant>,
+    /// Signals read since the cgroup was found gone.
+    after_gone: u64,
+    /// The cgroup went with one signal read whose meaning the next signal decides.
+    undecided: bool,
 }
 
 impl OomWatch {
@@ -73,6 +77,8 @@ impl OomWatch {
                 gone: false,
                 unexplained: 0,
                 unexplained_at: None,
+                after_gone: 0,
+                undecided: false,
             });
         }
         let control_path = dir.join("memory.oom_control");
@@ -99,6 +105,8 @@ impl OomWatch {
             gone: false,
             unexplained: 0,
             unexplained_at: None,
+            after_gone: 0,
+            undecided: false,
         })
     }
 
@@ -146,23 +154,33 @@ impl OomWatch {
             }
             None => {
                 self.gone = true;
-                // v1 signals once when the cgroup is removed and once per OOM: more
-                // signals than the removal's since the counter last moved mean an OOM
-                // the removal (systemd's, before this shim read) hid from the counter.
-                // The removal's own signal comes from a kernel work item after the
-                // rmdir: one signal alone may be it or an OOM's announcement. If another
-                // comes soon, that one was the removal's and the first the OOM's.
+                // v1 signals once per OOM announcement and once when the cgroup is
+                // removed, the latter from a kernel work item after the rmdir. Signals
+                // read while the counter still existed were announcements; a lone
+                // signal read now may be either (see `settle`).
                 let recent = self
                     .unexplained_at
-                    .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(10));
+                    .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2));
                 let pending = if recent { self.unexplained } else { 0 };
-                let mut announced = pending + signals;
-                if announced == 1 && self.removal_signal_follows() {
-                    announced += 1;
-                }
-                u64::from(announced >= 2)
+                self.after_gone += signals;
+                self.undecided = pending == 0 && self.after_gone == 1;
+                // A verdict either way ends the watch (`is_gone`), so none repeats.
+                u64::from(pending >= 1 || self.after_gone >= 2)
             }
         }
+    }
+
+    /// After `check` found the cgroup gone with one signal that may be the removal's
+    /// or an OOM's: waits up to 250 ms for another, which would be the removal's (and
+    /// make the first an OOM's). For a process that died of SIGKILL only, since this
+    /// blocks.
+    pub fn settle(&mut self) -> u64 {
+        let undecided = std::mem::take(&mut self.undecided);
+        if undecided && self.removal_signal_follows() {
+            self.after_gone += 1;
+            return 1;
+        }
+        0
     }
 
     /// v1, once the cgroup is gone: whether a signal comes within 250 ms.
@@ -183,8 +201,9 @@ impl OomWatch {
         self.seen
     }
 
-    /// The cgroup went away; drop the watch.
+    /// The cgroup went away and its signals are understood; drop the watch. (An
+    /// undecided one is kept: the next signal decides.)
     pub fn is_gone(&self) -> bool {
-        self.gone
+        self.gone && !self.undecided
     }
 }

@@ -72,12 +72,15 @@ pub fn create(rel: &Path) -> io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
             let parent = cur.clone();
             cur.push(c);
             // A parent found existing may have been trimmed since (see ensure_dir).
-            let made = std::fs::create_dir(&cur).or_else(|e| match e.kind() {
-                io::ErrorKind::NotFound => {
-                    ensure_dir(&parent).and_then(|()| std::fs::create_dir(&cur))
+            let mut made = std::fs::create_dir(&cur);
+            for _ in 0..8 {
+                match &made {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        made = ensure_dir(&parent).and_then(|()| std::fs::create_dir(&cur));
+                    }
+                    _ => break,
                 }
-                _ => Err(e),
-            });
+            }
             match made {
                 Ok(()) => created.push(cur.clone()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

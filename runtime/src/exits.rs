@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// How and when a task's process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     /// The process id that exited.
     pub pid: u32,
@@ -19,6 +19,10 @@ pub struct ExitRecord {
     /// The kernel OOM-killed a process of the container's cgroup before it ended.
     #[serde(default)]
     pub oom_killed: bool,
+    /// The runtime's init ended without running the container's process (its exec
+    /// failed after the start): what it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_error: Option<String>,
 }
 
 /// The exit records of one shim (`<state dir>/exits/<task key>.json`).
@@ -96,6 +100,7 @@ mod tests {
             exit_status: 137,
             exited_at_unix_nanos: 5,
             oom_killed: true,
+            exec_error: Some("exec /app: no such file or directory".into()),
         };
         s.record("c1", &r).unwrap();
         // Records written before the field existed still load.
@@ -104,7 +109,8 @@ mod tests {
             r#"{"pid":1,"exit_status":0,"exited_at_unix_nanos":2}"#,
         )
         .unwrap();
-        assert!(!s.get("old").unwrap().unwrap().oom_killed);
+        let old = s.get("old").unwrap().unwrap();
+        assert!(!old.oom_killed && old.exec_error.is_none());
         assert_eq!(
             ExitStore::open(dir.path()).unwrap().get("c1").unwrap(),
             Some(r)

@@ -61,7 +61,8 @@ pub fn start_infra(spec: &InfraSpec<'_>) -> io::Result<u32> {
         })
         .collect();
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // SAFETY: the caller is single-threaded; the child only makes syscalls and exits.
+    // SAFETY: the caller is single-threaded, so the child may allocate; it sets itself
+    // up and pauses, or exits.
     match unsafe { fork() }? {
         ForkResult::Child => {
             drop(rd);
@@ -224,13 +225,22 @@ fn infra_main(
 }
 
 /// Moves this process into the cgroup whose `cgroup.procs` is `procs`. A directory that
-/// vanished since berthd made it (systemd trims empty v1 cgroups) is made again: a few
-/// times, since nothing stops a trim between the mkdir and the write.
+/// vanished since berthd made it (systemd trims empty v1 cgroups) is made again, and
+/// the shim log says so (settings berthd wrote there are gone with it): a few times,
+/// since nothing stops a trim between the mkdir and the write (which then fails with
+/// ENODEV rather than ENOENT).
 fn join_cgroup(procs: &Path) -> io::Result<()> {
+    let vanished = |e: &io::Error| {
+        e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+    };
     let mut joined = std::fs::write(procs, b"0");
     for _ in 0..8 {
         match (&joined, procs.parent()) {
-            (Err(e), Some(dir)) if e.kind() == io::ErrorKind::NotFound => {
+            (Err(e), Some(dir)) if vanished(e) => {
+                eprintln!(
+                    "berth-shim: the pod cgroup {} vanished; made again",
+                    dir.display()
+                );
                 joined =
                     berth_cgroups::pod::ensure_dir(dir).and_then(|()| std::fs::write(procs, b"0"));
             }

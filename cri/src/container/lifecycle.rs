@@ -31,12 +31,12 @@ pub struct Exit<'a> {
 
 impl Exit<'_> {
     /// The exit a shim reported.
-    pub fn reported(st: &pb::ExitStatus) -> Exit<'static> {
+    pub fn reported(st: &pb::ExitStatus) -> Exit<'_> {
         Exit {
             code: st.exit_status as i32,
             at: st.exited_at_unix_nanos,
-            reason: shim_exit_reason(st.oom_killed),
-            message: "",
+            reason: shim_exit_reason(st.oom_killed, &st.exec_error),
+            message: &st.exec_error,
         }
     }
 }
@@ -150,8 +150,8 @@ impl ContainerService {
                     let exit = Exit {
                         code: st.exit_status as i32,
                         at: st.exited_at_unix_nanos,
-                        reason: shim_exit_reason(st.oom_killed),
-                        message: "",
+                        reason: shim_exit_reason(st.oom_killed, &st.exec_error),
+                        message: &st.exec_error,
                     };
                     self.record_exit(&rec.id, exit)
                 }

@@ -105,9 +105,17 @@ fn exit_reason(code: i32) -> &'static str {
 }
 
 /// The reason the shim's exit report implies: `OOMKilled` when the kernel OOM-killed
-/// a process of the container (as containerd reports it, whatever the exit code).
-pub fn shim_exit_reason(oom_killed: bool) -> Option<&'static str> {
-    oom_killed.then_some("OOMKilled")
+/// a process of the container (as containerd reports it, whatever the exit code);
+/// `StartError` when the runtime's init could not exec the process after the start
+/// (the exit code is the init's own).
+pub fn shim_exit_reason(oom_killed: bool, exec_error: &str) -> Option<&'static str> {
+    if oom_killed {
+        Some("OOMKilled")
+    } else if !exec_error.is_empty() {
+        Some("StartError")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

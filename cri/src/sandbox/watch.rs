@@ -48,6 +48,7 @@ impl SandboxService {
                     exit_status: e.exit_status,
                     exited_at_unix_nanos: e.exited_at_unix_nanos,
                     oom_killed: e.oom_killed,
+                    exec_error: e.exec_error,
                     ..Default::default()
                 };
                 self.on_task_exit(pod, &e.id, &st);
@@ -84,6 +85,7 @@ impl SandboxService {
                 exit_status: t.exit_status,
                 exited_at_unix_nanos: t.exited_at_unix_nanos,
                 oom_killed: t.oom_killed,
+                exec_error: t.exec_error.clone(),
                 ..Default::default()
             };
             self.on_task_exit(pod, &t.id, &st);

@@ -805,56 +805,97 @@ pub fn hostile_registry_pulls_leave_nothing() -> Result<(), Failed> {
 
 /// Pods start while something trims every empty cgroup below the test's scope, as
 /// systemd on cgroup v1 trims the hierarchies of controllers it turns off (cpu, blkio):
-/// a pod's fresh cgroup may vanish before its infra process joins it, and is made
-/// again. Each infra ends up in its pod's cgroup in every hierarchy, and removal leaves
-/// nothing.
+/// a pod's fresh cgroup vanishes before its infra process joins it (the trimmer counts
+/// how often), and is made again. Each infra ends up in its pod's cgroup in every
+/// hierarchy; once the trimming stops, removal leaves nothing.
 pub fn pods_start_while_empty_cgroups_are_trimmed() -> Result<(), Failed> {
     run(|| async {
         let _cg = CgroupParentGuard(Some("trim"));
         let b = Berthd::start("")?;
         let mut c = b.client().await?;
+        let scope = cgroup_scope("trim");
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let trimmer = {
-            let stop = stop.clone();
-            let scope = cgroup_scope("trim");
+            let (stop, scope) = (stop.clone(), scope.clone());
             std::thread::spawn(move || {
-                let mut passes = 0u64;
+                let mut pod_dirs_trimmed = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    berth_e2e::calls::remove_cgroup_tree(&scope);
-                    passes += 1;
+                    pod_dirs_trimmed += trim_empty_cgroups(&scope);
                     std::thread::sleep(Duration::from_micros(200));
                 }
-                passes
+                pod_dirs_trimmed
             })
         };
-        let outcome = async {
+        let mut pods = Vec::new();
+        let started = async {
             for n in 0..20 {
                 let uid = format!("t-{n}");
                 let pod = run_pod(&mut c, pod_config_in("trim", &uid, "trim"))
                     .await
                     .with_context(|| format!("pod {n}"))?;
+                pods.push(pod.clone());
                 let (_, info) = pod_status(&mut c, &pod).await?;
                 let pid = info["pid"].as_u64().context("verbose pid")?;
                 let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-                let want = format!("{}/pod{uid}", cgroup_scope("trim"));
+                let want = format!("{scope}/pod{uid}");
                 // Every hierarchy line (`id:controllers:path`) names the pod's cgroup.
                 let outside: Vec<&str> = cgroups.lines().filter(|l| !l.ends_with(&want)).collect();
                 ensure!(
                     outside.is_empty(),
                     "pod {n}: infra outside {want}: {outside:?}"
                 );
-                stop_pod(&mut c, &pod).await?;
-                remove_pod(&mut c, &pod).await?;
             }
             anyhow::Ok(())
         }
         .await;
         stop.store(true, Ordering::Relaxed);
-        let passes = trimmer.join().map_err(|_| anyhow!("trimmer panicked"))?;
-        outcome?;
-        println!("20 pods started through {passes} trimming passes");
+        let trimmed = trimmer.join().map_err(|_| anyhow!("trimmer panicked"))?;
+        started?;
+        println!("20 pods started; {trimmed} of their fresh cgroup dirs were trimmed first");
+        ensure!(
+            trimmed > 0,
+            "no pod cgroup was trimmed: the test tested nothing"
+        );
+        for pod in &pods {
+            stop_pod(&mut c, pod).await?;
+            remove_pod(&mut c, pod).await?;
+        }
         ensure!(list_pods(&mut c).await?.is_empty());
         assert_no_pod_leftovers(&b, "trim")?;
         Ok(())
     })
+}
+
+/// Removes every empty cgroup below `rel` (deepest first) in every mounted hierarchy,
+/// v1 or v2; returns how many of them were pod cgroups (`pod*`).
+fn trim_empty_cgroups(rel: &str) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut pods = 0;
+    for h in mounts.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
+    }) {
+        let mut dirs = vec![h.join(rel.trim_start_matches('/'))];
+        let mut i = 0;
+        while i < dirs.len() {
+            let kids: Vec<PathBuf> = std::fs::read_dir(&dirs[i])
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            dirs.extend(kids);
+            i += 1;
+        }
+        for d in dirs.iter().rev() {
+            let is_pod = d
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pod"));
+            if std::fs::remove_dir(d).is_ok() && is_pod {
+                pods += 1;
+            }
+        }
+    }
+    pods
 }

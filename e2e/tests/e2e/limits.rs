@@ -438,6 +438,53 @@ pub fn failed_start_is_explained() -> Result<(), Failed> {
         ensure!(st.finished_at > 0, "{st:?}");
         wait_until("the refused container's init is gone", || !alive(init)).await?;
         remove_pod(&mut c, &pod).await?;
+        // A start that succeeds but whose exec then fails (a script's interpreter is
+        // missing: runc's own check at create only sees the script): the runtime's
+        // init says why on stderr and exits 1. The status says so too, also after a
+        // restart of berthd; a process that runs and fails keeps a plain `Error`.
+        let app = dir.path().join("app.sh");
+        write_script(&app, "#!/no/such/interpreter\nexit 0\n")?;
+        let pod_cfg = container_pod("startfail", "c-ef", &logs);
+        let pod = run_pod(&mut c, pod_cfg.clone()).await?;
+        let mut cfg = container_config("app", &w.busybox.reference, "");
+        cfg.command = vec!["/app.sh".into()];
+        cfg.mounts.push(cri::Mount {
+            container_path: "/app.sh".into(),
+            host_path: app.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        });
+        let bad = create_and_start(&mut c, &pod, &pod_cfg, cfg).await?;
+        let plain = create_and_start(
+            &mut c,
+            &pod,
+            &pod_cfg,
+            container_config("plain", &w.busybox.reference, "echo failing >&2; exit 1"),
+        )
+        .await?;
+        let st = wait_exited(&mut c, &bad).await?;
+        ensure!(
+            st.exit_code == 1
+                && st.reason == "StartError"
+                && st.message.starts_with("exec failed: ")
+                && st.message.contains("no such file or directory"),
+            "{st:?}"
+        );
+        let st = wait_exited(&mut c, &plain).await?;
+        ensure!(
+            st.exit_code == 1 && st.reason == "Error" && st.message.is_empty(),
+            "{st:?}"
+        );
+        let mut b = b;
+        b.kill9()?;
+        b.restart()?;
+        let mut c = b.client().await?;
+        let (st, _) = ctr_status(&mut c, &bad).await?;
+        ensure!(
+            st.reason == "StartError" && st.message.starts_with("exec failed"),
+            "after a restart: {st:?}"
+        );
+        remove_pod(&mut c, &pod).await?;
         assert_no_pod_leftovers(&b, "startfail")?;
         Ok(())
     })

@@ -87,7 +87,7 @@ impl Shim {
             )));
         };
         if method == pb::Method::Wait {
-            return match p.exit {
+            return match &p.exit {
                 Some(e) => Some(Ok(p.exit_payload(e))),
                 None => {
                     p.waiters.push((conn, f.id));

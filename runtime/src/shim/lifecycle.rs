@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use berth_cgroups::OomWatch;
 use berth_proto::shim as pb;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 use prost::Message;
 
@@ -349,7 +349,7 @@ impl Shim {
             .tasks
             .process(id, exec_id)
             .ok_or_else(|| not_found(&name))?;
-        let Some(exit) = p.exit else {
+        let Some(exit) = p.exit.clone() else {
             return Err(failure(
                 Code::FailedPrecondition,
                 format!("task {name} is still running; kill it first"),
@@ -376,6 +376,7 @@ impl Shim {
             exit_status: exit.exit_status,
             exited_at_unix_nanos: exit.exited_at_unix_nanos,
             oom_killed: exit.oom_killed,
+            exec_error: exit.exec_error.unwrap_or_default(),
             ..Default::default()
         }
         .encode_to_vec())
@@ -414,7 +415,7 @@ impl Shim {
     /// A process's state.
     pub(super) fn state_of(&self, id: &str, exec_id: &str) -> pb::StateResponse {
         let p = self.tasks.process(id, exec_id);
-        let exit = p.and_then(|p| p.exit);
+        let exit = p.and_then(|p| p.exit.as_ref());
         pb::StateResponse {
             id: id.to_string(),
             exec_id: exec_id.to_string(),
@@ -423,6 +424,7 @@ impl Shim {
             exit_status: exit.map_or(0, |e| e.exit_status),
             exited_at_unix_nanos: exit.map_or(0, |e| e.exited_at_unix_nanos),
             oom_killed: exit.is_some_and(|e| e.oom_killed),
+            exec_error: exit.and_then(|e| e.exec_error.clone()).unwrap_or_default(),
         }
     }
 
@@ -515,12 +517,20 @@ impl Shim {
 
     /// Reaps every exited child; exits are recorded, then reported.
     pub(super) fn reap(&mut self) {
+        let exited = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            // Looked at before it is reaped: a zombie's name still says whether the
+            // runtime's init ever became the container's process.
+            let peeked = waitid(Id::All, exited | WaitPidFlag::WNOWAIT);
+            let Some(pid) = peeked.ok().and_then(|st| st.pid()) else {
+                return;
+            };
+            let never_ran = still_the_runtime_init(pid);
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(st) => {
                     if let Some((pid, status)) = exit_status_of(st) {
-                        self.on_exit(pid, status);
+                        self.on_exit(pid, status, never_ran);
                     }
                 }
             }
@@ -530,7 +540,7 @@ impl Shim {
     /// One process exited: the rest of a PID-sharing container killed, its output
     /// drained, the OOM verdict read, the exit recorded (containers: on disk,
     /// fsynced), then its waiters answered and the exit published.
-    fn on_exit(&mut self, pid: u32, exit_status: u32) {
+    fn on_exit(&mut self, pid: u32, exit_status: u32, never_ran: bool) {
         let Some((id, exec)) = self.tasks.find_pid(pid) else {
             return; // an orphan reparented to us, or a runtime helper
         };
@@ -542,12 +552,23 @@ impl Shim {
         // Whatever the process wrote before exiting belongs before its exit.
         self.drain_output(&id, &exec, Stream::Stdout, true);
         self.drain_output(&id, &exec, Stream::Stderr, true);
-        let oom_killed = exec.is_empty() && self.init_oom_verdict(&id);
+        let oom_killed = exec.is_empty() && self.init_oom_verdict(&id, exit_status == 137);
+        let exec_error = match exec.is_empty() && never_ran {
+            true => self
+                .tasks
+                .process(&id, "")
+                .and_then(|p| exec_error(p, exit_status)),
+            false => None,
+        };
+        if let Some(e) = &exec_error {
+            eprintln!("berth-shim: {id}: {e}");
+        }
         let rec = ExitRecord {
             pid,
             exit_status,
             exited_at_unix_nanos: now_unix_nanos(),
             oom_killed,
+            exec_error,
         };
         if exec.is_empty() {
             if let Err(e) = self.exits.record(&id, &rec) {
@@ -562,7 +583,7 @@ impl Shim {
             r.close_flushed();
         }
         p.relays.retain(|r| !r.is_done());
-        p.exit = Some(rec);
+        p.exit = Some(rec.clone());
         p.status = pb::TaskStatus::Stopped;
         p.stdio.stdin = None;
         p.stdio.console = None;
@@ -570,7 +591,7 @@ impl Shim {
         // it; on a full disk that frees the space). Survivors still writing keep it.
         p.close_log_if_done();
         let waiters = std::mem::take(&mut p.waiters);
-        let payload = p.exit_payload(rec);
+        let payload = p.exit_payload(&rec);
         if p.abandoned {
             self.forget_exec(&id, &exec);
         }
@@ -585,6 +606,7 @@ impl Shim {
                 exit_status,
                 exited_at_unix_nanos: rec.exited_at_unix_nanos,
                 oom_killed,
+                exec_error: rec.exec_error.unwrap_or_default(),
             })),
         });
     }
@@ -623,8 +645,8 @@ impl Shim {
 
     /// Whether a container's init died of an OOM kill: the counter, not only the watch
     /// (the kill and the exit may arrive in one poll). The watch is released.
-    fn init_oom_verdict(&mut self, id: &str) -> bool {
-        self.check_oom(id);
+    fn init_oom_verdict(&mut self, id: &str, killed: bool) -> bool {
+        self.check_oom(id, killed);
         self.tasks
             .0
             .get_mut(id)
@@ -659,4 +681,28 @@ struct ExecProcess {
     terminal: bool,
     #[serde(flatten)]
     rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Whether a zombie child is a runtime's init that never exec'd the container's
+/// process: runc names its init `runc:[2:INIT]` until the exec replaces it.
+fn still_the_runtime_init(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("runc:["))
+}
+
+/// Why a started container's init ended without running its process, if it did: the
+/// runtime's init exits (not killed) and says why on the container's stderr.
+fn exec_error(p: &Process, exit_status: u32) -> Option<String> {
+    if exit_status >= 128 || p.status != pb::TaskStatus::Running {
+        return None;
+    }
+    let said = String::from_utf8_lossy(&p.early_errors);
+    let line = said
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("the runtime's init ended before running the process");
+    Some(format!(
+        "exec failed: {}",
+        line.chars().take(300).collect::<String>()
+    ))
 }

@@ -71,7 +71,9 @@ impl Shim {
     }
 
     /// Counts new OOM kills of a container's cgroup; the first one is published.
-    pub(super) fn check_oom(&mut self, id: &str) {
+    /// `killed_init`: its init just died of SIGKILL, so an undecided watch may wait
+    /// briefly for the signal that decides it.
+    pub(super) fn check_oom(&mut self, id: &str, killed_init: bool) {
         let Some(t) = self.tasks.0.get_mut(id) else {
             return;
         };
@@ -83,6 +85,9 @@ impl Shim {
         let mut seen = 0;
         if let Some(w) = c.oom.as_mut() {
             seen = w.check(); // drains the fd, or poll would spin
+            if seen == 0 && killed_init && !c.oom_killed {
+                seen = w.settle();
+            }
             if w.is_gone() {
                 c.oom = None;
             }

@@ -119,7 +119,7 @@ impl Shim {
                 }
             }
             Slot::Output(id, exec, s) => self.drain_output(id, exec, *s, false),
-            Slot::Oom(id) => self.check_oom(id),
+            Slot::Oom(id) => self.check_oom(id, false),
             Slot::RelayIn(id, exec, i) => self.relay_input(id, exec, *i),
             Slot::RelayOut(id, exec, i, err) => self.relay_flush(id, exec, *i, *err),
             Slot::StdinOut(id, exec) => self.feed_stdin(id, exec),

@@ -83,6 +83,9 @@ fn internal(what: &str, e: io::Error) -> Failure {
 
 /// Where one read of a process's output goes: the capture, else the log; and every
 /// streaming client.
+/// How much of a container's first stderr output is kept to explain a failed exec.
+const EARLY_ERRORS: usize = 512;
+
 fn deliver(p: &mut Process, s: Stream, data: &[u8]) {
     if let Some(c) = p.capture.as_mut() {
         let out = match s {
@@ -94,6 +97,12 @@ fn deliver(p: &mut Process, s: Stream, data: &[u8]) {
         c.truncated |= data.len() > room;
     } else if let Some(l) = p.log.as_mut() {
         let _ = l.write(s, data);
+        if (s == Stream::Stderr || p.stdio.console.is_some()) && p.early_errors.len() < EARLY_ERRORS
+        {
+            let room = EARLY_ERRORS - p.early_errors.len();
+            p.early_errors
+                .extend_from_slice(&data[..data.len().min(room)]);
+        }
     }
     for r in &mut p.relays {
         let slot = match s {

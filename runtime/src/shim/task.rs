@@ -50,6 +50,9 @@ pub(super) struct Process {
     pub owner: Option<u64>,
     /// Killed for a closed owner: forgotten at its exit.
     pub abandoned: bool,
+    /// The first bytes it wrote to stderr (a terminal's output): where a runtime's
+    /// init that could not exec the process says why.
+    pub early_errors: Vec<u8>,
 }
 
 impl Process {
@@ -65,6 +68,7 @@ impl Process {
             relays: Vec::new(),
             owner: None,
             abandoned: false,
+            early_errors: Vec::new(),
         }
     }
 
@@ -79,7 +83,7 @@ impl Process {
     }
 
     /// A Wait answer: the exit, plus captured output for exec processes.
-    pub fn exit_payload(&self, e: ExitRecord) -> Vec<u8> {
+    pub fn exit_payload(&self, e: &ExitRecord) -> Vec<u8> {
         let (stdout, stderr, truncated) = match &self.capture {
             Some(c) => (c.stdout.clone(), c.stderr.clone(), c.truncated),
             None => (Vec::new(), Vec::new(), false),
@@ -91,6 +95,7 @@ impl Process {
             stderr,
             truncated,
             oom_killed: e.oom_killed,
+            exec_error: e.exec_error.clone().unwrap_or_default(),
         }
         .encode_to_vec()
     }
