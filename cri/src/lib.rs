@@ -10,7 +10,7 @@ pub mod container_events;
 pub mod context;
 pub mod error;
 pub mod events;
-pub mod failpoint;
+pub use berth_failpoint as failpoint;
 pub mod handlers;
 pub mod image_service;
 pub mod layout;

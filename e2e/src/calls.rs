@@ -100,14 +100,17 @@ pub async fn create_and_start(
 }
 
 /// Removes `rel` (a cgroup path under each hierarchy's root) and every empty cgroup
-/// below it, deepest first, in every hierarchy.
-pub fn remove_cgroup_tree(rel: &str) {
-    for h in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let mut dirs = vec![h.path().join(rel.trim_start_matches('/'))];
+/// below it, deepest first, in every mounted hierarchy (v1 or v2); returns how many of
+/// the removed ones were pod cgroups (named `pod*`).
+pub fn remove_cgroup_tree(rel: &str) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let hierarchies = mounts.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
+    });
+    let mut pods = 0;
+    for h in hierarchies {
+        let mut dirs = vec![h.join(rel.trim_start_matches('/'))];
         let mut i = 0;
         while i < dirs.len() {
             let kids: Vec<PathBuf> = std::fs::read_dir(&dirs[i])
@@ -121,9 +124,15 @@ pub fn remove_cgroup_tree(rel: &str) {
             i += 1;
         }
         for d in dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
+            let is_pod = d
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pod"));
+            if std::fs::remove_dir(d).is_ok() && is_pod {
+                pods += 1;
+            }
         }
     }
+    pods
 }
 
 /// A container's stats.

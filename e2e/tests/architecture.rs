@@ -17,7 +17,14 @@ use syn::spanned::Spanned;
 const MAX_FN_LINES: usize = 120;
 /// The crates whose `src/` is production code.
 const CRATES: &[&str] = &[
-    "proto", "cgroups", "runtime", "stream", "image", "network", "cri",
+    "failpoint",
+    "proto",
+    "cgroups",
+    "runtime",
+    "stream",
+    "image",
+    "network",
+    "cri",
 ];
 
 fn workspace() -> PathBuf {

@@ -463,6 +463,7 @@ impl ImageService {
                 user,
                 created_unix_nanos: now_nanos(),
             };
+            berth_failpoint::failpoint("pull-before-record");
             let stored = svc.meta.put_image(rec)?;
             info!(image = %r.canonical(), id = %stored.id, "pulled");
             Ok(stored)
@@ -561,6 +562,7 @@ impl ImageService {
         worker
             .await
             .map_err(|e| ImageError::Store(format!("unpack worker failed: {e}")))??;
+        berth_failpoint::failpoint("pull-layer-settled");
         let digest = layer.digest.to_string();
         ctx.report(PullProgress::LayerDone {
             digest,

@@ -1,6 +1,7 @@
 //! Faults under load: berthd killed with -9 at each failpoint while four clients churn
-//! pods and containers, then restarted: the records, the kernel's objects and the
-//! files agree, exit codes are kept, and nothing is left once the pods are gone.
+//! pods and containers and a fifth pulls and removes an image, then restarted: the
+//! records, the kernel's objects and the files agree, exit codes are kept, an image is
+//! there whole or not at all, and nothing is left once the pods are gone.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -15,6 +16,8 @@ const FAILPOINTS: &[&str] = &[
     "sandbox-stop-after-network@2",
     "container-remove-before-record@2",
     "sandbox-remove-before-record@2",
+    "pull-layer-settled@2",
+    "pull-before-record@2",
 ];
 
 /// What the churn left on purpose: containers that exited with a known code, kept
@@ -65,6 +68,74 @@ async fn churn(
         if done.is_err() {
             return;
         }
+    }
+}
+
+/// The image worker: pulls a three-layer image, pulls it again (present: nothing to
+/// fetch), removes it; until a call fails.
+async fn image_churn(mut c: CriClient, image: String) {
+    for n in 0.. {
+        if pull(&mut c, &image).await.is_err() {
+            return;
+        }
+        if n % 2 == 1
+            && berth_e2e::calls::remove_image(&mut c, &image)
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// What the content store holds: with only the churn's base image, and with the
+/// pulled image too.
+struct StoreLevels {
+    base_blobs: BTreeSet<String>,
+    base_snapshots: usize,
+    image_blobs: BTreeSet<String>,
+    image_layers: usize,
+}
+
+impl StoreLevels {
+    /// Measured by pulling and removing the churned image once.
+    async fn measure(b: &Berthd, c: &mut CriClient, image: &PushedImage) -> Result<StoreLevels> {
+        let (base_blobs, base_snapshots) = (blobs_on_disk(b)?, snapshots_on_disk(b)?.len());
+        pull(c, &image.reference).await?;
+        let with = blobs_on_disk(b)?;
+        let image_layers = snapshots_on_disk(b)?.len() - base_snapshots;
+        berth_e2e::calls::remove_image(c, &image.reference).await?;
+        ensure!(blobs_on_disk(b)? == base_blobs, "removal left blobs");
+        Ok(StoreLevels {
+            image_blobs: with.difference(&base_blobs).cloned().collect(),
+            base_blobs,
+            base_snapshots,
+            image_layers,
+        })
+    }
+
+    /// After a crash: the image is listed with all of its blobs and layers, or it is
+    /// not and none of them is left (nor anything half-written).
+    async fn check(&self, b: &Berthd, c: &mut CriClient, image: &PushedImage) -> Result<()> {
+        let listed = list(c).await?.iter().any(|i| i.id == image.config_digest);
+        let (blobs, snapshots) = (blobs_on_disk(b)?, snapshots_on_disk(b)?.len());
+        let (want_blobs, want_snapshots) = match listed {
+            true => (
+                self.base_blobs.union(&self.image_blobs).cloned().collect(),
+                self.base_snapshots + self.image_layers,
+            ),
+            false => (self.base_blobs.clone(), self.base_snapshots),
+        };
+        ensure!(
+            blobs == want_blobs && snapshots == want_snapshots,
+            "image listed: {listed}; {} blobs (want {}), {snapshots} snapshots (want {want_snapshots})",
+            blobs.len(),
+            want_blobs.len()
+        );
+        let ingest = entries(&b.root.join("content/ingest"))?;
+        ensure!(ingest.is_empty(), "ingest leftovers: {ingest:?}");
+        println!("image invariants hold: listed {listed}, {snapshots} snapshots");
+        Ok(())
     }
 }
 
@@ -193,7 +264,9 @@ async fn crash_at(
     round: &Arc<AtomicUsize>,
     image: &str,
     kept: &Kept,
+    store: &StoreLevels,
 ) -> Result<()> {
+    let churned = &world().concurrent;
     b.set_env("BERTH_FAILPOINT", Some(fp));
     b.restart()?;
     let logs = b.dir().join("logs");
@@ -209,6 +282,8 @@ async fn crash_at(
         );
         workers.push(tokio::spawn(w));
     }
+    let c = b.client().await?;
+    workers.push(tokio::spawn(image_churn(c, churned.reference.clone())));
     let died = died_within(b, 60).await;
     for w in workers {
         let _ = tokio::time::timeout(Duration::from_secs(30), w).await;
@@ -218,6 +293,7 @@ async fn crash_at(
     b.restart()?;
     let mut c = b.client().await?;
     check_invariants(b, &mut c, kept, false).await?;
+    store.check(b, &mut c, churned).await?;
     // As kubelet does: stop the pods that are not ready (retrying what the crash cut off).
     for p in list_pods(&mut c).await? {
         if p.state != cri::PodSandboxState::SandboxReady as i32 {
@@ -228,8 +304,10 @@ async fn crash_at(
 }
 
 /// berthd killed with -9 at each failpoint (mid-create of pods and containers, mid-stop
-/// after CNI DEL, mid-removal of containers and pods) while four clients churn; after
-/// each restart the invariants hold; at the end every pod goes and nothing is left.
+/// after CNI DEL, mid-removal of containers and pods, mid-pull after a layer and before
+/// the image record) while four clients churn pods and a fifth pulls and removes an
+/// image; after each restart the invariants hold; at the end every pod goes and
+/// nothing is left.
 pub fn kill9_at_failpoints_during_churn() -> Result<(), Failed> {
     run(|| async {
         let w = world();
@@ -239,8 +317,9 @@ pub fn kill9_at_failpoints_during_churn() -> Result<(), Failed> {
         pull(&mut c, &w.busybox.reference).await?;
         let round = Arc::new(AtomicUsize::new(0));
         let kept: Kept = Arc::default();
+        let store = StoreLevels::measure(&b, &mut c, &w.concurrent).await?;
         for fp in FAILPOINTS {
-            crash_at(&mut b, fp, &round, &w.busybox.reference, &kept)
+            crash_at(&mut b, fp, &round, &w.busybox.reference, &kept, &store)
                 .await
                 .with_context(|| format!("after a crash at {fp}"))?;
         }
@@ -820,7 +899,7 @@ pub fn pods_start_while_empty_cgroups_are_trimmed() -> Result<(), Failed> {
             std::thread::spawn(move || {
                 let mut pod_dirs_trimmed = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    pod_dirs_trimmed += trim_empty_cgroups(&scope);
+                    pod_dirs_trimmed += berth_e2e::calls::remove_cgroup_tree(&scope);
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 pod_dirs_trimmed
@@ -864,38 +943,4 @@ pub fn pods_start_while_empty_cgroups_are_trimmed() -> Result<(), Failed> {
         assert_no_pod_leftovers(&b, "trim")?;
         Ok(())
     })
-}
-
-/// Removes every empty cgroup below `rel` (deepest first) in every mounted hierarchy,
-/// v1 or v2; returns how many of them were pod cgroups (`pod*`).
-fn trim_empty_cgroups(rel: &str) -> usize {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut pods = 0;
-    for h in mounts.lines().filter_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
-    }) {
-        let mut dirs = vec![h.join(rel.trim_start_matches('/'))];
-        let mut i = 0;
-        while i < dirs.len() {
-            let kids: Vec<PathBuf> = std::fs::read_dir(&dirs[i])
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect();
-            dirs.extend(kids);
-            i += 1;
-        }
-        for d in dirs.iter().rev() {
-            let is_pod = d
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("pod"));
-            if std::fs::remove_dir(d).is_ok() && is_pod {
-                pods += 1;
-            }
-        }
-    }
-    pods
 }

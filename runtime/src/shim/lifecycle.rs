@@ -527,10 +527,14 @@ impl Shim {
             };
             let never_ran = still_the_runtime_init(pid);
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                // A timed-out runtime command's waiting thread took it: look again.
+                Err(nix::errno::Errno::ECHILD) => continue,
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(st) => {
+                    // Exited by itself, not killed: a runtime init that could not exec.
+                    let exec_failed = never_ran && matches!(st, WaitStatus::Exited(..));
                     if let Some((pid, status)) = exit_status_of(st) {
-                        self.on_exit(pid, status, never_ran);
+                        self.on_exit(pid, status, exec_failed);
                     }
                 }
             }
@@ -540,7 +544,7 @@ impl Shim {
     /// One process exited: the rest of a PID-sharing container killed, its output
     /// drained, the OOM verdict read, the exit recorded (containers: on disk,
     /// fsynced), then its waiters answered and the exit published.
-    fn on_exit(&mut self, pid: u32, exit_status: u32, never_ran: bool) {
+    fn on_exit(&mut self, pid: u32, exit_status: u32, exec_failed: bool) {
         let Some((id, exec)) = self.tasks.find_pid(pid) else {
             return; // an orphan reparented to us, or a runtime helper
         };
@@ -553,11 +557,8 @@ impl Shim {
         self.drain_output(&id, &exec, Stream::Stdout, true);
         self.drain_output(&id, &exec, Stream::Stderr, true);
         let oom_killed = exec.is_empty() && self.init_oom_verdict(&id, exit_status == 137);
-        let exec_error = match exec.is_empty() && never_ran {
-            true => self
-                .tasks
-                .process(&id, "")
-                .and_then(|p| exec_error(p, exit_status)),
+        let exec_error = match exec.is_empty() && exec_failed {
+            true => self.tasks.process(&id, "").and_then(exec_error),
             false => None,
         };
         if let Some(e) = &exec_error {
@@ -689,10 +690,10 @@ fn still_the_runtime_init(pid: Pid) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("runc:["))
 }
 
-/// Why a started container's init ended without running its process, if it did: the
-/// runtime's init exits (not killed) and says why on the container's stderr.
-fn exec_error(p: &Process, exit_status: u32) -> Option<String> {
-    if exit_status >= 128 || p.status != pb::TaskStatus::Running {
+/// Why a started container's init exited without running its process: the runtime's
+/// init says why on the container's stderr (and exits 1 with runc 1.1, 255 with 1.2).
+fn exec_error(p: &Process) -> Option<String> {
+    if p.status != pb::TaskStatus::Running {
         return None;
     }
     let said = String::from_utf8_lossy(&p.early_errors);

@@ -81,11 +81,11 @@ fn internal(what: &str, e: io::Error) -> Failure {
     failure(Code::Internal, format!("{what}: {e}"))
 }
 
-/// Where one read of a process's output goes: the capture, else the log; and every
-/// streaming client.
 /// How much of a container's first stderr output is kept to explain a failed exec.
 const EARLY_ERRORS: usize = 512;
 
+/// Where one read of a process's output goes: the capture, else the log; and every
+/// streaming client.
 fn deliver(p: &mut Process, s: Stream, data: &[u8]) {
     if let Some(c) = p.capture.as_mut() {
         let out = match s {
