@@ -93,24 +93,32 @@ pub async fn run_plugin(
     })?;
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     let input = serde_json::to_vec(inv.config).unwrap_or_default();
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let run = async {
-        if let Some(mut stdin) = child.stdin.take() {
+        if let Some(mut stdin) = stdin {
             // A plugin may exit without reading its stdin; that is its business.
             let _ = stdin.write_all(&input).await;
         }
-        child.wait_with_output().await
+        let (status, stdout, stderr) =
+            tokio::join!(child.wait(), read_to_end(stdout), read_to_end(stderr));
+        Ok::<_, std::io::Error>(std::process::Output {
+            status: status?,
+            stdout,
+            stderr,
+        })
     };
     let out = match tokio::time::timeout(timeout, run).await {
         Ok(r) => r.map_err(|source| PluginError::Spawn {
             plugin: plugin.clone(),
             source,
         })?,
-        // Its process group goes (a plugin may have started helpers); dropping the
-        // future drops the child, which reaps it (kill_on_drop).
+        // Its process group goes (a plugin may have started helpers), while the
+        // plugin is not yet reaped: its pid, the group's id, cannot have been reused.
         Err(_) => {
             if let Some(pgid) = pgid {
                 let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
             }
+            let _ = child.wait().await;
             return Err(PluginError::Timeout {
                 plugin,
                 command: inv.command.to_string(),
@@ -152,4 +160,13 @@ pub async fn run_plugin(
         command: inv.command.to_string(),
         detail: e.to_string(),
     })
+}
+
+/// All of a plugin's output stream (empty if it has none).
+async fn read_to_end<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Some(mut r) = r {
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut buf).await;
+    }
+    buf
 }
