@@ -25,9 +25,10 @@ BERTH_BUILD_PACKAGES="protobuf-compiler gcc libc6-dev pkg-config ca-certificates
 BERTH_RUN_PACKAGES="runc containernetworking-plugins iptables iproute2"
 # Extra packages the test suite needs: a real registry, htpasswd for its auth,
 # busybox-static to build images from local material, crun for the handler test,
+# curl to scrape the Prometheus endpoint,
 # Go, grpc-go, gorilla/websocket and docker/spdystream to build clients berth did not
 # write (GOPATH mode, offline); test.sh installs grpcio with pip into target/python.
-BERTH_TEST_PACKAGES="docker-registry apparmor apache2-utils busybox-static coreutils openssl crun golang-go golang-google-grpc-dev golang-github-gorilla-websocket-dev golang-github-docker-spdystream-dev"
+BERTH_TEST_PACKAGES="docker-registry apparmor apache2-utils busybox-static coreutils curl openssl crun golang-go golang-google-grpc-dev golang-github-gorilla-websocket-dev golang-github-docker-spdystream-dev"
 
 berth_require_cargo() {
   if ! command -v cargo >/dev/null 2>&1; then

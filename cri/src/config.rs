@@ -43,6 +43,31 @@ pub struct Config {
     pub cni: CniConfig,
     /// The exec/attach/port-forward streaming server.
     pub stream: StreamConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint, as containerd's `[metrics]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `GET /metrics` on; empty = off.
+    pub address: String,
+}
+
+impl MetricsConfig {
+    /// Where to serve, if anywhere.
+    pub fn socket_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.address.is_empty() {
+            return Ok(None);
+        }
+        self.address.parse().map(Some).map_err(|_| {
+            format!(
+                "{:?} is not an address:port such as 127.0.0.1:9323",
+                self.address
+            )
+        })
+    }
 }
 
 /// `[stream]`: where the streaming server listens.
@@ -251,6 +276,7 @@ impl Default for Config {
             shim: PathBuf::new(),
             cni: CniConfig::default(),
             stream: StreamConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -356,6 +382,9 @@ impl Config {
         }
         if let Some((key, why)) = self.stream.check() {
             return Err(invalid(key.into(), why));
+        }
+        if let Err(why) = self.metrics.socket_addr() {
+            return Err(invalid("metrics.address".into(), why));
         }
         for (name, h) in &self.runtimes {
             if !(1..=110).contains(&h.timeout_secs) {

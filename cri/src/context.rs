@@ -57,6 +57,8 @@ pub struct Context {
     pub record_lock: Mutex<()>,
     /// The event exchange.
     pub events: Exchange,
+    /// The figures the Prometheus endpoint serves.
+    pub metrics: Arc<crate::prometheus::Metrics>,
     /// Set once berthd is stopping: long-lived streams (events) end, so that the
     /// servers can drain.
     pub shutdown: tokio::sync::watch::Sender<bool>,
@@ -104,6 +106,7 @@ impl Context {
             create_lock: tokio::sync::Mutex::new(()),
             record_lock: Mutex::new(()),
             events: Exchange::default(),
+            metrics: Arc::default(),
             starting: Mutex::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
             cgroups,
@@ -116,6 +119,26 @@ impl Context {
     /// panic elsewhere that poisoned it leaves the records usable.
     pub fn record_guard(&self) -> std::sync::MutexGuard<'_, ()> {
         self.record_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a Prometheus scrape gets: the figures, with pods and containers counted now.
+    pub fn metrics_text(&self) -> String {
+        use crate::records::{ContainerState as C, SandboxState};
+        let pods = self.records.sandboxes();
+        let ready = pods
+            .iter()
+            .filter(|p| p.state == SandboxState::Ready)
+            .count();
+        let ctrs = self.records.containers();
+        let count = |s: C| ctrs.iter().filter(|c| c.state == s).count();
+        self.metrics.encode(&crate::prometheus::StateCounts {
+            pods: [("ready", ready), ("notready", pods.len() - ready)],
+            containers: [
+                ("created", count(C::Created)),
+                ("running", count(C::Running)),
+                ("exited", count(C::Exited)),
+            ],
+        })
     }
 
     /// A pod by full id or unique prefix; `Ok(None)` when there is none.

@@ -30,16 +30,23 @@ pub struct CriImageService {
 /// when the name moved to another image) on `events`, the heap trimmed after.
 pub async fn pull_and_publish(
     images: &Arc<berth_image::ImageService>,
-    events: Option<&crate::events::Exchange>,
+    ctx: Option<&crate::context::Context>,
     name: &str,
     creds: Credentials,
     server: Option<&str>,
     progress: Option<berth_image::ProgressSink>,
 ) -> Result<berth_image::ImageRecord, berth_image::ImageError> {
     let before = images.resolve(name).ok().flatten().map(|r| r.id);
+    let started = std::time::Instant::now();
     let result = images
         .pull_with_progress(name, creds, server, progress)
         .await;
+    if let Some(ctx) = ctx {
+        let bytes = result
+            .as_ref()
+            .map(|r| r.layers.iter().map(|l| l.size).sum());
+        ctx.metrics.pulled(started.elapsed(), bytes.map_err(|_| ()));
+    }
     // A pull frees tens of MiB of buffers that glibc would otherwise keep; give them
     // back so an idle berthd stays small.
     // SAFETY: malloc_trim only releases free heap memory.
@@ -56,8 +63,8 @@ pub async fn pull_and_publish(
         Some(id) if id != rec.id => Some(Event::ImageUpdate { name, labels }),
         Some(_) => None,
     };
-    if let (Some(events), Some(event)) = (events, event) {
-        events.publish("", event);
+    if let (Some(ctx), Some(event)) = (ctx, event) {
+        ctx.events.publish("", event);
     }
     Ok(rec)
 }
@@ -228,8 +235,8 @@ impl ImageService for CriImageService {
         tracing::Span::current().record("image", name.as_str());
         let server = req.auth.as_ref().map(|a| a.server_address.clone());
         let creds = credentials(req.auth)?;
-        let events = self.containers.as_ref().map(|c| &c.context().events);
-        let rec = pull_and_publish(&self.images, events, &name, creds, server.as_deref(), None)
+        let ctx = self.containers.as_ref().map(|c| c.context().as_ref());
+        let rec = pull_and_publish(&self.images, ctx, &name, creds, server.as_deref(), None)
             .await
             .map_err(from_image_error)?;
         Ok(Response::new(PullImageResponse {

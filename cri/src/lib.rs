@@ -19,6 +19,7 @@ pub mod notify;
 pub mod oci;
 pub mod oom_score;
 pub mod podscope;
+pub mod prometheus;
 pub mod records;
 pub mod runtime_service;
 pub mod sandbox;

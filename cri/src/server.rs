@@ -100,6 +100,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let containers = svc.containers.clone();
+    let measure = crate::prometheus::MeasureCalls(svc.ctx.metrics.clone());
     let runtime = RuntimeServiceServer::new(CriRuntimeService::new(config, svc))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -108,6 +109,7 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE);
     http2_server()
         .trace_fn(|req| tracing::info_span!("cri", rpc = %req.uri().path().rsplit('/').next().unwrap_or("")))
+        .layer(measure)
         .add_service(runtime)
         .add_service(image)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

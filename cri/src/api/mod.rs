@@ -46,8 +46,10 @@ pub async fn serve(
     use pb::sandboxes_server::SandboxesServer;
     use pb::tasks_server::TasksServer;
     let objects = objects::Objects { svc: svc.clone() };
+    let measure = crate::prometheus::MeasureCalls(svc.ctx.metrics.clone());
     crate::server::http2_server()
         .trace_fn(|req| tracing::info_span!("api", rpc = %req.uri().path()))
+        .layer(measure)
         .add_service(IntrospectionServer::new(introspection::Introspection {
             config,
             svc: svc.clone(),

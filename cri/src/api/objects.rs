@@ -248,10 +248,9 @@ impl pb::images_server::Images for Objects {
         // while someone reads.
         let pulling = tokio::spawn(async move {
             let images = &svc.ctx.images;
-            let events = Some(&svc.ctx.events);
             crate::image_service::pull_and_publish(
                 images,
-                events,
+                Some(&svc.ctx),
                 &req.name,
                 creds,
                 None,

@@ -166,6 +166,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let records = Arc::new(berth_cri::records::RecordStore::open(db)?);
     let svc =
         berth_cri::services::Services::open(config.clone(), records, images.clone(), systemd).await;
+    let metrics_listener = match config.metrics.socket_addr().map_err(anyhow::Error::msg)? {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics.address {addr}"))?,
+        ),
+        None => None,
+    };
     let listener = berth_cri::server::bind(&config.listen, 0o660)?;
     let api_socket = config.api_socket();
     let api_listener = berth_cri::server::bind(&api_socket, 0o600)?;
@@ -220,8 +228,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
     let api = berth_cri::api::serve(api_listener, config.clone(), svc.clone(), shutdown.clone());
+    let metrics = {
+        let (ctx, shutdown) = (svc.ctx.clone(), shutdown.clone());
+        async move {
+            if let Some(l) = metrics_listener {
+                berth_cri::prometheus::serve(l, move || ctx.metrics_text(), shutdown).await;
+            }
+        }
+    };
     let cri = berth_cri::server::serve(listener, config, images, svc, shutdown);
-    let (cri, api) = tokio::join!(cri, api);
+    let (cri, api, ()) = tokio::join!(cri, api, metrics);
     let _ = std::fs::remove_file(&listen);
     let _ = std::fs::remove_file(&api_socket);
     cri?;

@@ -55,6 +55,7 @@ impl SandboxService {
             }
             Some(pb::event::Event::Oom(o)) => {
                 warn!(sandbox = %pod, container = %o.id, "the kernel OOM-killed a process of the container");
+                self.ctx.metrics.oom_killed();
                 let oom = Event::TaskOom {
                     container_id: o.id.clone(),
                 };
@@ -102,6 +103,7 @@ impl SandboxService {
             .is_some_and(|r| r.state != SandboxState::Ready);
         self.mark_not_ready(pod, "the pod's shim died");
         if !shutting_down {
+            self.ctx.metrics.shim_died();
             self.containers.reap_orphans(pod).await;
         }
     }

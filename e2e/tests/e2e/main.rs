@@ -33,6 +33,7 @@ mod fault;
 mod fulldisk;
 mod interop;
 mod limits;
+mod prometheus;
 mod security;
 mod systemd;
 
@@ -4829,6 +4830,10 @@ fn main() -> anyhow::Result<()> {
         Trial::test(
             "soak_cycles_leave_nothing",
             fault::soak_cycles_leave_nothing,
+        ),
+        Trial::test(
+            "prometheus_endpoint_serves_metrics",
+            prometheus::prometheus_endpoint_serves_metrics,
         ),
         Trial::test(
             "pods_start_while_empty_cgroups_are_trimmed",
