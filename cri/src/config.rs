@@ -63,7 +63,7 @@ impl MetricsConfig {
         }
         self.address.parse().map(Some).map_err(|_| {
             format!(
-                "{:?} is not an address:port such as 127.0.0.1:9323",
+                "{:?} is not an address:port such as 127.0.0.1:1338",
                 self.address
             )
         })

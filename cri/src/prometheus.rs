@@ -96,6 +96,48 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    service: &'static str,
+    method: &'static str,
+    code: &'static str,
+}
+
+/// gRPC status codes by number, named as grpc-go names them.
+const CODES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// The status of an answer: an error's `grpc-status` is in its head (trailers-only);
+/// a success's comes in trailers, after this point.
+fn status_of<B>(answer: &http::Response<B>) -> &'static str {
+    match answer.headers().get("grpc-status") {
+        None => "OK",
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .and_then(|n| CODES.get(n).copied())
+            .unwrap_or("Unknown"),
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -112,6 +154,7 @@ pub struct Metrics {
     registry: Registry,
     rpc_seconds: Histograms<RpcLabels>,
     rpc_in_flight: Family<RpcLabels, Gauge>,
+    rpc_handled: Family<HandledLabels, Counter>,
     pods: Family<StateLabels, Gauge>,
     containers: Family<StateLabels, Gauge>,
     pull_seconds: Histogram,
@@ -139,6 +182,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("berth");
         let rpc_seconds: Histograms<RpcLabels> = Family::new_with_constructor(latency_histogram);
         let rpc_in_flight = Family::<RpcLabels, Gauge>::default();
+        let rpc_handled = Family::<HandledLabels, Counter>::default();
         let pods = Family::<StateLabels, Gauge>::default();
         let containers = Family::<StateLabels, Gauge>::default();
         let pull_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 16));
@@ -154,6 +198,11 @@ impl Metrics {
             "grpc_requests_in_flight",
             "gRPC calls being answered",
             rpc_in_flight.clone(),
+        );
+        r.register(
+            "grpc_requests",
+            "gRPC calls answered, by status (Canceled: the caller went first)",
+            rpc_handled.clone(),
         );
         r.register("pods", "Pod sandboxes by state", pods.clone());
         r.register("containers", "Containers by state", containers.clone());
@@ -186,6 +235,7 @@ impl Metrics {
             registry,
             rpc_seconds,
             rpc_in_flight,
+            rpc_handled,
             pods,
             containers,
             pull_seconds,
@@ -211,6 +261,7 @@ impl Metrics {
             metrics: self.clone(),
             labels,
             started: Instant::now(),
+            code: "Canceled",
         })
     }
 
@@ -269,6 +320,8 @@ struct CallGuard {
     metrics: Arc<Metrics>,
     labels: RpcLabels,
     started: Instant,
+    /// Its status; `Canceled` until it is answered.
+    code: &'static str,
 }
 
 impl Drop for CallGuard {
@@ -277,6 +330,13 @@ impl Drop for CallGuard {
         m.rpc_in_flight.get_or_create(&self.labels).dec();
         let took = self.started.elapsed().as_secs_f64();
         m.rpc_seconds.get_or_create(&self.labels).observe(took);
+        let RpcLabels { service, method } = self.labels;
+        let handled = HandledLabels {
+            service,
+            method,
+            code: self.code,
+        };
+        m.rpc_handled.get_or_create(&handled).inc();
     }
 }
 
@@ -303,9 +363,9 @@ pub struct Measured<S> {
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-impl<S, B> tower::Service<http::Request<B>> for Measured<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for Measured<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -317,10 +377,13 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let guard = self.metrics.call(req.uri().path());
+        let mut guard = self.metrics.call(req.uri().path());
         let answer = self.inner.call(req);
         Box::pin(async move {
             let r = answer.await;
+            if let Some(g) = guard.as_mut() {
+                g.code = r.as_ref().map_or("Internal", status_of);
+            }
             drop(guard);
             r
         })
@@ -364,11 +427,13 @@ pub async fn serve<F>(
                 let scrape = scrape.clone();
                 async move { Ok::<_, std::convert::Infallible>(respond(&scrape, &req)) }
             });
+            // One request per connection: a slot is never held by an idle keep-alive.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive(false)
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), answer);
-            // A scraper that stalls is dropped.
+            // A scraper that stalls reading the answer is dropped.
             let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
         });
     }
@@ -419,6 +484,9 @@ mod tests {
             "berth_grpc_request_duration_seconds_count{service=\"runtime\",method=\"RunPodSandbox\"} 1"
         ));
         assert!(out.contains("method=\"other\""));
+        assert!(out.contains(
+            "berth_grpc_requests_total{service=\"runtime\",method=\"RunPodSandbox\",code=\"Canceled\"} 1"
+        ));
         assert!(!out.contains("Xyzzy"));
     }
 

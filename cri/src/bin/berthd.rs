@@ -166,6 +166,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let records = Arc::new(berth_cri::records::RecordStore::open(db)?);
     let svc =
         berth_cri::services::Services::open(config.clone(), records, images.clone(), systemd).await;
+    let listener = berth_cri::server::bind(&config.listen, 0o660)?;
+    let api_socket = config.api_socket();
+    let api_listener = berth_cri::server::bind(&api_socket, 0o600)?;
     let metrics_listener = match config.metrics.socket_addr().map_err(anyhow::Error::msg)? {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -174,9 +177,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let listener = berth_cri::server::bind(&config.listen, 0o660)?;
-    let api_socket = config.api_socket();
-    let api_listener = berth_cri::server::bind(&api_socket, 0o600)?;
     let stream_addr = std::net::SocketAddr::new(
         config.stream.address.parse().context("stream.address")?,
         config.stream.port,

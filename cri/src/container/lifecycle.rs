@@ -119,20 +119,22 @@ impl ContainerService {
         let runc = berth_runtime::runc::Runc::new(&handler.path, &root, &log, handler.args.clone())
             .with_timeout(std::time::Duration::from_secs(handler.timeout_secs));
         // Exited ones too: the shim that would have deleted them at their removal is
-        // gone, and their runtime state holds their cgroups.
+        // gone, and their runtime state holds their cgroups. (Those whose state is
+        // gone were deleted by an earlier call.)
         for c in self.ctx.containers_of(sandbox) {
-            let (r, id) = (runc.clone(), c.id.clone());
-            let killed = tokio::task::spawn_blocking(move || r.delete(&id, true)).await;
-            if let Ok(Err(e)) = killed {
-                if !e.is_not_found() {
-                    warn!(container = %c.id, error = %e, "killing a container of a dead shim");
+            if root.join(&c.id).exists() {
+                let (r, id) = (runc.clone(), c.id.clone());
+                let killed = tokio::task::spawn_blocking(move || r.delete(&id, true)).await;
+                if let Ok(Err(e)) = killed {
+                    if !e.is_not_found() {
+                        warn!(container = %c.id, error = %e, "killing a container of a dead shim");
+                    }
                 }
             }
-            if c.state == ContainerState::Exited {
-                continue;
+            if c.state != ContainerState::Exited {
+                let message = "the pod's shim died; berth killed the container";
+                self.record_exit(&c.id, died(Some("ShimDied"), message));
             }
-            let message = "the pod's shim died; berth killed the container";
-            self.record_exit(&c.id, died(Some("ShimDied"), message));
         }
     }
 

@@ -22,7 +22,10 @@ impl SandboxService {
         tokio::spawn(async move {
             let mut events = client.events();
             loop {
+                // Events first: the shim's last ones (the infra's exit of a normal
+                // stop) are queued before its connection closes.
                 tokio::select! {
+                    biased;
                     ev = events.recv() => match ev {
                         Ok(ev) => me.on_event(&id, ev),
                         Err(RecvError::Lagged(n)) => {

@@ -13,6 +13,9 @@ use clap::{Parser, Subcommand};
 use k8s_cri::v1 as cri;
 use serde::{Deserialize, Serialize};
 
+#[path = "berth-bench/node.rs"]
+mod node;
+
 #[derive(Parser)]
 #[command(about = "Benchmark a CRI runtime (berth, containerd, ...) through its socket")]
 struct Cli {
@@ -83,6 +86,36 @@ enum Cmd {
     },
     /// Print ratios of two `pods --json` results (first / second).
     ComparePods { first: PathBuf, second: PathBuf },
+    /// A node at kubelet's scale: pods started 10-way and all at once, the steady
+    /// state (RSS, idle CPU, List* latency), teardown, drift over create/remove cycles.
+    Node {
+        /// CRI endpoint.
+        #[arg(long)]
+        endpoint: String,
+        /// Registry host:port holding the images of `push`.
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        registry: String,
+        /// Name for this runtime in the output.
+        #[arg(long)]
+        label: String,
+        /// Daemon pid for RSS and CPU figures.
+        #[arg(long)]
+        daemon_pid: Option<u32>,
+        /// Pods (kubelet's default maximum is 110).
+        #[arg(long, default_value_t = 110)]
+        pods: usize,
+        /// Seconds the pods sit idle while CPU is measured.
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+        /// Whole pod lifecycles for the drift figures.
+        #[arg(long, default_value_t = 200)]
+        cycles: usize,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Print ratios of two `node --json` results (first / second).
+    CompareNode { first: PathBuf, second: PathBuf },
     /// Measure ListContainerStats / ListPodSandboxStats with `pods` running pods.
     Stats {
         /// CRI endpoint.
@@ -1111,6 +1144,38 @@ fn main() -> Result<()> {
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
             }
+            Ok(())
+        }
+        Cmd::Node {
+            endpoint,
+            registry,
+            label,
+            daemon_pid,
+            pods,
+            idle_seconds,
+            cycles,
+            json,
+        } => {
+            let plan = node::NodePlan {
+                endpoint: &endpoint,
+                registry: &registry,
+                label: &label,
+                daemon_pid,
+                pods,
+                idle_seconds,
+                cycles,
+            };
+            let r = rt.block_on(node::node_bench(&plan))?;
+            node::print_node(&r);
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
+            }
+            Ok(())
+        }
+        Cmd::CompareNode { first, second } => {
+            let a: node::NodeReport = serde_json::from_slice(&std::fs::read(&first)?)?;
+            let b: node::NodeReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            node::compare_node(&a, &b);
             Ok(())
         }
         Cmd::Clean { endpoint } => rt.block_on(clean(&endpoint)),

@@ -92,6 +92,14 @@ pub fn prometheus_endpoint_serves_metrics() -> Result<(), Failed> {
         std::fs::write(trigger.join("hog"), "")?;
         let st = wait_exited(&mut c, &hog).await?;
         ensure!(st.reason == "OOMKilled", "{st:?}");
+        let unknown = c
+            .runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: "0123456789ab".into(),
+                verbose: false,
+            })
+            .await;
+        ensure!(unknown.is_err(), "status of an unknown container");
         let text = until_sample(port, "berth_oom_kills_total", 1.0).await?;
         let layers: u64 = w.busybox.layer_sizes.iter().sum();
         for (series, want) in [
@@ -110,6 +118,14 @@ pub fn prometheus_endpoint_serves_metrics() -> Result<(), Failed> {
             (
                 "berth_grpc_requests_in_flight{service=\"runtime\",method=\"RunPodSandbox\"}",
                 0.0,
+            ),
+            (
+                "berth_grpc_requests_total{service=\"runtime\",method=\"RunPodSandbox\",code=\"OK\"}",
+                1.0,
+            ),
+            (
+                "berth_grpc_requests_total{service=\"runtime\",method=\"ContainerStatus\",code=\"NotFound\"}",
+                1.0,
             ),
             ("berth_pods{state=\"ready\"}", 1.0),
             ("berth_containers{state=\"running\"}", 1.0),
