@@ -7,6 +7,17 @@ use std::path::{Path, PathBuf};
 use berth_image::{ImageConfig, RegistryHostConfig};
 use serde::{Deserialize, Serialize};
 
+/// A log filter (`EnvFilter` syntax) with field values matched as plain strings: as
+/// regexes, a value such as `{x=a.....E}` compiles to a DFA of gigabytes (found by
+/// fuzzing the config file).
+pub fn log_filter(
+    directives: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(directives)
+}
+
 /// Default config file path.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/config.toml";
 
@@ -360,7 +371,7 @@ impl Config {
                 "must be between 1 and 64".into(),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+        if let Err(e) = log_filter(&self.log_level) {
             return Err(invalid("log_level".into(), e.to_string()));
         }
         for (i, p) in self.image.pinned_images.iter().enumerate() {

@@ -62,9 +62,9 @@ fn main() -> anyhow::Result<()> {
     }
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() && config.log_level == Config::default().log_level => {
-            EnvFilter::try_new(v)?
+            berth_cri::config::log_filter(&v)?
         }
-        _ => EnvFilter::try_new(&config.log_level)?,
+        _ => berth_cri::config::log_filter(&config.log_level)?,
     };
     init_logging(filter, config.log_format);
     if !args.config.exists() {
