@@ -51,7 +51,26 @@ pub struct NodePlan<'a> {
     pub cycles: usize,
 }
 
+/// The cgroup parent under which each pod gets its own, as kubelet gives one per pod
+/// (containerd's pod stats need one).
+const NODE_CGROUP: &str = "berth-bench-node";
+
+/// The bench's pod `name`, in its own cgroup parent.
+fn node_pod(name: &str) -> cri::PodSandboxConfig {
+    let mut cfg = pod_config(name);
+    if let Some(l) = cfg.linux.as_mut() {
+        l.cgroup_parent = format!("/{NODE_CGROUP}/pod-{name}");
+    }
+    cfg
+}
+
 pub async fn node_bench(plan: &NodePlan<'_>) -> Result<NodeReport> {
+    let r = node_scenario(plan).await;
+    calls::remove_cgroup_tree(NODE_CGROUP);
+    r
+}
+
+async fn node_scenario(plan: &NodePlan<'_>) -> Result<NodeReport> {
     let mut c = CriClient::connect(plan.endpoint).await?;
     let image = format!("{}/{BUSYBOX_REPO}:1", plan.registry);
     pull(&mut c, &image).await?;
@@ -102,7 +121,7 @@ async fn start_wave(
     let mut tasks = Vec::new();
     for i in 0..n {
         let (mut c, gate, image) = (c.clone(), gate.clone(), image.to_string());
-        let cfg = pod_config(&format!("{prefix}-{i}"));
+        let cfg = node_pod(&format!("{prefix}-{i}"));
         tasks.push(tokio::spawn(async move {
             let _slot = gate.acquire_owned().await?;
             let t0 = Instant::now();
@@ -208,7 +227,7 @@ async fn list_latencies(c: &mut CriClient, r: &mut NodeReport) -> Result<()> {
 async fn cycles(c: &mut CriClient, image: &str, n: usize) -> Result<Vec<Duration>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let cfg = pod_config(&format!("cycle-{i}"));
+        let cfg = node_pod(&format!("cycle-{i}"));
         let t = Instant::now();
         let pod = run_pod(c, &cfg).await?;
         start_sleeper(c, &pod, &cfg, image).await?;
