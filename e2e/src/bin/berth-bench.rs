@@ -33,15 +33,8 @@ enum Cmd {
     },
     /// Measure one runtime.
     Run {
-        /// CRI endpoint, e.g. unix:///run/berth/berth.sock.
-        #[arg(long)]
-        endpoint: String,
-        /// Registry host:port holding the images of `push`.
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        registry: String,
-        /// Name for this runtime in the output.
-        #[arg(long)]
-        label: String,
+        #[command(flatten)]
+        target: Target,
         /// Daemon pid whose RSS is sampled during the pull (berthd or containerd).
         #[arg(long)]
         daemon_pid: Option<u32>,
@@ -51,23 +44,13 @@ enum Cmd {
         /// Iterations of the status/list latency loops.
         #[arg(long, default_value_t = 200)]
         iterations: usize,
-        /// Write the result as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
     },
     /// Print ratios of two `run --json` results (first / second).
     Compare { first: PathBuf, second: PathBuf },
     /// Measure pod and container lifecycle latency, concurrency and memory.
     Pods {
-        /// CRI endpoint.
-        #[arg(long)]
-        endpoint: String,
-        /// Registry host:port holding the images of `push`.
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        registry: String,
-        /// Name for this runtime in the output.
-        #[arg(long)]
-        label: String,
+        #[command(flatten)]
+        target: Target,
         /// Daemon pid for RSS figures.
         #[arg(long)]
         daemon_pid: Option<u32>,
@@ -80,24 +63,14 @@ enum Cmd {
         /// Also time bare `runc create`+`start` / `delete -f` of the same image (the floor).
         #[arg(long)]
         runc_floor: bool,
-        /// Write the result as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
     },
     /// Print ratios of two `pods --json` results (first / second).
     ComparePods { first: PathBuf, second: PathBuf },
     /// A node at kubelet's scale: pods started 10-way and all at once, the steady
     /// state (RSS, idle CPU, List* latency), teardown, drift over create/remove cycles.
     Node {
-        /// CRI endpoint.
-        #[arg(long)]
-        endpoint: String,
-        /// Registry host:port holding the images of `push`.
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        registry: String,
-        /// Name for this runtime in the output.
-        #[arg(long)]
-        label: String,
+        #[command(flatten)]
+        target: Target,
         /// Daemon pid for RSS and CPU figures.
         #[arg(long)]
         daemon_pid: Option<u32>,
@@ -110,52 +83,29 @@ enum Cmd {
         /// Whole pod lifecycles for the drift figures.
         #[arg(long, default_value_t = 200)]
         cycles: usize,
-        /// Write the result as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
     },
     /// Print ratios of two `node --json` results (first / second).
     CompareNode { first: PathBuf, second: PathBuf },
     /// Measure ListContainerStats / ListPodSandboxStats with `pods` running pods.
     Stats {
-        /// CRI endpoint.
-        #[arg(long)]
-        endpoint: String,
-        /// Registry host:port holding the images of `push`.
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        registry: String,
-        /// Name for this runtime in the output.
-        #[arg(long)]
-        label: String,
+        #[command(flatten)]
+        target: Target,
         /// Pods (one running container each) present while measuring.
         #[arg(long, default_value_t = 50)]
         pods: usize,
         /// Calls of each RPC.
         #[arg(long, default_value_t = 100)]
         iterations: usize,
-        /// Write the result as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
     },
     /// Print ratios of two `stats --json` results (first / second).
     CompareStats { first: PathBuf, second: PathBuf },
     /// Measure ExecSync and a streaming exec round trip (CRI Exec + SPDY session).
     Exec {
-        /// CRI endpoint.
-        #[arg(long)]
-        endpoint: String,
-        /// Registry host:port holding the images of `push`.
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        registry: String,
-        /// Name for this runtime in the output.
-        #[arg(long)]
-        label: String,
+        #[command(flatten)]
+        target: Target,
         /// Calls of each.
         #[arg(long, default_value_t = 100)]
         iterations: usize,
-        /// Write the result as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
     },
     /// Print ratios of two `exec --json` results (first / second).
     CompareExec { first: PathBuf, second: PathBuf },
@@ -165,6 +115,38 @@ enum Cmd {
         #[arg(long)]
         endpoint: String,
     },
+}
+
+/// The runtime a measurement is of, and where its result goes.
+#[derive(clap::Args)]
+struct Target {
+    /// CRI endpoint, e.g. unix:///run/berth/berth.sock.
+    #[arg(long)]
+    endpoint: String,
+    /// Registry host:port holding the images of `push`.
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    registry: String,
+    /// Name for this runtime in the output.
+    #[arg(long)]
+    label: String,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Prints a result and writes it as JSON where asked.
+fn report<R: Serialize>(r: &R, print: impl Fn(&R), json: &Option<PathBuf>) -> Result<()> {
+    print(r);
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_vec_pretty(r)?)?;
+    }
+    Ok(())
+}
+
+/// Two `--json` results, to compare.
+fn read_pair<R: serde::de::DeserializeOwned>(first: &PathBuf, second: &PathBuf) -> Result<(R, R)> {
+    let read = |p: &PathBuf| -> Result<R> { Ok(serde_json::from_slice(&std::fs::read(p)?)?) };
+    Ok((read(first)?, read(second)?))
 }
 
 const LARGE_REPO: &str = "berth-bench/large";
@@ -558,6 +540,15 @@ fn ctr_config(image: &str) -> cri::ContainerConfig {
     }
 }
 
+/// Pod `name` in a cgroup of its own under `parent`, as kubelet gives one per pod.
+fn pod_in_cgroup(name: &str, parent: &str) -> cri::PodSandboxConfig {
+    let mut cfg = pod_config(name);
+    if let Some(l) = cfg.linux.as_mut() {
+        l.cgroup_parent = format!("/{parent}/pod-{name}");
+    }
+    cfg
+}
+
 async fn run_pod(c: &mut CriClient, cfg: &cri::PodSandboxConfig) -> Result<String> {
     Ok(calls::run_pod(c, cfg.clone()).await?)
 }
@@ -715,10 +706,7 @@ async fn stats_bench(
     pull(&mut c, &image).await?;
     let mut held = Vec::new();
     for i in 0..pods {
-        let mut cfg = pod_config(&format!("stats-{i}"));
-        if let Some(l) = cfg.linux.as_mut() {
-            l.cgroup_parent = format!("/{STATS_CGROUP}/pod{i}");
-        }
+        let cfg = pod_in_cgroup(&format!("stats-{i}"), STATS_CGROUP);
         let pod = run_pod(&mut c, &cfg).await?;
         held.push(pod.clone());
         start_sleeper(&mut c, &pod, &cfg, &image).await?;
@@ -1110,92 +1098,73 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Push { registry } => rt.block_on(push(&registry)),
         Cmd::Run {
-            endpoint,
-            registry,
-            label,
+            target: t,
             daemon_pid,
             pull_runs,
             iterations,
-            json,
         } => {
             let r = rt.block_on(run(
-                &endpoint, &registry, &label, daemon_pid, pull_runs, iterations,
+                &t.endpoint,
+                &t.registry,
+                &t.label,
+                daemon_pid,
+                pull_runs,
+                iterations,
             ))?;
-            print_report(&r);
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
-            }
-            Ok(())
+            report(&r, print_report, &t.json)
         }
         Cmd::Pods {
-            endpoint,
-            registry,
-            label,
+            target: t,
             daemon_pid,
             iterations,
             hold,
             runc_floor,
-            json,
         } => {
             let r = rt.block_on(pods_bench(
-                &endpoint, &registry, &label, daemon_pid, iterations, hold, runc_floor,
+                &t.endpoint,
+                &t.registry,
+                &t.label,
+                daemon_pid,
+                iterations,
+                hold,
+                runc_floor,
             ))?;
-            print_pods(&r);
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
-            }
-            Ok(())
+            report(&r, print_pods, &t.json)
         }
         Cmd::Node {
-            endpoint,
-            registry,
-            label,
+            target: t,
             daemon_pid,
             pods,
             idle_seconds,
             cycles,
-            json,
         } => {
             let plan = node::NodePlan {
-                endpoint: &endpoint,
-                registry: &registry,
-                label: &label,
+                endpoint: &t.endpoint,
+                registry: &t.registry,
+                label: &t.label,
                 daemon_pid,
                 pods,
                 idle_seconds,
                 cycles,
             };
             let r = rt.block_on(node::node_bench(&plan))?;
-            node::print_node(&r);
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
-            }
-            Ok(())
+            report(&r, node::print_node, &t.json)
         }
         Cmd::CompareNode { first, second } => {
-            let a: node::NodeReport = serde_json::from_slice(&std::fs::read(&first)?)?;
-            let b: node::NodeReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            let (a, b) = read_pair(&first, &second)?;
             node::compare_node(&a, &b);
             Ok(())
         }
         Cmd::Clean { endpoint } => rt.block_on(clean(&endpoint)),
         Cmd::Exec {
-            endpoint,
-            registry,
-            label,
+            target: t,
             iterations,
-            json,
         } => {
-            let r = rt.block_on(exec_bench(&endpoint, &registry, &label, iterations))?;
-            print_exec(&r);
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
-            }
-            Ok(())
+            let r = rt.block_on(exec_bench(&t.endpoint, &t.registry, &t.label, iterations))?;
+            report(&r, print_exec, &t.json)
         }
         Cmd::CompareExec { first, second } => {
-            let a: ExecReport = serde_json::from_slice(&std::fs::read(&first)?)?;
-            let b: ExecReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            let (a, b): (ExecReport, ExecReport) = read_pair(&first, &second)?;
             println!(
                 "metric (p50)                    {:>10} {:>12}    ratio",
                 a.label, b.label
@@ -1213,35 +1182,31 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Stats {
-            endpoint,
-            registry,
-            label,
+            target: t,
             pods,
             iterations,
-            json,
         } => {
-            let r = rt.block_on(stats_bench(&endpoint, &registry, &label, pods, iterations))?;
-            print_stats(&r);
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_vec_pretty(&r)?)?;
-            }
-            Ok(())
+            let r = rt.block_on(stats_bench(
+                &t.endpoint,
+                &t.registry,
+                &t.label,
+                pods,
+                iterations,
+            ))?;
+            report(&r, print_stats, &t.json)
         }
         Cmd::CompareStats { first, second } => {
-            let a: StatsReport = serde_json::from_slice(&std::fs::read(&first)?)?;
-            let b: StatsReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            let (a, b) = read_pair(&first, &second)?;
             compare_stats(&a, &b);
             Ok(())
         }
         Cmd::ComparePods { first, second } => {
-            let a: PodReport = serde_json::from_slice(&std::fs::read(&first)?)?;
-            let b: PodReport = serde_json::from_slice(&std::fs::read(&second)?)?;
+            let (a, b) = read_pair(&first, &second)?;
             compare_pods(&a, &b);
             Ok(())
         }
         Cmd::Compare { first, second } => {
-            let a: Report = serde_json::from_slice(&std::fs::read(&first)?)?;
-            let b: Report = serde_json::from_slice(&std::fs::read(&second)?)?;
+            let (a, b) = read_pair(&first, &second)?;
             compare(&a, &b);
             Ok(())
         }

@@ -525,7 +525,10 @@ impl Shim {
             let Some(pid) = peeked.ok().and_then(|st| st.pid()) else {
                 return;
             };
-            let never_ran = still_the_runtime_init(pid);
+            // Only a running container's init can be one (not runtime commands, execs
+            // or the infra process), so only those are looked at.
+            let never_ran =
+                self.is_container_init(pid.as_raw() as u32) && still_the_runtime_init(pid);
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 // A timed-out runtime command's waiting thread took it: look again.
                 Err(nix::errno::Errno::ECHILD) => continue,
@@ -539,6 +542,14 @@ impl Shim {
                 }
             }
         }
+    }
+
+    /// Whether `pid` is the init process of a container that has not exited.
+    fn is_container_init(&self, pid: u32) -> bool {
+        self.tasks
+            .0
+            .values()
+            .any(|t| !t.is_infra() && t.init.pid == pid && t.init.exit.is_none())
     }
 
     /// One process exited: the rest of a PID-sharing container killed, its output

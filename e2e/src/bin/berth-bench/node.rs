@@ -57,11 +57,7 @@ const NODE_CGROUP: &str = "berth-bench-node";
 
 /// The bench's pod `name`, in its own cgroup parent.
 fn node_pod(name: &str) -> cri::PodSandboxConfig {
-    let mut cfg = pod_config(name);
-    if let Some(l) = cfg.linux.as_mut() {
-        l.cgroup_parent = format!("/{NODE_CGROUP}/pod-{name}");
-    }
-    cfg
+    pod_in_cgroup(name, NODE_CGROUP)
 }
 
 pub async fn node_bench(plan: &NodePlan<'_>) -> Result<NodeReport> {
