@@ -1,6 +1,8 @@
-//! Reaching registries: endpoint order (mirrors, then the host), one oci-client
-//! per endpoint, and mapping registry errors to `ImageError` kinds.
+//! Reaching registries: endpoint order (mirrors, then the host), shared HTTP clients
+//! with per-pull credentials, and mapping registry errors to `ImageError` kinds.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -172,8 +174,34 @@ pub fn endpoints(cfg: &ImageServiceConfig, r: &ImageRef) -> Vec<Endpoint> {
     out
 }
 
-/// A fresh client for one endpoint (fresh so credentials never leak between pulls).
-pub fn client_for(ep: &Endpoint, max_concurrent: usize) -> oci_client::Client {
+/// The registry clients of one image service: one HTTP client per kind of endpoint
+/// (plain or TLS, verifying or not), built once because building one reads and parses
+/// every system root certificate, and shared for its connection pool. At most four.
+pub struct ClientPool {
+    max_concurrent: usize,
+    clients: Mutex<HashMap<(bool, bool), oci_client::Client>>,
+}
+
+impl ClientPool {
+    pub fn new(max_concurrent: usize) -> Self {
+        ClientPool {
+            max_concurrent: max_concurrent.max(1),
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client for one pull from `ep`: shared connections, but its own credentials
+    /// and tokens, so that one pull's authorization never serves another's.
+    pub fn client_for(&self, ep: &Endpoint) -> oci_client::Client {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry((ep.plain_http, ep.skip_verify))
+            .or_insert_with(|| build_client(ep, self.max_concurrent))
+            .with_fresh_auth()
+    }
+}
+
+fn build_client(ep: &Endpoint, max_concurrent: usize) -> oci_client::Client {
     let cfg = ClientConfig {
         protocol: if ep.plain_http {
             ClientProtocol::Http
@@ -182,7 +210,7 @@ pub fn client_for(ep: &Endpoint, max_concurrent: usize) -> oci_client::Client {
         },
         accept_invalid_certificates: ep.skip_verify,
         platform_resolver: None,
-        max_concurrent_download: max_concurrent.max(1),
+        max_concurrent_download: max_concurrent,
         connect_timeout: Some(Duration::from_secs(15)),
         read_timeout: Some(Duration::from_secs(120)),
         user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),

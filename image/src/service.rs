@@ -23,7 +23,7 @@ use crate::manifest::{
 };
 use crate::reference::ImageRef;
 use crate::registry::{
-    Credentials, Endpoint, client_for, credentials_for, endpoints, map_error, reference_for,
+    ClientPool, Credentials, Endpoint, credentials_for, endpoints, map_error, reference_for,
 };
 use crate::snapshot::SnapshotStore;
 use crate::store::{ImageRecord, LayerRecord, MetaStore, SnapshotRecord};
@@ -65,6 +65,7 @@ pub struct ImageService {
     layer_slots: Arc<tokio::sync::Semaphore>,
     /// Held by GC while it decides what is dead, and by pulls while they take leases.
     gc_lock: Mutex<()>,
+    clients: ClientPool,
 }
 
 /// At most this many layers stream at once over all pulls (berthd allows 64 blocking threads).
@@ -172,6 +173,7 @@ impl ImageService {
             pinned.insert(ImageRef::parse(p)?.canonical());
         }
         let svc = Arc::new(ImageService {
+            clients: ClientPool::new(cfg.image.max_concurrent_downloads),
             cfg,
             content,
             snapshots,
@@ -336,7 +338,7 @@ impl ImageService {
             }
         };
         for ep in endpoints(&self.cfg, &r) {
-            let client = client_for(&ep, self.cfg.image.max_concurrent_downloads);
+            let client = self.clients.client_for(&ep);
             let oref = reference_for(&ep, &r);
             let ep_creds = match credentials_for(&creds, server_address, &ep, &r) {
                 Credentials::IdentityToken(t) => {

@@ -2,7 +2,7 @@
 //! can be compared side by side. `push` puts the benchmark images into a registry;
 //! `run` measures one runtime; `compare` prints the ratios of two `run` results.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -44,6 +44,10 @@ enum Cmd {
         /// Iterations of the status/list latency loops.
         #[arg(long, default_value_t = 200)]
         iterations: usize,
+        /// `../shared/tools/pullfloor.py`: run it after each pull, the same image and
+        /// registry, and report the pull against that floor.
+        #[arg(long)]
+        pull_floor: Option<PathBuf>,
     },
     /// Print ratios of two `run --json` results (first / second).
     Compare { first: PathBuf, second: PathBuf },
@@ -215,6 +219,11 @@ struct Report {
     pull_seconds: Vec<f64>,
     pull_median_seconds: f64,
     pull_mb_per_s: f64,
+    /// `pullfloor.py`'s median MB/s in the same run (`--pull-floor`).
+    #[serde(default)]
+    floor_mb_per_s: Option<f64>,
+    #[serde(default)]
+    floor_runs_mb_per_s: Vec<f64>,
     daemon_peak_rss_mib_during_pull: Option<f64>,
     image_status: Latency,
     list_images: Latency,
@@ -273,6 +282,7 @@ async fn run(
     daemon_pid: Option<u32>,
     pull_runs: usize,
     iterations: usize,
+    floor: Option<&Path>,
 ) -> Result<Report> {
     let mut c = CriClient::connect(endpoint).await?;
     let large = format!("{registry}/{LARGE_REPO}:1");
@@ -284,42 +294,17 @@ async fn run(
         .sum::<u64>()
         + built.config.len() as u64;
     drop(built);
-    let mut times = Vec::new();
-    let mut peak: Option<u64> = None;
-    for run in 0..pull_runs.max(1) {
-        remove(&mut c, &large).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let sampler = daemon_pid.map(|pid| {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let s2 = stop.clone();
-            let h = std::thread::spawn(move || {
-                let mut max = 0;
-                while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-                    max = max.max(rss_kib(pid).unwrap_or(0));
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                max
-            });
-            (stop, h)
-        });
-        let t = Instant::now();
-        pull(&mut c, &large).await?;
-        let secs = t.elapsed().as_secs_f64();
-        if let Some((stop, h)) = sampler {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let m = h.join().unwrap_or(0);
-            peak = Some(peak.unwrap_or(0).max(m));
-        }
-        eprintln!(
-            "[{label}] cold pull {}: {secs:.2}s ({:.0} MB/s)",
-            run + 1,
-            image_bytes as f64 / 1e6 / secs
-        );
-        times.push(secs);
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let pulls = cold_pulls(
+        &mut c,
+        &large,
+        image_bytes,
+        label,
+        daemon_pid,
+        pull_runs,
+        floor,
+    )
+    .await?;
+    let median = median_of(&pulls.times);
 
     for i in 0..SMALL_IMAGES {
         pull(&mut c, &small_ref(registry, i)).await?;
@@ -363,14 +348,126 @@ async fn run(
         endpoint: endpoint.into(),
         image_bytes,
         image_layers: LARGE_LAYERS,
-        pull_seconds: times,
-        pull_median_seconds: median,
         pull_mb_per_s: image_bytes as f64 / 1e6 / median,
-        daemon_peak_rss_mib_during_pull: peak.map(|k| k as f64 / 1024.0),
+        floor_mb_per_s: (!pulls.floor_mb_per_s.is_empty())
+            .then(|| median_of(&pulls.floor_mb_per_s)),
+        floor_runs_mb_per_s: pulls.floor_mb_per_s,
+        pull_seconds: pulls.times,
+        pull_median_seconds: median,
+        daemon_peak_rss_mib_during_pull: pulls.peak_rss_kib.map(|k| k as f64 / 1024.0),
         image_status: latency(st),
         list_images: latency(li),
         images_listed: listed,
     })
+}
+
+/// What the cold pulls of the large image measured.
+struct ColdPulls {
+    times: Vec<f64>,
+    peak_rss_kib: Option<u64>,
+    /// `pullfloor.py`'s MB/s, one run after each pull.
+    floor_mb_per_s: Vec<f64>,
+}
+
+fn median_of(v: &[f64]) -> f64 {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Removes and pulls the large image `runs` times, sampling the daemon's RSS; with a
+/// floor script, runs it after each pull so both see the same machine.
+async fn cold_pulls(
+    c: &mut CriClient,
+    large: &str,
+    image_bytes: u64,
+    label: &str,
+    daemon_pid: Option<u32>,
+    runs: usize,
+    floor: Option<&Path>,
+) -> Result<ColdPulls> {
+    let mut out = ColdPulls {
+        times: Vec::new(),
+        peak_rss_kib: None,
+        floor_mb_per_s: Vec::new(),
+    };
+    for run in 0..runs.max(1) {
+        remove(c, large).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sampler = daemon_pid.map(RssSampler::start);
+        let t = Instant::now();
+        pull(c, large).await?;
+        let secs = t.elapsed().as_secs_f64();
+        if let Some(s) = sampler {
+            let m = s.stop();
+            out.peak_rss_kib = Some(out.peak_rss_kib.unwrap_or(0).max(m));
+        }
+        eprintln!(
+            "[{label}] cold pull {}: {secs:.2}s ({:.0} MB/s)",
+            run + 1,
+            image_bytes as f64 / 1e6 / secs
+        );
+        out.times.push(secs);
+        if let Some(script) = floor {
+            let mbs = pull_floor(script, large).await?;
+            eprintln!("[{label}] pullfloor {}: {mbs:.0} MB/s", run + 1);
+            out.floor_mb_per_s.push(mbs);
+        }
+    }
+    Ok(out)
+}
+
+/// Samples a process's peak RSS every 5 ms on a thread until stopped.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut max = 0;
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                max = max.max(rss_kib(pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            max
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+/// Runs `pullfloor.py REPO TAG REGISTRY` (../shared/tools) on `image` and reads its MB/s.
+async fn pull_floor(script: &Path, image: &str) -> Result<f64> {
+    let (registry, rest) = image.split_once('/').context("image without registry")?;
+    let (repo, tag) = rest.rsplit_once(':').context("image without tag")?;
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([repo, tag, registry])
+        .output()
+        .await
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}{}",
+            script.display(),
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{} printed no MB/s: {text}", script.display()))
 }
 
 fn print_report(r: &Report) {
@@ -385,6 +482,14 @@ fn print_report(r: &Report) {
         "  {:<38} {:>10.2} s  ({:.0} MB/s)",
         "cold pull+unpack, median", r.pull_median_seconds, r.pull_mb_per_s
     );
+    if let Some(f) = r.floor_mb_per_s {
+        println!(
+            "  {:<38} {:>10.0} MB/s (pull at {:.2}x the floor)",
+            "pullfloor.py, median",
+            f,
+            r.pull_mb_per_s / f
+        );
+    }
     if let Some(m) = r.daemon_peak_rss_mib_during_pull {
         println!("  {:<38} {:>10.1} MiB", "daemon peak RSS during pull", m);
     }
@@ -420,6 +525,16 @@ fn compare(a: &Report, b: &Report) {
         b.pull_mb_per_s,
         "",
     );
+    for r in [a, b] {
+        if let Some(f) = r.floor_mb_per_s {
+            row(
+                &format!("{} pull / pullfloor.py", r.label),
+                r.pull_mb_per_s,
+                f,
+                "",
+            );
+        }
+    }
     if let (Some(x), Some(y)) = (
         a.daemon_peak_rss_mib_during_pull,
         b.daemon_peak_rss_mib_during_pull,
@@ -1102,6 +1217,7 @@ fn main() -> Result<()> {
             daemon_pid,
             pull_runs,
             iterations,
+            pull_floor,
         } => {
             let r = rt.block_on(run(
                 &t.endpoint,
@@ -1110,6 +1226,7 @@ fn main() -> Result<()> {
                 daemon_pid,
                 pull_runs,
                 iterations,
+                pull_floor.as_deref(),
             ))?;
             report(&r, print_report, &t.json)
         }

@@ -1160,6 +1160,13 @@ fn registry_bearer_token_flow() -> Result<(), Failed> {
             "no token was issued for the basic-credential pull"
         );
         remove(&mut c, r).await?;
+        // Pulls share berthd's HTTP clients, never their tokens: the token the last
+        // pull was issued must not serve a pull without credentials.
+        expect_code(
+            pull(&mut c, r).await,
+            Code::Unauthenticated,
+            "authentication",
+        )?;
         // identity_token: exchanged at the realm with the OAuth2 refresh-token grant.
         let ident = cri::AuthConfig {
             identity_token: REFRESH_TOKEN.into(),

@@ -405,6 +405,19 @@ impl Client {
         })
     }
 
+    /// A client with this one's configuration and HTTP client (connection pool, TLS
+    /// roots loaded once) but its own, empty credentials and token cache: one pull's
+    /// authorization never serves another's. (berth patch, see BERTH-PATCH.md.)
+    pub fn with_fresh_auth(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            auth_store: Arc::default(),
+            tokens: TokenCache::new(self.config.default_token_expiration_secs),
+            client: self.client.clone(),
+            push_chunk_size: self.push_chunk_size,
+        }
+    }
+
     /// Create a new client with the supplied config
     pub fn from_source(config_source: &impl ClientConfigSource) -> Self {
         Self::new(config_source.client_config())
