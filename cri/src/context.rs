@@ -59,6 +59,8 @@ pub struct Context {
     pub events: Exchange,
     /// The figures the Prometheus endpoint serves.
     pub metrics: Arc<crate::prometheus::Metrics>,
+    /// Gives freed heap back once a burst of work (pulls, removals) is over.
+    pub heap: Arc<crate::heap::HeapTrim>,
     /// Set once berthd is stopping: long-lived streams (events) end, so that the
     /// servers can drain.
     pub shutdown: tokio::sync::watch::Sender<bool>,
@@ -107,6 +109,7 @@ impl Context {
             record_lock: Mutex::new(()),
             events: Exchange::default(),
             metrics: Arc::default(),
+            heap: Arc::default(),
             starting: Mutex::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
             cgroups,

@@ -49,10 +49,10 @@ pub async fn pull_and_publish(
     }
     // A pull frees tens of MiB of buffers that glibc would otherwise keep; give them
     // back so an idle berthd stays small.
-    // SAFETY: malloc_trim only releases free heap memory.
-    tokio::task::spawn_blocking(|| unsafe {
-        libc::malloc_trim(0);
-    });
+    match ctx {
+        Some(ctx) => ctx.heap.after_burst(),
+        None => drop(tokio::task::spawn_blocking(crate::heap::trim_now)),
+    }
     let rec = result?;
     // The name as stored (`docker.io/library/busybox:1`), not as typed.
     let name =

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub use berth_failpoint as failpoint;
 pub mod handlers;
+pub mod heap;
 pub mod image_service;
 pub mod layout;
 pub mod limits;

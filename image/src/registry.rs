@@ -193,16 +193,24 @@ impl ClientPool {
     /// A client for one pull from `ep`: shared connections, but its own credentials
     /// and tokens, so that one pull's authorization never serves another's.
     pub fn client_for(&self, ep: &Endpoint) -> oci_client::Client {
+        let key = (ep.plain_http, ep.skip_verify);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        clients
-            .entry((ep.plain_http, ep.skip_verify))
-            .or_insert_with(|| build_client(ep, self.max_concurrent))
-            .with_fresh_auth()
+        if let Some(c) = clients.get(&key) {
+            return c.with_fresh_auth();
+        }
+        match oci_client::Client::try_from(client_config(ep, self.max_concurrent)) {
+            Ok(c) => clients.entry(key).or_insert(c).with_fresh_auth(),
+            // Never cached: the next pull tries to build it again.
+            Err(e) => {
+                tracing::warn!(endpoint = ep.host, error = %e, "building the registry client failed");
+                oci_client::Client::new(client_config(ep, self.max_concurrent))
+            }
+        }
     }
 }
 
-fn build_client(ep: &Endpoint, max_concurrent: usize) -> oci_client::Client {
-    let cfg = ClientConfig {
+fn client_config(ep: &Endpoint, max_concurrent: usize) -> ClientConfig {
+    ClientConfig {
         protocol: if ep.plain_http {
             ClientProtocol::Http
         } else {
@@ -215,8 +223,7 @@ fn build_client(ep: &Endpoint, max_concurrent: usize) -> oci_client::Client {
         read_timeout: Some(Duration::from_secs(120)),
         user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
         ..Default::default()
-    };
-    oci_client::Client::new(cfg)
+    }
 }
 
 /// The reference to use against `ep` (the mirror host replaces the registry).

@@ -299,10 +299,12 @@ impl ContainerService {
     /// RemoveContainer: kills a running container, then frees everything. Idempotent; an
     /// unknown id is not an error.
     pub async fn remove(&self, id: &str) -> Result<()> {
-        match self.ctx.resolve_container(id, "container_id")? {
-            Some(rec) => self.remove_record(&rec).await,
-            None => Ok(()),
-        }
+        let Some(rec) = self.ctx.resolve_container(id, "container_id")? else {
+            return Ok(());
+        };
+        self.remove_record(&rec).await?;
+        self.ctx.heap.after_burst();
+        Ok(())
     }
 
     /// Removes one container: its task, files and record.

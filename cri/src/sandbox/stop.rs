@@ -152,6 +152,7 @@ impl SandboxService {
             sandbox_id: rec.id.clone(),
         };
         self.ctx.events.publish(&rec.id, delete);
+        self.ctx.heap.after_burst();
         Ok(())
     }
 }

@@ -372,7 +372,11 @@ struct ColdPulls {
 fn median_of(v: &[f64]) -> f64 {
     let mut sorted = v.to_vec();
     sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 0 => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        n => sorted[n / 2],
+    }
 }
 
 /// Removes and pulls the large image `runs` times, sampling the daemon's RSS; with a
@@ -527,11 +531,11 @@ fn compare(a: &Report, b: &Report) {
     );
     for r in [a, b] {
         if let Some(f) = r.floor_mb_per_s {
-            row(
-                &format!("{} pull / pullfloor.py", r.label),
+            println!(
+                "{:<34} {:.1} MB/s against pullfloor.py's {f:.1} MB/s: {:.2}x",
+                format!("{} pull", r.label),
                 r.pull_mb_per_s,
-                f,
-                "",
+                r.pull_mb_per_s / f
             );
         }
     }

@@ -24,6 +24,27 @@ pub struct NodeReport {
     pub daemon_rss_idle_mib: Option<f64>,
     pub daemon_rss_with_pods_mib: Option<f64>,
     pub daemon_rss_after_teardown_mib: Option<f64>,
+    /// The anonymous part of the same three (heap and stacks).
+    #[serde(default)]
+    pub daemon_anon_idle_mib: Option<f64>,
+    #[serde(default)]
+    pub daemon_anon_with_pods_mib: Option<f64>,
+    #[serde(default)]
+    pub daemon_anon_after_teardown_mib: Option<f64>,
+    /// Wall time to stop and remove every pod 10 at a time, and each pod's
+    /// StopPodSandbox + RemovePodSandbox.
+    #[serde(default)]
+    pub teardown_10way_seconds: f64,
+    #[serde(default)]
+    pub teardown_per_pod: Latency,
+    /// Each pod's shim (the parent of its infra process) after the idle period: mean
+    /// RSS and PSS, and the largest RSS.
+    #[serde(default)]
+    pub shim_rss_mib: f64,
+    #[serde(default)]
+    pub shim_pss_mib: f64,
+    #[serde(default)]
+    pub shim_rss_max_mib: f64,
     /// CPU while the pods sit idle, in % of one core.
     pub idle_seconds: u64,
     pub daemon_cpu_percent: Option<f64>,
@@ -70,18 +91,22 @@ async fn node_scenario(plan: &NodePlan<'_>) -> Result<NodeReport> {
     let mut c = CriClient::connect(plan.endpoint).await?;
     let image = format!("{}/{BUSYBOX_REPO}:1", plan.registry);
     pull(&mut c, &image).await?;
-    let rss = || plan.daemon_pid.and_then(rss_kib).map(|k| k as f64 / 1024.0);
+    let mem = || plan.daemon_pid.map(daemon_memory).unwrap_or_default();
     let mut r = NodeReport {
         label: plan.label.into(),
         pods: plan.pods,
         idle_seconds: plan.idle_seconds,
         cycles: plan.cycles,
-        daemon_rss_idle_mib: rss(),
         ..Default::default()
     };
+    settle().await;
+    (r.daemon_rss_idle_mib, r.daemon_anon_idle_mib) = mem();
+    phase(plan, "start 10-way");
     let (wall, per_pod, _, pods) = start_wave(&c, &image, plan.pods, 10, "n10").await?;
     (r.start_10way_seconds, r.start_10way_per_pod) = (wall, per_pod);
-    remove_all(&c, &pods).await?;
+    phase(plan, "teardown 10-way");
+    (r.teardown_10way_seconds, r.teardown_per_pod) = remove_all(&c, &pods).await?;
+    phase(plan, "start all at once");
     let (wall, per_pod, run_pod, pods) =
         start_wave(&c, &image, plan.pods, plan.pods, "nall").await?;
     (
@@ -89,18 +114,59 @@ async fn node_scenario(plan: &NodePlan<'_>) -> Result<NodeReport> {
         r.start_all_per_pod,
         r.run_pod_sandbox_all,
     ) = (wall, per_pod, run_pod);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    r.daemon_rss_with_pods_mib = rss();
+    phase(plan, "steady state");
+    settle().await;
+    (r.daemon_rss_with_pods_mib, r.daemon_anon_with_pods_mib) = mem();
     idle_cpu(&mut c, plan, &pods, &mut r).await?;
     list_latencies(&mut c, &mut r).await?;
+    phase(plan, "teardown");
     remove_all(&c, &pods).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    r.daemon_rss_after_teardown_mib = rss();
+    settle().await;
+    (
+        r.daemon_rss_after_teardown_mib,
+        r.daemon_anon_after_teardown_mib,
+    ) = mem();
+    phase(plan, "cycles");
     let lifecycles = cycles(&mut c, &image, plan.cycles).await?;
     let n = lifecycles.len().min(20);
     r.cycle_first20 = latency(lifecycles[..n].to_vec());
     r.cycle_last20 = latency(lifecycles[lifecycles.len() - n..].to_vec());
     Ok(r)
+}
+
+/// Waits out what a burst of work leaves for a while by design (tokio's idle blocking
+/// threads live 10 s, Go's background scavenger works in seconds), so that memory
+/// figures are of the daemon at rest.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(12)).await;
+}
+
+/// The daemon's RSS and its anonymous part (heap and stacks; the rest is its binary's
+/// and libraries' pages, shared and reclaimable), in MiB.
+fn daemon_memory(pid: u32) -> (Option<f64>, Option<f64>) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// Marks a phase on stderr with CLOCK_MONOTONIC seconds, to slice a system-wide
+/// profile taken beside the run (`perf record -k CLOCK_MONOTONIC`, `perf report --time`).
+fn phase(plan: &NodePlan<'_>, name: &str) {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    let now = t.tv_sec as f64 + t.tv_nsec as f64 / 1e9;
+    eprintln!("[{}] {name} at monotonic {now:.3}", plan.label);
 }
 
 /// Starts `n` pods with a sleeping container each, `width` at a time: the wall time,
@@ -138,19 +204,26 @@ async fn start_wave(
     Ok((wall, latency(whole), latency(runs), pods))
 }
 
-/// Stops and removes `pods`, 10 at a time.
-async fn remove_all(c: &CriClient, pods: &[String]) -> Result<()> {
-    for chunk in pods.chunks(10) {
-        let mut tasks = Vec::new();
-        for pod in chunk {
-            let (mut c, pod) = (c.clone(), pod.clone());
-            tasks.push(tokio::spawn(async move { remove_pod(&mut c, &pod).await }));
-        }
-        for task in tasks {
-            task.await??;
-        }
+/// Stops and removes `pods`, 10 at a time (as kubelet's pod workers do, each on its
+/// own): the wall time and each pod's stop + removal.
+async fn remove_all(c: &CriClient, pods: &[String]) -> Result<(f64, Latency)> {
+    let gate = Arc::new(tokio::sync::Semaphore::new(10));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for pod in pods {
+        let (mut c, gate, pod) = (c.clone(), gate.clone(), pod.clone());
+        tasks.push(tokio::spawn(async move {
+            let _slot = gate.acquire_owned().await?;
+            let t0 = Instant::now();
+            remove_pod(&mut c, &pod).await?;
+            anyhow::Ok(t0.elapsed())
+        }));
     }
-    Ok(())
+    let mut each = Vec::new();
+    for task in tasks {
+        each.push(task.await??);
+    }
+    Ok((t.elapsed().as_secs_f64(), latency(each)))
 }
 
 /// CPU ticks (user + system) a process has used.
@@ -183,6 +256,11 @@ async fn idle_cpu(
     r.daemon_cpu_percent = d0.zip(d1).map(|(a, b)| percent(b.saturating_sub(a)));
     r.shims = shims.len();
     r.shims_cpu_percent = percent(s1.saturating_sub(s0));
+    let mem: Vec<(f64, f64)> = shims.iter().map(|p| smaps(*p)).collect();
+    let n = mem.len().max(1) as f64;
+    r.shim_rss_mib = mem.iter().map(|m| m.0).sum::<f64>() / n;
+    r.shim_pss_mib = mem.iter().map(|m| m.1).sum::<f64>() / n;
+    r.shim_rss_max_mib = mem.iter().map(|m| m.0).fold(0.0, f64::max);
     Ok(())
 }
 
@@ -253,11 +331,27 @@ pub fn print_node(r: &NodeReport) {
     l("  per pod, all at once", &r.start_all_per_pod);
     l("  RunPodSandbox, all at once", &r.run_pod_sandbox_all);
     println!(
+        "  {:<34} {:>8.2} s",
+        "teardown 10-way (wall)", r.teardown_10way_seconds
+    );
+    l("  per pod stop + remove", &r.teardown_per_pod);
+    println!(
+        "  {:<34} {:.2} MiB RSS (largest {:.2}), {:.2} MiB PSS",
+        "each shim, mean", r.shim_rss_mib, r.shim_rss_max_mib, r.shim_pss_mib
+    );
+    println!(
         "  {:<34} idle {:?}, with pods {:?}, after teardown {:?} MiB",
         "daemon RSS",
         r.daemon_rss_idle_mib,
         r.daemon_rss_with_pods_mib,
         r.daemon_rss_after_teardown_mib
+    );
+    println!(
+        "  {:<34} idle {:?}, with pods {:?}, after teardown {:?} MiB",
+        "daemon anonymous RSS",
+        r.daemon_anon_idle_mib,
+        r.daemon_anon_with_pods_mib,
+        r.daemon_anon_after_teardown_mib
     );
     println!(
         "  {:<34} daemon {:?} %, {} shims {:.2} % ({} s)",
@@ -314,6 +408,28 @@ pub fn compare_node(a: &NodeReport, b: &NodeReport) {
         a.run_pod_sandbox_all.p99,
         b.run_pod_sandbox_all.p99,
     );
+    row(
+        "teardown 10-way wall s",
+        a.teardown_10way_seconds,
+        b.teardown_10way_seconds,
+    );
+    row(
+        "  per pod stop+remove p50 ms",
+        a.teardown_per_pod.p50,
+        b.teardown_per_pod.p50,
+    );
+    row(
+        "  per pod stop+remove p99 ms",
+        a.teardown_per_pod.p99,
+        b.teardown_per_pod.p99,
+    );
+    row("shim RSS mean MiB", a.shim_rss_mib, b.shim_rss_mib);
+    row(
+        "shim RSS largest MiB",
+        a.shim_rss_max_mib,
+        b.shim_rss_max_mib,
+    );
+    row("shim PSS mean MiB", a.shim_pss_mib, b.shim_pss_mib);
     let mib = |v: Option<f64>| v.unwrap_or(f64::NAN);
     row(
         "daemon RSS idle MiB",
@@ -329,6 +445,21 @@ pub fn compare_node(a: &NodeReport, b: &NodeReport) {
         "daemon RSS after teardown MiB",
         mib(a.daemon_rss_after_teardown_mib),
         mib(b.daemon_rss_after_teardown_mib),
+    );
+    row(
+        "daemon anon RSS idle MiB",
+        mib(a.daemon_anon_idle_mib),
+        mib(b.daemon_anon_idle_mib),
+    );
+    row(
+        "daemon anon RSS with pods MiB",
+        mib(a.daemon_anon_with_pods_mib),
+        mib(b.daemon_anon_with_pods_mib),
+    );
+    row(
+        "daemon anon RSS after teardown MiB",
+        mib(a.daemon_anon_after_teardown_mib),
+        mib(b.daemon_anon_after_teardown_mib),
     );
     row(
         "daemon CPU idle %",
