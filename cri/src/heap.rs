@@ -3,6 +3,7 @@
 //! arenas: without a trim, a node that ran 110 pods and removed them kept ~7 MiB more
 //! than before them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ const REST: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub struct HeapTrim {
     deadline: Mutex<Option<Instant>>,
+    trims: AtomicU64,
 }
 
 impl HeapTrim {
@@ -39,10 +41,16 @@ impl HeapTrim {
                 };
                 if due {
                     let _ = tokio::task::spawn_blocking(trim_now).await;
+                    me.trims.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }
         });
+    }
+
+    /// Trims done so far.
+    pub fn trims(&self) -> u64 {
+        self.trims.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
@@ -69,15 +77,26 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         t.after_burst(); // pushes the deadline back
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert!(t.lock().is_some(), "trimmed before the burst ended");
+        assert_eq!(t.trims(), 0, "trimmed before the burst ended");
         tokio::time::sleep(Duration::from_millis(600)).await;
-        // The trim runs on a blocking thread; let it finish.
-        for _ in 0..100 {
-            if t.lock().is_none() {
-                break;
+        wait_for_trims(&t, 1).await;
+        assert_eq!(t.trims(), 1, "one trim after the burst");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(t.trims(), 1, "a burst is trimmed once");
+        t.after_burst();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        wait_for_trims(&t, 2).await;
+        assert_eq!(t.trims(), 2, "the next burst is trimmed too");
+    }
+
+    /// The trim runs on a blocking thread, in real time: waits up to ~1 s for `n`.
+    async fn wait_for_trims(t: &HeapTrim, n: u64) {
+        for _ in 0..1000 {
+            if t.trims() >= n {
+                return;
             }
+            std::thread::sleep(Duration::from_millis(1));
             tokio::task::yield_now().await;
         }
-        assert!(t.lock().is_none(), "no trim after the burst");
     }
 }

@@ -22,20 +22,30 @@ mkdir -p "$OUT"
 "$B" push --registry 127.0.0.1:5000 > "$OUT/push.log"
 
 BERTHD_PID=
-start_berthd() {
+start_berthd() { # $1: the scenario, for the log's name
     rm -rf /tmp/bb && mkdir -p /tmp/bb/cni && cp e2e/bench/cni/*.conflist /tmp/bb/cni/
-    target/release/berthd --config e2e/bench/berthd.toml > "$OUT/berthd.log" 2>&1 &
+    target/release/berthd --config e2e/bench/berthd.toml > "$OUT/berthd-$1.log" 2>&1 &
     BERTHD_PID=$!
-    for _ in $(seq 100); do [ -S /tmp/bb/berth.sock ] && break; sleep 0.1; done
+    for _ in $(seq 100); do [ -S /tmp/bb/berth.sock ] && return 0; sleep 0.1; done
+    echo "berthd did not start: see $OUT/berthd-$1.log" >&2
+    exit 1
 }
+# Also after a failed scenario: its pods go first (shims, mounts, netns, leases), then
+# berthd and its dirs, then the bridge.
 stop_berthd() {
     [ -n "$BERTHD_PID" ] || return 0
-    kill -TERM "$BERTHD_PID" && wait "$BERTHD_PID" || true
+    "$B" clean --endpoint unix:///tmp/bb/berth.sock > /dev/null 2>&1 || true
+    kill -TERM "$BERTHD_PID" 2> /dev/null && wait "$BERTHD_PID" || true
     BERTHD_PID=
-    rm -rf /tmp/bb
+    rm -rf /tmp/bb || true
     ip link del berthbench0 2> /dev/null || true
 }
-trap stop_berthd EXIT
+# A failed containerd run's pods are removed from the peer too.
+on_exit() {
+    stop_berthd
+    "$B" clean --endpoint "$CTRD_SOCK" > /dev/null 2>&1 || true
+}
+trap on_exit EXIT
 
 # Arguments a scenario takes besides the runtime's.
 extra() {
@@ -48,7 +58,7 @@ extra() {
 takes_pid() { case $1 in run | pods | node) return 0 ;; *) return 1 ;; esac; }
 
 for s in $SCENARIOS; do
-    start_berthd
+    start_berthd "$s"
     bpid=(); cpid=()
     if takes_pid "$s"; then bpid=(--daemon-pid "$BERTHD_PID"); cpid=(--daemon-pid "$CTRD_PID"); fi
     # shellcheck disable=SC2046

@@ -192,20 +192,18 @@ impl ClientPool {
 
     /// A client for one pull from `ep`: shared connections, but its own credentials
     /// and tokens, so that one pull's authorization never serves another's.
-    pub fn client_for(&self, ep: &Endpoint) -> oci_client::Client {
+    pub fn client_for(&self, ep: &Endpoint) -> Result<oci_client::Client, ImageError> {
         let key = (ep.plain_http, ep.skip_verify);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&key) {
-            return c.with_fresh_auth();
+            return Ok(c.with_fresh_auth());
         }
-        match oci_client::Client::try_from(client_config(ep, self.max_concurrent)) {
-            Ok(c) => clients.entry(key).or_insert(c).with_fresh_auth(),
-            // Never cached: the next pull tries to build it again.
-            Err(e) => {
-                tracing::warn!(endpoint = ep.host, error = %e, "building the registry client failed");
-                oci_client::Client::new(client_config(ep, self.max_concurrent))
-            }
-        }
+        // A failure is not cached: the next pull tries again.
+        let c =
+            oci_client::Client::try_from(client_config(ep, self.max_concurrent)).map_err(|e| {
+                ImageError::Registry(format!("setting up a client for {}: {e}", ep.host))
+            })?;
+        Ok(clients.entry(key).or_insert(c).with_fresh_auth())
     }
 }
 

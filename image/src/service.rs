@@ -338,7 +338,13 @@ impl ImageService {
             }
         };
         for ep in endpoints(&self.cfg, &r) {
-            let client = self.clients.client_for(&ep);
+            let client = match self.clients.client_for(&ep) {
+                Ok(c) => c,
+                Err(e) => {
+                    keep(&mut best, e);
+                    continue;
+                }
+            };
             let oref = reference_for(&ep, &r);
             let ep_creds = match credentials_for(&creds, server_address, &ep, &r) {
                 Credentials::IdentityToken(t) => {

@@ -256,7 +256,12 @@ async fn idle_cpu(
     r.daemon_cpu_percent = d0.zip(d1).map(|(a, b)| percent(b.saturating_sub(a)));
     r.shims = shims.len();
     r.shims_cpu_percent = percent(s1.saturating_sub(s0));
-    let mem: Vec<(f64, f64)> = shims.iter().map(|p| smaps(*p)).collect();
+    // A shim whose smaps could not be read (gone) reads as zeros: left out.
+    let mem: Vec<(f64, f64)> = shims
+        .iter()
+        .map(|p| smaps(*p))
+        .filter(|m| m.0 > 0.0)
+        .collect();
     let n = mem.len().max(1) as f64;
     r.shim_rss_mib = mem.iter().map(|m| m.0).sum::<f64>() / n;
     r.shim_pss_mib = mem.iter().map(|m| m.1).sum::<f64>() / n;
