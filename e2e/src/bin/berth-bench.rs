@@ -252,14 +252,23 @@ async fn push(registry: &str) -> Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+/// `/proc/<pid>/<file>`, empty when the process is gone.
+fn proc_file(pid: u32, file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default()
+}
+
+/// The number after `key` (e.g. `VmRSS:`) on its line of a /proc file.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    number_after(&proc_file(pid, "status"), "VmRSS:")
 }
 
 async fn pull(c: &mut CriClient, image: &str) -> Result<String> {
@@ -592,23 +601,32 @@ struct PodReport {
     runc_delete_floor: Option<Latency>,
 }
 
+/// RSS and PSS in MiB (zeros when the process is gone).
 fn smaps(pid: u32) -> (f64, f64) {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let get = |k: &str| {
-        t.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (get("Rss:") / 1024.0, get("Pss:") / 1024.0)
+    let t = proc_file(pid, "smaps_rollup");
+    let mib = |k: &str| number_after(&t, k).unwrap_or(0) as f64 / 1024.0;
+    (mib("Rss:"), mib("Pss:"))
 }
 
 fn ppid(pid: u32) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|v| v.trim().parse().ok())
+    number_after(&proc_file(pid, "status"), "PPid:").and_then(|p| u32::try_from(p).ok())
+}
+
+/// Rows of first/second ratios under a header; names padded to `width`.
+struct RatioTable {
+    width: usize,
+}
+
+impl RatioTable {
+    fn new(width: usize, title: &str, first: &str, second: &str) -> Self {
+        println!("{title:<width$} {first:>12} {second:>12} {:>8}", "ratio");
+        RatioTable { width }
+    }
+
+    fn row(&self, name: &str, x: f64, y: f64) {
+        let w = self.width;
+        println!("{name:<w$} {x:>12.2} {y:>12.2} {:>7.2}x", x / y);
+    }
 }
 
 fn pod_config(name: &str) -> cri::PodSandboxConfig {
@@ -1152,12 +1170,8 @@ fn print_pods(r: &PodReport) {
 }
 
 fn compare_pods(a: &PodReport, b: &PodReport) {
-    println!(
-        "{:<30} {:>12} {:>12} {:>8}",
-        "metric (p50 unless said)", a.label, b.label, "ratio"
-    );
-    let row =
-        |name: &str, x: f64, y: f64| println!("{name:<30} {x:>12.2} {y:>12.2} {:>7.2}x", x / y);
+    let table = RatioTable::new(30, "metric (p50 unless said)", &a.label, &b.label);
+    let row = |name: &str, x: f64, y: f64| table.row(name, x, y);
     row(
         "RunPodSandbox ms",
         a.run_pod_sandbox.p50,
@@ -1331,5 +1345,26 @@ fn main() -> Result<()> {
             compare(&a, &b);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_read_from_proc_files() {
+        let status = "Name:\tberthd\nPPid:\t1\nVmRSS:\t   26780 kB\nRssAnon:\t   10568 kB\n";
+        assert_eq!(number_after(status, "VmRSS:"), Some(26780));
+        assert_eq!(number_after(status, "RssAnon:"), Some(10568));
+        assert_eq!(number_after(status, "PPid:"), Some(1));
+        assert_eq!(number_after(status, "VmSwap:"), None);
+        let rollup = "55d7-7ffd ---p 00000000 00:00 0 [rollup]\nRss: 2480 kB\nPss: 204 kB\nPss_Anon: 88 kB\n";
+        assert_eq!(number_after(rollup, "Pss:"), Some(204));
+        // The live process: this test's own status.
+        let me = std::process::id();
+        assert!(rss_kib(me).is_some_and(|k| k > 0));
+        assert_eq!(ppid(me), Some(std::os::unix::process::parent_id()));
+        assert!(smaps(me).0 > 0.0);
     }
 }

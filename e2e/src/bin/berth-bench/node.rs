@@ -117,7 +117,7 @@ async fn node_scenario(plan: &NodePlan<'_>) -> Result<NodeReport> {
     phase(plan, "steady state");
     settle().await;
     (r.daemon_rss_with_pods_mib, r.daemon_anon_with_pods_mib) = mem();
-    idle_cpu(&mut c, plan, &pods, &mut r).await?;
+    idle_state(&mut c, plan, &pods, &mut r).await?;
     list_latencies(&mut c, &mut r).await?;
     phase(plan, "teardown");
     remove_all(&c, &pods).await?;
@@ -144,16 +144,9 @@ async fn settle() {
 /// The daemon's RSS and its anonymous part (heap and stacks; the rest is its binary's
 /// and libraries' pages, shared and reclaimable), in MiB.
 fn daemon_memory(pid: u32) -> (Option<f64>, Option<f64>) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-    };
-    (field("VmRSS:"), field("RssAnon:"))
+    let status = proc_file(pid, "status");
+    let mib = |key: &str| number_after(&status, key).map(|kib| kib as f64 / 1024.0);
+    (mib("VmRSS:"), mib("RssAnon:"))
 }
 
 /// Marks a phase on stderr with CLOCK_MONOTONIC seconds, to slice a system-wide
@@ -228,13 +221,14 @@ async fn remove_all(c: &CriClient, pods: &[String]) -> Result<(f64, Latency)> {
 
 /// CPU ticks (user + system) a process has used.
 fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = proc_file(pid, "stat");
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// The daemon's and the shims' CPU over `idle_seconds` with every pod sitting idle.
-async fn idle_cpu(
+/// With every pod sitting idle: the daemon's and the shims' CPU over `idle_seconds`,
+/// then each shim's memory.
+async fn idle_state(
     c: &mut CriClient,
     plan: &NodePlan<'_>,
     pods: &[String],
@@ -371,12 +365,8 @@ pub fn print_node(r: &NodeReport) {
 }
 
 pub fn compare_node(a: &NodeReport, b: &NodeReport) {
-    println!(
-        "{:<40} {:>12} {:>12} {:>8}",
-        "metric", a.label, b.label, "ratio"
-    );
-    let row =
-        |name: &str, x: f64, y: f64| println!("{name:<40} {x:>12.2} {y:>12.2} {:>7.2}x", x / y);
+    let table = RatioTable::new(40, "metric", &a.label, &b.label);
+    let row = |name: &str, x: f64, y: f64| table.row(name, x, y);
     row(
         "start 10-way wall s",
         a.start_10way_seconds,
